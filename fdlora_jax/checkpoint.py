@@ -1,0 +1,405 @@
+"""Checkpoint I/O: Hugging Face LLaMA weights in, PEFT LoRA adapters in and out.
+
+Everything reads local paths; nothing is downloaded. Safetensors files are
+memory-mapped and converted tensor by tensor into preallocated arrays of the
+parameter dtype, so peak host memory stays near one copy of the model. No
+pickle is ever loaded.
+
+Name mapping (HF -> this project's ``params`` tree, ``i`` = layer)::
+
+  model.embed_tokens.weight                 embed_tokens/embedding         [V, D]
+  model.layers.i.self_attn.q_proj.weight    layers/self_attn/q_proj/kernel [i] = W.T
+  model.layers.i.mlp.gate_proj.weight       layers/mlp/gate_proj/kernel    [i] = W.T
+  model.layers.i.input_layernorm.weight     layers/input_layernorm/scale   [i]
+  model.norm.weight                         norm/scale
+  lm_head.weight                            lm_head                        = W.T
+
+PEFT adapter keys (``adapter_model.safetensors``)::
+
+  base_model.model.model.layers.i.self_attn.q_proj.lora_A.weight  (r, in)  = a[i].T
+  base_model.model.model.layers.i.self_attn.q_proj.lora_B.weight  (out, r) = b[i].T
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from fdlora_jax.lora import LoraConfig, adapted_paths
+from fdlora_jax.model import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS,
+                              PROJECTIONS, LlamaConfig)
+
+_ST_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or adapter on disk does not match what was expected."""
+
+
+# ---------------------------------------------------------------------------
+# safetensors, read without copies
+# ---------------------------------------------------------------------------
+def read_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields ``(name, array)`` for every tensor; arrays are read-only memmaps."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'safetensors file not found: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) != 8:
+      raise CheckpointError(f'{path}: not a safetensors file (too short)')
+    (n,) = np.frombuffer(head, '<u8')
+    try:
+      header = json.loads(f.read(int(n)))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointError(f'{path}: corrupt safetensors header ({e})') from e
+  data = np.memmap(path, np.uint8, 'r', offset=8 + int(n))
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _ST_DTYPES:
+      raise CheckpointError(f'{path}: tensor {name!r} has unsupported dtype '
+                            f'{info["dtype"]}')
+    begin, end = info['data_offsets']
+    arr = data[begin:end].view(_ST_DTYPES[info['dtype']])
+    yield name, arr.reshape(info['shape'])
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: Optional[dict[str, str]] = None) -> None:
+  """Writes ``tensors`` as safetensors (same format ``safetensors`` writes)."""
+  names = sorted(tensors)
+  dtype_names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+  header, offset, blobs = {}, 0, []
+  for name in names:
+    arr = np.ascontiguousarray(tensors[name])
+    blob = arr.tobytes()
+    header[name] = {'dtype': dtype_names[arr.dtype], 'shape': list(arr.shape),
+                    'data_offsets': [offset, offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  if metadata:
+    header['__metadata__'] = metadata
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # align the data section to 8 bytes
+  with open(path, 'wb') as f:
+    f.write(np.uint64(len(raw)).tobytes())
+    f.write(raw)
+    for blob in blobs:
+      f.write(blob)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face config.json -> LlamaConfig
+# ---------------------------------------------------------------------------
+def load_hf_config(checkpoint_dir: str | os.PathLike, **execution) -> LlamaConfig:
+  """Reads ``config.json`` of a LLaMA checkpoint (transformers 4 or 5 layout).
+
+  ``execution`` sets the non-checkpoint fields (dtype, param_dtype, remat,
+  attention).
+  """
+  path = Path(checkpoint_dir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} not found: a Hugging Face checkpoint directory needs a '
+        f'config.json next to its *.safetensors files')
+  try:
+    hf = json.loads(path.read_text())
+  except ValueError as e:
+    raise CheckpointError(f'{path}: invalid JSON ({e})') from e
+  if hf.get('model_type') != 'llama':
+    raise CheckpointError(f'{path}: model_type is {hf.get("model_type")!r}; '
+                          f'only LLaMA-architecture checkpoints '
+                          f'(model_type "llama") are supported')
+  # transformers 5 keeps rope settings in `rope_parameters`; 4.x used
+  # `rope_theta` and `rope_scaling`.
+  rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+  theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
+  kind = rope.get('rope_type', rope.get('type', 'default'))
+  scaling = None if kind == 'default' else tuple(sorted(rope.items()))
+  missing = [k for k in ('vocab_size', 'hidden_size', 'intermediate_size',
+                         'num_hidden_layers', 'num_attention_heads')
+             if k not in hf]
+  if missing:
+    raise CheckpointError(f'{path}: missing fields {missing}')
+  cfg = LlamaConfig(
+      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+      intermediate_size=hf['intermediate_size'],
+      num_hidden_layers=hf['num_hidden_layers'],
+      num_attention_heads=hf['num_attention_heads'],
+      num_key_value_heads=hf.get('num_key_value_heads')
+      or hf['num_attention_heads'],
+      head_dim=hf.get('head_dim'),
+      rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
+      rope_theta=float(theta), rope_scaling=scaling,
+      max_position_embeddings=hf.get('max_position_embeddings', 4096),
+      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      attention_bias=bool(hf.get('attention_bias', False)),
+      mlp_bias=bool(hf.get('mlp_bias', False)), **execution)
+  if cfg.dim_per_head % 2:
+    raise CheckpointError(f'{path}: head_dim {cfg.dim_per_head} must be even')
+  return cfg
+
+
+def _shard_files(checkpoint_dir: Path) -> list[Path]:
+  index = checkpoint_dir / 'model.safetensors.index.json'
+  if index.is_file():
+    weight_map = json.loads(index.read_text()).get('weight_map')
+    if not weight_map:
+      raise CheckpointError(f'{index}: no "weight_map"')
+    files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
+    for f in files:
+      if not f.is_file():
+        raise FileNotFoundError(f'{f} is listed in {index} but missing')
+    return files
+  single = checkpoint_dir / 'model.safetensors'
+  if single.is_file():
+    return [single]
+  files = sorted(checkpoint_dir.glob('*.safetensors'))
+  if not files:
+    if list(checkpoint_dir.glob('*.bin')) or list(checkpoint_dir.glob('*.pt')):
+      raise CheckpointError(
+          f'{checkpoint_dir}: only pickle weights (*.bin/*.pt) found; convert '
+          f'them to safetensors first (pickle is never loaded)')
+    raise FileNotFoundError(f'{checkpoint_dir}: no *.safetensors weights')
+  return files
+
+
+_LAYER_RE = re.compile(
+    r'^model\.layers\.(\d+)\.(?:(self_attn|mlp)\.(\w+)\.(weight|bias)|'
+    r'(input_layernorm|post_attention_layernorm)\.weight)$')
+
+
+def _target_of(name: str, cfg: LlamaConfig):
+  """HF tensor name -> (tree path, layer or None, expected HF shape, transpose)."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  if name == 'model.embed_tokens.weight':
+    return ('embed_tokens', 'embedding'), None, (v, d), False
+  if name == 'model.norm.weight':
+    return ('norm', 'scale'), None, (d,), False
+  if name == 'lm_head.weight':
+    if cfg.tie_word_embeddings:
+      return 'skip', None, None, False
+    return ('lm_head',), None, (v, d), True
+  if name.endswith('rotary_emb.inv_freq'):
+    return 'skip', None, None, False  # a buffer older checkpoints carry
+  m = _LAYER_RE.match(name)
+  if not m:
+    return None
+  layer = int(m.group(1))
+  if m.group(5):
+    return ('layers', m.group(5), 'scale'), layer, (d,), False
+  module, proj, kind = m.group(2), m.group(3), m.group(4)
+  allowed = ATTENTION_PROJECTIONS if module == 'self_attn' else MLP_PROJECTIONS
+  if proj not in allowed:
+    return None
+  fan_in, fan_out = cfg.projection_shape(proj)
+  if kind == 'bias':
+    has_bias = cfg.attention_bias if module == 'self_attn' else cfg.mlp_bias
+    if not has_bias:
+      return None
+    return ('layers', module, proj, 'bias'), layer, (fan_out,), False
+  return ('layers', module, proj, 'kernel'), layer, (fan_out, fan_in), True
+
+
+def load_hf_params(checkpoint_dir: str | os.PathLike, cfg: LlamaConfig
+                   ) -> dict:
+  """Loads the ``params`` tree of ``cfg`` from a local HF checkpoint."""
+  from fdlora_jax.model import param_shapes  # avoid a cycle at import time
+  checkpoint_dir = Path(checkpoint_dir)
+  dtype = jnp.dtype(cfg.param_dtype)
+  shapes = param_shapes(cfg)
+  out = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
+  filled: dict[tuple, set] = {}
+  for file in _shard_files(checkpoint_dir):
+    for name, arr in read_safetensors(file):
+      target = _target_of(name, cfg)
+      if target is None:
+        raise CheckpointError(f'{file}: unknown tensor {name!r} for a LLaMA '
+                              f'model with this config.json')
+      path, layer, hf_shape, transpose = target
+      if path == 'skip':
+        continue
+      if tuple(arr.shape) != hf_shape:
+        raise CheckpointError(f'{file}: tensor {name!r} has shape '
+                              f'{tuple(arr.shape)}, expected {hf_shape} from '
+                              f'config.json')
+      if layer is not None and layer >= cfg.num_hidden_layers:
+        raise CheckpointError(f'{file}: tensor {name!r} is beyond '
+                              f'num_hidden_layers={cfg.num_hidden_layers}')
+      dest = out
+      for k in path[:-1]:
+        dest = dest[k]
+      value = arr.T if transpose else arr
+      if layer is None:
+        dest[path[-1]][...] = value.astype(dtype)
+      else:
+        dest[path[-1]][layer] = value.astype(dtype)
+      filled.setdefault(path, set()).add(layer)
+  missing = []
+  for path_keys, _ in jax.tree_util.tree_leaves_with_path(shapes):
+    path = tuple(k.key for k in path_keys)
+    want = {None} if path[0] != 'layers' else set(range(cfg.num_hidden_layers))
+    lacking = want - filled.get(path, set())
+    if lacking:
+      missing.append(f'{"/".join(path)} (layers {sorted(lacking)})'
+                     if path[0] == 'layers' else '/'.join(path))
+  if missing:
+    raise CheckpointError(f'{checkpoint_dir}: tensors missing for '
+                          f'{missing[:8]}{" ..." if len(missing) > 8 else ""}')
+  # One leaf at a time onto the device, dropping each host copy as we go.
+  leaves, treedef = jax.tree.flatten(out)
+  del out
+  for i in range(len(leaves)):
+    leaves[i] = jnp.asarray(leaves[i])
+  return jax.tree.unflatten(treedef, leaves)
+
+
+# ---------------------------------------------------------------------------
+# PEFT adapters
+# ---------------------------------------------------------------------------
+_PEFT_PREFIX = 'base_model.model.'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+ADAPTER_CONFIG = 'adapter_config.json'
+
+
+def save_peft_adapter(directory: str | os.PathLike, lora: dict,
+                      lora_cfg: LoraConfig,
+                      base_model_name_or_path: str = '') -> Path:
+  """Writes ``lora`` as a PEFT LoRA adapter for ``LlamaForCausalLM``.
+
+  ``peft.PeftModel.from_pretrained(model, directory)`` loads the result.
+  """
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for path in adapted_paths(lora):
+    if path[0] != 'layers' or len(path) != 3:
+      raise ValueError(f'unexpected LoRA path {path}')
+    _, module, proj = path
+    a = np.asarray(jax.device_get(lora['layers'][module][proj]['a']),
+                   np.float32)
+    b = np.asarray(jax.device_get(lora['layers'][module][proj]['b']),
+                   np.float32)
+    if a.ndim != 3:
+      raise ValueError(f'LoRA {"/".join(path)}/a has shape {a.shape}; save '
+                       f'one client at a time (no leading client axis)')
+    for i in range(a.shape[0]):
+      stem = f'{_PEFT_PREFIX}model.layers.{i}.{module}.{proj}'
+      tensors[f'{stem}.lora_A.weight'] = a[i].T
+      tensors[f'{stem}.lora_B.weight'] = b[i].T
+  write_safetensors(directory / ADAPTER_WEIGHTS, tensors,
+                    metadata={'format': 'pt'})
+  config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
+      'base_model_name_or_path': base_model_name_or_path or None,
+      'r': lora_cfg.rank, 'lora_alpha': lora_cfg.alpha,
+      'lora_dropout': lora_cfg.dropout,
+      'target_modules': sorted(lora_cfg.targets), 'bias': 'none',
+      'fan_in_fan_out': False, 'inference_mode': True,
+      'init_lora_weights': True, 'modules_to_save': None,
+      'use_rslora': False, 'use_dora': False, 'layers_to_transform': None,
+      'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {},
+      'revision': None,
+  }
+  (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+  return directory
+
+
+_ADAPTER_RE = re.compile(
+    r'^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)'
+    r'\.lora_(A|B)(?:\.[\w-]+)?\.weight$')
+
+
+def load_peft_adapter(directory: str | os.PathLike, cfg: LlamaConfig,
+                      lora_cfg: Optional[LoraConfig] = None
+                      ) -> tuple[dict, LoraConfig]:
+  """Reads a PEFT LoRA adapter directory into a LoRA pytree.
+
+  If ``lora_cfg`` is given, the adapter's rank and targets must match it.
+  Returns ``(lora, lora_cfg)``.
+  """
+  directory = Path(directory)
+  cfg_path = directory / ADAPTER_CONFIG
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f'{cfg_path} not found (a PEFT adapter directory '
+                            f'holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})')
+  ac = json.loads(cfg_path.read_text())
+  if ac.get('peft_type', 'LORA') != 'LORA':
+    raise CheckpointError(f'{cfg_path}: peft_type {ac.get("peft_type")!r} is '
+                          f'not LORA')
+  for flag in ('use_rslora', 'use_dora'):
+    if ac.get(flag):
+      raise CheckpointError(f'{cfg_path}: {flag}=true is not supported')
+  if ac.get('rank_pattern') or ac.get('alpha_pattern'):
+    raise CheckpointError(f'{cfg_path}: per-module rank_pattern/alpha_pattern '
+                          f'are not supported')
+  targets = ac.get('target_modules')
+  if isinstance(targets, str) or not targets:
+    raise CheckpointError(f'{cfg_path}: target_modules must be a list of '
+                          f'projection names, got {targets!r}')
+  found = LoraConfig(rank=int(ac['r']), alpha=float(ac['lora_alpha']),
+                     dropout=float(ac.get('lora_dropout', 0.0)),
+                     targets=tuple(sorted(targets)))
+  found.validate(PROJECTIONS)
+  if lora_cfg is not None:
+    if lora_cfg.rank != found.rank:
+      raise CheckpointError(f'{cfg_path}: adapter rank r={found.rank} does '
+                            f'not match lora.rank={lora_cfg.rank}')
+    if set(lora_cfg.targets) != set(found.targets):
+      raise CheckpointError(f'{cfg_path}: adapter target_modules '
+                            f'{list(found.targets)} do not match lora.targets '
+                            f'{list(lora_cfg.targets)}')
+  r, n_layers = found.rank, cfg.num_hidden_layers
+  lora: dict = {'layers': {}}
+  seen: dict[tuple, set] = {}
+  weights = directory / ADAPTER_WEIGHTS
+  for name, arr in read_safetensors(weights):
+    m = _ADAPTER_RE.match(name)
+    if not m:
+      raise CheckpointError(f'{weights}: unknown adapter tensor {name!r}')
+    layer, module, proj, which = int(m.group(1)), m.group(2), m.group(3), \
+        m.group(4)
+    if proj not in found.targets:
+      raise CheckpointError(f'{weights}: tensor {name!r} adapts {proj}, which '
+                            f'is not in target_modules {list(found.targets)}')
+    if layer >= n_layers:
+      raise CheckpointError(f'{weights}: tensor {name!r} is beyond '
+                            f'num_hidden_layers={n_layers}')
+    fan_in, fan_out = cfg.projection_shape(proj)
+    want = (r, fan_in) if which == 'A' else (fan_out, r)
+    if tuple(arr.shape) != want:
+      raise CheckpointError(f'{weights}: tensor {name!r} has shape '
+                            f'{tuple(arr.shape)}, expected {want} (r={r})')
+    node = lora['layers'].setdefault(module, {}).setdefault(proj, {
+        'a': np.zeros((n_layers, fan_in, r), np.float32),
+        'b': np.zeros((n_layers, r, fan_out), np.float32)})
+    node['a' if which == 'A' else 'b'][layer] = arr.T.astype(np.float32)
+    seen.setdefault((module, proj, which), set()).add(layer)
+  for proj in found.targets:
+    module = 'self_attn' if proj in ATTENTION_PROJECTIONS else 'mlp'
+    for which in 'AB':
+      lacking = set(range(n_layers)) - seen.get((module, proj, which), set())
+      if lacking:
+        raise CheckpointError(f'{weights}: missing lora_{which} of {proj} for '
+                              f'layers {sorted(lacking)}')
+  return jax.tree.map(jnp.asarray, lora), found
+
+
+def load_pretrained(checkpoint_dir: str | os.PathLike, **execution
+                    ) -> tuple[LlamaConfig, dict]:
+  """``(config, params)`` from a local HF LLaMA checkpoint directory."""
+  cfg = load_hf_config(checkpoint_dir, **execution)
+  return cfg, load_hf_params(checkpoint_dir, cfg)

@@ -1,0 +1,151 @@
+"""LoRA adapters as plain pytrees.
+
+A LoRA pytree mirrors the model's module tree and holds, for every targeted
+projection, ``{'a': [L, in, r], 'b': [L, r, out]}`` (``L`` is the stacked layer
+axis). ``a`` is PEFT's ``lora_A.weight`` transposed and ``b`` is
+``lora_B.weight`` transposed, so ``delta_W = a @ b * alpha / r`` in Flax's
+``[in, out]`` kernel layout. A fresh adapter has random ``a`` and zero ``b``,
+so it leaves the model unchanged.
+
+Many clients' adapters are the same pytree with a leading client axis
+``[N, L, ...]`` (:func:`stack`, :func:`replicate`), the form that
+``jax.vmap`` and the federated algorithms use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """rank r, alpha (scale alpha / r), dropout on the LoRA input, targets."""
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ('q_proj', 'v_proj')
+
+  def __post_init__(self):
+    if isinstance(self.targets, str):
+      raise ValueError(f'lora.targets must be a sequence of names, got the '
+                       f'string {self.targets!r}')
+    # Canonical order, so configs compare equal however targets were listed.
+    object.__setattr__(self, 'targets', tuple(sorted(set(self.targets))))
+    if self.rank <= 0:
+      raise ValueError(f'lora.rank must be > 0, got {self.rank}')
+    if self.alpha <= 0:
+      raise ValueError(f'lora.alpha must be > 0, got {self.alpha}')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'lora.dropout must be in [0, 1), got {self.dropout}')
+    if not self.targets:
+      raise ValueError('lora.targets must name at least one projection')
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def validate(self, known: Sequence[str]) -> None:
+    unknown = [t for t in self.targets if t not in known]
+    if unknown:
+      raise ValueError(f'lora.targets {unknown} are not projections of this '
+                       f'model; choose from {tuple(known)}')
+
+  @classmethod
+  def from_config(cls, c) -> 'LoraConfig':
+    return cls(rank=int(c.rank), alpha=float(c.alpha),
+               dropout=float(c.dropout), targets=tuple(c.targets))
+
+
+# ---------------------------------------------------------------------------
+# Tree utilities
+# ---------------------------------------------------------------------------
+def adapted_paths(lora: PyTree) -> list[tuple[str, ...]]:
+  """Module paths (e.g. ``('layers', 'self_attn', 'q_proj')``) with an a/b."""
+  out = []
+
+  def visit(node, path):
+    if isinstance(node, dict) and set(node) == {'a', 'b'}:
+      out.append(path)
+    elif isinstance(node, dict):
+      for k in sorted(node):
+        visit(node[k], path + (k,))
+  visit(_as_dict(lora), ())
+  return out
+
+
+def _as_dict(tree: PyTree) -> PyTree:
+  if hasattr(tree, 'unfreeze'):
+    tree = tree.unfreeze()
+  if isinstance(tree, dict):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def num_params(tree: PyTree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def num_bytes(tree: PyTree) -> int:
+  """Exact bytes of the arrays in ``tree`` (shape x itemsize)."""
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def stack(loras: Sequence[PyTree]) -> PyTree:
+  """``[tree_1, ..., tree_N]`` -> one tree with a leading client axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *loras)
+
+
+def unstack(stacked: PyTree) -> list[PyTree]:
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+
+
+def replicate(lora: PyTree, n: int) -> PyTree:
+  """The same adapter for ``n`` clients: ``[N, ...]``."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), lora)
+
+
+def delta_weights(lora: PyTree, scale: float) -> dict:
+  """``{path: a @ b * scale}`` in kernel layout ``[..., in, out]``."""
+  return {p: jnp.einsum('...ir,...ro->...io', _get(lora, p)['a'],
+                        _get(lora, p)['b']) * scale
+          for p in adapted_paths(lora)}
+
+
+def merge(params: PyTree, lora: PyTree, scale: float) -> PyTree:
+  """Base params with every adapted kernel replaced by ``W + a b scale``.
+
+  The result runs without a ``lora`` collection and gives the same output as
+  ``params`` with ``lora`` (up to float rounding).
+  """
+  merged = jax.tree.map(lambda x: x, _as_dict(params))  # shallow copy
+  for path, dw in delta_weights(_as_dict(lora), scale).items():
+    node = _get(merged, path)
+    node['kernel'] = (node['kernel'].astype(jnp.float32) + dw).astype(
+        node['kernel'].dtype)
+  return merged
+
+
+def init(model, rng: jax.Array) -> PyTree:
+  """A fresh adapter for ``model`` (a ``Llama`` with a ``LoraConfig``).
+
+  Only the ``lora`` collection is returned; under ``jit`` the base-weight
+  initialisers are dead code and cost nothing.
+  """
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init_fn = jax.jit(lambda r: model.init(r, tokens)['lora'])
+  return _as_dict(init_fn(rng))

@@ -1,0 +1,408 @@
+"""A LLaMA-family decoder in Flax, with LoRA as its own variable collection.
+
+The module follows Hugging Face's ``LlamaForCausalLM``: RMSNorm, rotary
+embeddings in the rotate-half layout, grouped-query attention, a SwiGLU MLP,
+tied or untied embeddings. Decoder layers are stacked with ``nn.scan``, so every
+per-layer array has a leading ``[num_layers, ...]`` axis and a 32-layer model
+compiles as fast as a 1-layer one.
+
+Two variable collections::
+
+  params  the frozen base weights (never differentiated)
+  lora    the adapters: for every targeted projection ``a`` of shape
+          ``[L, in, r]`` and ``b`` of shape ``[L, r, out]``
+
+so a forward with an adapter is ``model.apply({'params': base, 'lora': lora},
+tokens)`` and without one ``model.apply({'params': base}, tokens)``.
+
+Example::
+
+  cfg = PRESETS['tiny']
+  model = Llama(cfg, LoraConfig(rank=4, targets=('q_proj', 'v_proj')))
+  variables = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+  logits = model.apply(variables, tokens)          # [B, T, vocab]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fdlora_jax.lora import LoraConfig
+
+Array = jax.Array
+
+# Projection names as Hugging Face spells them, with the sub-module that holds
+# them. These are also the only legal LoRA targets.
+ATTENTION_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+MLP_PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters (field names follow HF's ``LlamaConfig``)."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: Optional[int] = None     # default hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # None, or a dict as in HF's ``rope_parameters`` / ``rope_scaling`` with
+  # ``rope_type`` in {'default', 'linear', 'llama3'} (as a tuple of items so
+  # the config stays hashable).
+  rope_scaling: Optional[tuple[tuple[str, Any], ...]] = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  # Execution (not part of the checkpoint):
+  dtype: str = 'float32'         # compute dtype
+  param_dtype: str = 'float32'   # storage dtype of the base weights
+  remat: bool = False            # rematerialise each decoder layer
+  attention: str = 'auto'        # 'auto' | 'xla' | 'cudnn'
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'intermediate_size',
+                 'num_hidden_layers', 'num_attention_heads',
+                 'num_key_value_heads'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'LlamaConfig.{name} must be >= 1, got '
+                         f'{getattr(self, name)}')
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f'LlamaConfig.num_attention_heads ({self.num_attention_heads}) must '
+          f'be a multiple of num_key_value_heads ({self.num_key_value_heads})')
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError('LlamaConfig.hidden_size must be divisible by '
+                       'num_attention_heads when head_dim is not given')
+    if self.attention not in ('auto', 'xla', 'cudnn'):
+      raise ValueError(f"LlamaConfig.attention must be 'auto', 'xla' or "
+                       f"'cudnn', got {self.attention!r}")
+    jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # validates names
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  def projection_shape(self, name: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection, e.g. ``'q_proj'``."""
+    d, f, hd = self.hidden_size, self.intermediate_size, self.dim_per_head
+    shapes = {
+        'q_proj': (d, self.num_attention_heads * hd),
+        'k_proj': (d, self.num_key_value_heads * hd),
+        'v_proj': (d, self.num_key_value_heads * hd),
+        'o_proj': (self.num_attention_heads * hd, d),
+        'gate_proj': (d, f), 'up_proj': (d, f), 'down_proj': (f, d),
+    }
+    if name not in shapes:
+      raise ValueError(f'Unknown projection {name!r}; LLaMA has {PROJECTIONS}')
+    return shapes[name]
+
+  def replace(self, **kw) -> 'LlamaConfig':
+    return dataclasses.replace(self, **kw)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # The embedded default: same code path as 7B, small enough for a 2-core CPU.
+    'tiny': LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
+                        num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=1024),
+    # A wider CPU benchmark model (4 layers, 256 wide).
+    'small': LlamaConfig(vocab_size=2048, hidden_size=256,
+                         intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=2048),
+    # LLaMA-2-7B shapes (meta-llama/Llama-2-7b-hf config.json).
+    'llama2_7b': LlamaConfig(vocab_size=32000, hidden_size=4096,
+                             intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32,
+                             rms_norm_eps=1e-5, rope_theta=10000.0,
+                             max_position_embeddings=4096),
+    # 32 layers at reduced width: the 7B depth for compile-time measurements.
+    'llama2_7b_narrow': LlamaConfig(vocab_size=32000, hidden_size=256,
+                                    intermediate_size=688,
+                                    num_hidden_layers=32,
+                                    num_attention_heads=8,
+                                    num_key_value_heads=8,
+                                    max_position_embeddings=4096),
+}
+
+
+# ---------------------------------------------------------------------------
+# Rotary embeddings (HF rotate-half layout)
+# ---------------------------------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig) -> Array:
+  """Inverse frequencies ``[head_dim // 2]``, with HF's rope scaling rules."""
+  hd = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, jnp.float32) / hd))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  if kind == 'default':
+    return inv_freq
+  if kind == 'linear':
+    return inv_freq / scaling['factor']
+  if kind == 'llama3':
+    factor = scaling['factor']
+    low, high = scaling['low_freq_factor'], scaling['high_freq_factor']
+    old_len = scaling['original_max_position_embeddings']
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f'Unsupported rope_type {kind!r} (supported: default, '
+                   f'linear, llama3)')
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotates ``x [B, T, H, hd]`` by ``positions [B, T]`` (rotate-half)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True)
+                                 + self.eps)
+    # HF: weight * hidden.to(input_dtype)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _lora_a_init(key, shape, dtype=jnp.float32):
+  # PEFT: kaiming_uniform_(A, a=sqrt(5)) on A of shape (r, in), i.e. a bound
+  # of 1/sqrt(in). Stored here transposed as [in, r].
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoraLinear(nn.Module):
+  """``y = x W (+ b) + dropout(x) A B * alpha / r``.
+
+  ``kernel`` is ``[in, out]`` (Flax layout; HF's weight transposed). When the
+  projection is a LoRA target, the ``lora`` collection holds ``a [in, r]``
+  (PEFT's ``lora_A.weight`` transposed) and ``b [r, out]`` (``lora_B.weight``
+  transposed). Without a ``lora`` collection the layer is the plain base.
+  """
+  features: int
+  use_bias: bool
+  lora: Optional[LoraConfig]
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    kernel = self.param('kernel', nn.initializers.normal(0.02),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.einsum('...i,io->...o', x.astype(self.dtype),
+                   kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.lora is not None and (self.is_initializing()
+                                  or self.has_variable('lora', 'a')):
+      r = self.lora.rank
+      a = self.variable('lora', 'a', lambda: _lora_a_init(
+          self.make_rng('params'), (x.shape[-1], r))).value
+      b = self.variable('lora', 'b', lambda: jnp.zeros(
+          (r, self.features), jnp.float32)).value
+      h = x
+      if self.lora.dropout > 0 and not deterministic:
+        h = nn.Dropout(self.lora.dropout)(h, deterministic=False)
+      h = jnp.einsum('...i,ir->...r', h.astype(self.dtype),
+                     a.astype(self.dtype))
+      h = jnp.einsum('...r,ro->...o', h, b.astype(self.dtype))
+      y = y + h * jnp.asarray(self.lora.scale, self.dtype)
+    return y
+
+
+def _causal_padding_bias(attention_mask: Array, q_len: int) -> Array:
+  """Additive bias ``[B, 1, T, S]``: 0 where a query may attend, else -big."""
+  k_len = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((q_len, k_len), bool), k=k_len - q_len)
+  allowed = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+  return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  lora: Optional[LoraConfig]
+
+  @nn.compact
+  def __call__(self, x, positions, attention_mask, deterministic):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hd, nh, nkv = cfg.dim_per_head, cfg.num_attention_heads, \
+        cfg.num_key_value_heads
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def proj(name, features):
+      targeted = self.lora if (self.lora and name in self.lora.targets) \
+          else None
+      return LoraLinear(features, cfg.attention_bias, targeted, dtype, pdtype,
+                        name=name)
+
+    q = proj('q_proj', nh * hd)(x, deterministic).reshape(b, t, nh, hd)
+    k = proj('k_proj', nkv * hd)(x, deterministic).reshape(b, t, nkv, hd)
+    v = proj('v_proj', nkv * hd)(x, deterministic).reshape(b, t, nkv, hd)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    impl = cfg.attention
+    if impl == 'auto':
+      impl = 'cudnn' if (jax.default_backend() == 'gpu'
+                         and dtype in (jnp.bfloat16, jnp.float16)) else 'xla'
+    if impl == 'cudnn':
+      # Fused flash attention; GQA handled natively (nh % nkv == 0).
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation='cudnn',
+          key_value_seq_lengths=attention_mask.sum(-1).astype(jnp.int32))
+    else:
+      g = nh // nkv
+      qg = q.reshape(b, t, nkv, g, hd)
+      scores = jnp.einsum('btkgh,bskh->bkgts', qg, k,
+                          preferred_element_type=jnp.float32)
+      scores = scores / math.sqrt(hd)
+      bias = _causal_padding_bias(attention_mask, t)  # [B, 1, T, S]
+      scores = scores + bias[:, :, None]
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out = jnp.einsum('bkgts,bskh->btkgh', probs, v).reshape(b, t, nh, hd)
+    out = out.reshape(b, t, nh * hd)
+    return proj('o_proj', cfg.hidden_size)(out, deterministic)
+
+
+class Mlp(nn.Module):
+  cfg: LlamaConfig
+  lora: Optional[LoraConfig]
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def proj(name, features):
+      targeted = self.lora if (self.lora and name in self.lora.targets) \
+          else None
+      return LoraLinear(features, cfg.mlp_bias, targeted, dtype, pdtype,
+                        name=name)
+
+    gate = proj('gate_proj', cfg.intermediate_size)(x, deterministic)
+    up = proj('up_proj', cfg.intermediate_size)(x, deterministic)
+    return proj('down_proj', cfg.hidden_size)(nn.silu(gate) * up,
+                                              deterministic)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+  lora: Optional[LoraConfig]
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, attention_mask):
+    cfg, deterministic = self.cfg, self.deterministic
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='input_layernorm')(x)
+    x = x + Attention(cfg, self.lora, name='self_attn')(
+        h, positions, attention_mask, deterministic)
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype,
+                name='post_attention_layernorm')(x)
+    x = x + Mlp(cfg, self.lora, name='mlp')(h, deterministic)
+    return x, None  # (carry, per-layer output) for nn.scan
+
+
+class Llama(nn.Module):
+  """``LlamaForCausalLM``: tokens ``[B, T]`` -> logits ``[B, T, vocab]``.
+
+  Args (call):
+    tokens: int ``[B, T]``.
+    attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding. Default all 1.
+    positions: ``[B, T]`` rotary positions. Default ``arange(T)`` (as HF's
+      forward without ``position_ids``).
+    deterministic: False enables LoRA dropout (needs a ``'dropout'`` rng).
+    return_hidden: return the final normed hidden states instead of logits.
+  """
+  cfg: LlamaConfig
+  lora: Optional[LoraConfig] = None
+
+  @nn.compact
+  def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True,
+               return_hidden: bool = False) -> Array:
+    cfg = self.cfg
+    if self.lora is not None:
+      self.lora.validate(PROJECTIONS)
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                     param_dtype=pdtype,
+                     embedding_init=nn.initializers.normal(0.02),
+                     name='embed_tokens')
+    x = embed(tokens)
+
+    layer = DecoderLayer
+    if cfg.remat:
+      layer = nn.remat(layer, prevent_cse=False,
+                       policy=jax.checkpoint_policies.nothing_saveable)
+    stack = nn.scan(layer,
+                    variable_axes={'params': 0, 'lora': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast, nn.broadcast),
+                    length=cfg.num_hidden_layers)
+    x, _ = stack(cfg, self.lora, deterministic, name='layers')(
+        x, positions, attention_mask)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='norm')(x)
+    if return_hidden:
+      return x
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      kernel = self.param('lm_head', nn.initializers.normal(0.02),
+                          (cfg.hidden_size, cfg.vocab_size), pdtype)
+      logits = jnp.einsum('btd,dv->btv', x, kernel.astype(dtype))
+    return logits.astype(jnp.float32)
+
+
+def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
+  """Random base weights (``params`` collection only), built under ``jit``."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.jit(lambda r: Llama(cfg).init(r, tokens)['params'])(rng)
+
+
+def param_shapes(cfg: LlamaConfig) -> dict:
+  """``jax.ShapeDtypeStruct`` tree of the base weights; allocates nothing."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
+                                                jnp.zeros((1, 1), jnp.int32))
+                        )['params']

@@ -1,0 +1,138 @@
+"""Model and LoRA identities on the tiny config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.lora import LoraConfig
+from fdlora_jax.model import PRESETS, Llama, init_params
+
+CFG = PRESETS['tiny']
+LCFG = LoraConfig(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'up_proj',
+                                              'down_proj'))
+TOKENS = jax.random.randint(jax.random.key(0), (3, 9), 0, CFG.vocab_size)
+MASK = jnp.array([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7])
+
+
+@pytest.fixture(scope='module')
+def base():
+  return init_params(CFG, jax.random.key(1))
+
+
+def noisy(lora, seed, std=0.2):
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * std,
+                      lora)
+
+
+def test_fresh_lora_is_exactly_the_base(base):
+  model = Llama(CFG, LCFG)
+  lora = lora_lib.init(model, jax.random.key(2))
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(
+      jax.tree.map(lambda n: n, {p: lora_lib._get(lora, p)['b']
+                                 for p in lora_lib.adapted_paths(lora)})))
+  assert float(jnp.abs(lora['layers']['self_attn']['q_proj']['a']).max()) > 0
+  y_base = Llama(CFG).apply({'params': base}, TOKENS, MASK)
+  y_lora = model.apply({'params': base, 'lora': lora}, TOKENS, MASK)
+  np.testing.assert_array_equal(y_base, y_lora)
+
+
+def test_lora_shapes_and_counts(base):
+  lora = lora_lib.init(Llama(CFG, LCFG), jax.random.key(2))
+  q = lora['layers']['self_attn']['q_proj']
+  assert q['a'].shape == (2, 64, 4) and q['b'].shape == (2, 4, 64)
+  assert lora['layers']['self_attn']['v_proj']['b'].shape == (2, 4, 32)
+  assert lora['layers']['mlp']['down_proj']['a'].shape == (2, 176, 4)
+  # q: 64*4+4*64, v: 64*4+4*32, up: 64*4+4*176, down: 176*4+4*64; x2 layers
+  expected = 2 * ((512) + (256 + 128) + (256 + 704) + (704 + 256))
+  assert lora_lib.num_params(lora) == expected
+  assert lora_lib.num_bytes(lora) == 4 * expected
+  # PEFT's kaiming-uniform bound for A is 1/sqrt(in_features).
+  assert float(jnp.abs(q['a']).max()) <= 1 / np.sqrt(64)
+
+
+def test_merged_weights_equal_unmerged_lora(base):
+  model = Llama(CFG, LCFG)
+  lora = noisy(lora_lib.init(model, jax.random.key(2)), 3)
+  y_lora = model.apply({'params': base, 'lora': lora}, TOKENS, MASK)
+  merged = lora_lib.merge(base, lora, LCFG.scale)
+  y_merged = Llama(CFG).apply({'params': merged}, TOKENS, MASK)
+  y_base = Llama(CFG).apply({'params': base}, TOKENS, MASK)
+  assert float(jnp.abs(y_lora - y_base).max()) > 0.1
+  np.testing.assert_allclose(y_merged, y_lora, atol=2e-5)
+
+
+def test_vmap_over_stacked_clients_equals_separate_calls(base):
+  model = Llama(CFG, LCFG)
+  fresh = lora_lib.init(model, jax.random.key(2))
+  clients = [noisy(fresh, s) for s in (10, 11, 12, 13)]
+  stacked = lora_lib.stack(clients)
+  assert stacked['layers']['self_attn']['q_proj']['a'].shape == (4, 2, 64, 4)
+
+  def forward(lora, tokens, mask):
+    return model.apply({'params': base, 'lora': lora}, tokens, mask)
+
+  batch = jnp.stack([TOKENS] * 4) + jnp.arange(4)[:, None, None]
+  masks = jnp.stack([MASK] * 4)
+  together = jax.jit(jax.vmap(forward, in_axes=(0, 0, 0)))(stacked, batch,
+                                                            masks)
+  for i, lora in enumerate(lora_lib.unstack(stacked)):
+    np.testing.assert_allclose(together[i], forward(lora, batch[i], masks[i]),
+                               atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, lora, clients[i])
+  assert lora_lib.replicate(fresh, 3)['layers']['mlp']['up_proj'][
+      'b'].shape == (3, 2, 4, 176)
+
+
+def test_remat_gives_same_loss_and_grads(base):
+  lora = noisy(lora_lib.init(Llama(CFG, LCFG), jax.random.key(2)), 4)
+
+  def loss(lora, remat):
+    model = Llama(CFG.replace(remat=remat), LCFG)
+    logits = model.apply({'params': base, 'lora': lora}, TOKENS, MASK)
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  l0, g0 = jax.value_and_grad(loss)(lora, False)
+  l1, g1 = jax.value_and_grad(loss)(lora, True)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               g0, g1)
+
+
+def test_dropout_only_when_not_deterministic(base):
+  lcfg = LoraConfig(rank=4, alpha=8.0, dropout=0.5, targets=('q_proj',))
+  model = Llama(CFG, lcfg)
+  lora = noisy(lora_lib.init(model, jax.random.key(2)), 5)
+  v = {'params': base, 'lora': lora}
+  y1 = model.apply(v, TOKENS, MASK)
+  y2 = model.apply(v, TOKENS, MASK)
+  np.testing.assert_array_equal(y1, y2)
+  y3 = model.apply(v, TOKENS, MASK, deterministic=False,
+                   rngs={'dropout': jax.random.key(0)})
+  assert float(jnp.abs(y3 - y1).max()) > 1e-3
+
+
+def test_bf16_compute_keeps_f32_logits(base):
+  model = Llama(CFG.replace(dtype='bfloat16'), LCFG)
+  lora = lora_lib.init(model, jax.random.key(2))
+  y = model.apply({'params': base, 'lora': lora}, TOKENS, MASK)
+  y32 = Llama(CFG).apply({'params': base}, TOKENS, MASK)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, y32, atol=0.1)
+
+
+@pytest.mark.parametrize('kwargs,field', [
+    (dict(rank=0), 'lora.rank'), (dict(alpha=0.0), 'lora.alpha'),
+    (dict(dropout=1.0), 'lora.dropout'), (dict(targets=()), 'lora.targets'),
+    (dict(targets='q_proj'), 'lora.targets')])
+def test_bad_lora_config(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    LoraConfig(**kwargs)
+
+
+def test_unknown_target_is_rejected():
+  model = Llama(CFG, LoraConfig(targets=('q_proj', 'qkv')))
+  with pytest.raises(ValueError, match=r"lora.targets \['qkv'\]"):
+    lora_lib.init(model, jax.random.key(0))
