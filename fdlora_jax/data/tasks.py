@@ -1,0 +1,96 @@
+"""`load_task`: from `c.data` to a Task, for both scenarios."""
+
+import pathlib
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from fdlora_jax.data import logs
+from fdlora_jax.data import medical
+from fdlora_jax.data.examples import Example
+from fdlora_jax.data.examples import Task
+
+TASKS = ('loghub',) + tuple(medical.READERS)
+
+
+def medical_path(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  """The file of a medical task: c.data.files if set, else found in dir."""
+  task = data_cfg.task
+  if not data_cfg.dir and not data_cfg.files:
+    raise FileNotFoundError(
+        f'c.data.dir is empty: the {task} task has no built-in data; set it to '
+        f'a directory with {" or ".join(medical.PATTERNS[task])} from '
+        f'{medical.SOURCES[task]}')
+  root = pathlib.Path(data_cfg.dir or '.').expanduser()
+  if data_cfg.files:
+    path = pathlib.Path(data_cfg.files.split(',')[0].strip()).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+      raise FileNotFoundError(
+          f'c.data.files: {task} file {path.resolve()} does not exist; it '
+          f'comes from {medical.SOURCES[task]}')
+    return path
+  return medical.find_file(task, root)
+
+
+def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
+                  ) -> tuple[list[Example], tuple[str, ...], str, bool, int]:
+  """(examples, options, data_source, is_synthetic, skipped) from files."""
+  if data_cfg.task == 'loghub':
+    if not data_cfg.dir and not data_cfg.files:
+      examples, source = logs.load_synthetic(data_cfg, seed)
+      return examples, logs.OPTIONS, source, True, 0
+    examples, source, skipped = logs.load_real(data_cfg)
+    return examples, logs.OPTIONS, source, False, skipped
+  path = medical_path(data_cfg)
+  examples, options, skipped = medical.READERS[data_cfg.task](path)
+  source = f'real: {path.resolve()} ({medical.SOURCES[data_cfg.task]})'
+  return examples, options, source, False, skipped
+
+
+def load_task(data_cfg: ml_collections.ConfigDict, seed: int) -> Task:
+  """Reads the task named by `data_cfg.task`.
+
+  Logs: an empty `data_cfg.dir` (and no `files`) means the built-in synthetic
+  logs; otherwise the real LogHub files. Medical tasks need real files. With
+  `data_cfg.use_tfds`, the same files go through a TFDS array_record build
+  and are read back with `tfds.data_source` (see `tfds_data.py`).
+  `data_cfg.max_examples` > 0 keeps a seeded random subset, in file order.
+
+  Args:
+    data_cfg: the `c.data` block.
+    seed: for the synthetic generator and the subsample.
+
+  Returns:
+    The Task; its `data_source` says where the data came from.
+  """
+  if data_cfg.task not in TASKS:
+    raise ValueError(f'c.data.task: unknown task {data_cfg.task!r}; choose '
+                     f'from {TASKS}')
+  if data_cfg.use_tfds:
+    from fdlora_jax.data import tfds_data  # pylint: disable=g-import-not-at-top
+    examples, options, source, synthetic, skipped = tfds_data.read_examples(
+        data_cfg, seed)
+  else:
+    examples, options, source, synthetic, skipped = read_examples(
+        data_cfg, seed)
+  if data_cfg.max_examples and len(examples) > data_cfg.max_examples:
+    keep = np.random.default_rng(seed).choice(
+        len(examples), data_cfg.max_examples, replace=False)
+    examples = [examples[i] for i in np.sort(keep)]
+    source += f' (subsample of {data_cfg.max_examples}, seed {seed})'
+  metric = 'f1' if data_cfg.task == 'loghub' else medical.METRICS[
+      data_cfg.task]
+  task = Task(name=data_cfg.task, examples=examples, options=options,
+              metric=metric, data_source=source, is_synthetic=synthetic,
+              skipped_lines=skipped)
+  logging.info('task %s: %d examples, %s; data source: %s', task.name,
+               len(examples), class_counts(task), source)
+  return task
+
+
+def class_counts(task: Task) -> dict[str, int]:
+  """{option: number of examples with that label}."""
+  counts = np.bincount(task.labels(), minlength=len(task.options))
+  return dict(zip(task.options, counts.tolist()))

@@ -1,0 +1,292 @@
+"""Tokenization for training (SFT) and for scoring answer options.
+
+The sequence for an example is, at the token level,
+
+  tokens(prompt)  +  tokens(answer_prefix + answer)  +  [eos]
+
+where `tokens(prompt)` is encoded with the tokenizer's special tokens (so a
+LLaMA-style <s> comes first) and the answer part without them. The two parts
+are encoded separately and concatenated, so the answer's tokens are the same
+whatever the prompt ends with; training (loss on the answer tokens and the
+eos) and option scoring (log-likelihood of `tokens(answer_prefix + option)`
+after the same prompt tokens) see exactly the same prompt and answer tokens.
+`answer_prefix` is c.data.answer_prefix (' ': "### Response: yes").
+
+Truncation: when prompt + longest option + eos exceeds c.data.max_length,
+whole log lines are dropped from the END of the window (the kept lines are
+the window's first ones, still consecutive and in time order); the template,
+the question and the response marker are never cut. Texts without lines
+(medical) lose words from the end of their text (the context, as the
+question comes first). The same truncated prompt is used for every option of
+an example. A log window keeps its label when lines are cut, so a cut
+anomalous line makes a noisy label: the number of truncated examples is
+logged and kept in `truncated`.
+
+Sequences are right-padded with the pad token to a length bucket
+(c.data.length_buckets, plus max_length), so jitted steps see few shapes.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from fdlora_jax.data.examples import Example
+from fdlora_jax.data.examples import Task
+from fdlora_jax.data.examples import build_prompt
+from fdlora_jax.data.examples import with_text
+
+
+@dataclasses.dataclass
+class ClientArrays:
+  """SFT examples of every client, dense, right-padded.
+
+  Attributes:
+    tokens: int32 [N, M, L]; M = most examples over clients; padded rows are
+      all pad.
+    loss_mask: float32 [N, M, L], 1 on the answer tokens and the eos.
+    attention_mask: int32 [N, M, L], 1 on real tokens.
+    lengths: int32 [N, M], real tokens per example (0 for padded rows).
+    counts: int32 [N], real examples per client.
+    truncated: how many examples had lines or words cut.
+  """
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  attention_mask: np.ndarray
+  lengths: np.ndarray
+  counts: np.ndarray
+  truncated: int = 0
+
+
+@dataclasses.dataclass
+class OptionArrays:
+  """Every example with each answer option, for log-likelihood scoring.
+
+  Attributes:
+    tokens: int32 [N, M, O, L], prompt + option_o (no eos).
+    option_mask: float32 [N, M, O, L], 1 on the option's tokens.
+    attention_mask: int32 [N, M, O, L].
+    labels: int32 [N, M], correct option index (0 for padded rows).
+    valid: bool [N, M], False for padded rows.
+    truncated: how many examples had lines or words cut.
+  """
+  tokens: np.ndarray
+  option_mask: np.ndarray
+  attention_mask: np.ndarray
+  labels: np.ndarray
+  valid: np.ndarray
+  truncated: int = 0
+
+
+def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
+  """The smallest of `buckets` (and max_length) that holds n tokens."""
+  for b in sorted(set(buckets) | {max_length}):
+    if b >= n:
+      return b
+  raise ValueError(f'{n} tokens is more than c.data.max_length={max_length}')
+
+
+def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+  if not texts:
+    return []
+  return tokenizer(texts, add_special_tokens=special)['input_ids']
+
+
+def _answer_ids(tokenizer, options: tuple[str, ...],
+                data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
+  return _ids(tokenizer, [data_cfg.answer_prefix + o for o in options], False)
+
+
+def _shorter(example: Example, k: int) -> Example:
+  if example.lines:
+    return with_text(example, '\n'.join(example.lines[:k]),
+                     lines=example.lines[:k])
+  return with_text(example, ' '.join(example.text.split(' ')[:k]))
+
+
+def _fit(tokenizer, example: Example, budget: int,
+         data_cfg: ml_collections.ConfigDict) -> list[int]:
+  """Prompt ids of `example` cut to `budget` tokens (binary search)."""
+  n_units = len(example.lines) if example.lines else len(
+      example.text.split(' '))
+  lo, hi, best = 0, n_units - 1, None
+  while lo <= hi:  # largest k whose prompt fits
+    k = (lo + hi) // 2
+    ids = _ids(tokenizer, [build_prompt(_shorter(example, k),
+                                        data_cfg.template, data_cfg)], True)[0]
+    if len(ids) <= budget:
+      best, lo = ids, k + 1
+    else:
+      hi = k - 1
+  if best is None:
+    raise ValueError(
+        f'c.data.max_length={data_cfg.max_length}: the template and question '
+        f'alone do not fit with the answer ({example.source} example)')
+  return best
+
+
+def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
+                   data_cfg: ml_collections.ConfigDict
+                   ) -> tuple[list[list[int]], list[list[int]], int]:
+  """(prompt ids per example, answer ids per option, number truncated)."""
+  answers = _answer_ids(tokenizer, task.options, data_cfg)
+  budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
+  examples = [task.examples[i] for i in indices]
+  for e in examples:
+    if e.options != task.options:
+      raise ValueError(f'{e.source} example has options {e.options}, the task '
+                       f'{task.options}')
+  prompts = _ids(tokenizer, [build_prompt(e, data_cfg.template, data_cfg)
+                             for e in examples], True)
+  truncated = 0
+  for j, e in enumerate(examples):
+    if len(prompts[j]) > budget:
+      prompts[j] = _fit(tokenizer, e, budget, data_cfg)
+      truncated += 1
+  return prompts, answers, truncated
+
+
+def _warn(truncated: int, total: int, data_cfg) -> None:
+  if truncated:
+    logging.warning('%d of %d examples cut to c.data.max_length=%d',
+                    truncated, total, data_cfg.max_length)
+
+
+def encode_clients(tokenizer, task: Task,
+                   per_client_indices: Sequence[np.ndarray],
+                   data_cfg: ml_collections.ConfigDict) -> ClientArrays:
+  """SFT arrays: prompt + correct answer + eos, loss on answer and eos.
+
+  Args:
+    tokenizer: a Hugging Face tokenizer with pad and eos tokens.
+    task: the task.
+    per_client_indices: per client, indices into task.examples.
+    data_cfg: `c.data` (template, questions, answer_prefix, max_length,
+      length_buckets).
+
+  Returns:
+    ClientArrays with L = the smallest bucket that holds the longest example.
+  """
+  n = len(per_client_indices)
+  counts = np.asarray([len(ix) for ix in per_client_indices], np.int32)
+  flat = np.concatenate([np.asarray(ix, np.int64) for ix in
+                         per_client_indices]) if n else np.zeros(0, np.int64)
+  prompts, answers, truncated = encode_prompts(tokenizer, task, flat, data_cfg)
+  eos = tokenizer.eos_token_id
+  seqs = [(p, answers[task.examples[i].label] + [eos])
+          for p, i in zip(prompts, flat)]
+  longest = max([len(p) + len(a) for p, a in seqs], default=1)
+  length = bucket_length(longest, data_cfg.length_buckets,
+                         data_cfg.max_length)
+  m = max(int(counts.max(initial=0)), 1)
+  tokens = np.full((n, m, length), tokenizer.pad_token_id, np.int32)
+  loss_mask = np.zeros((n, m, length), np.float32)
+  lengths = np.zeros((n, m), np.int32)
+  k = 0
+  for c in range(n):
+    for row in range(counts[c]):
+      p, a = seqs[k]
+      k += 1
+      tokens[c, row, :len(p) + len(a)] = p + a
+      loss_mask[c, row, len(p):len(p) + len(a)] = 1.0
+      lengths[c, row] = len(p) + len(a)
+  attention = (np.arange(length) < lengths[..., None]).astype(np.int32)
+  _warn(truncated, len(flat), data_cfg)
+  return ClientArrays(tokens, loss_mask, attention, lengths, counts,
+                      truncated)
+
+
+def encode_options(tokenizer, task: Task,
+                   per_client_indices: Sequence[np.ndarray],
+                   data_cfg: ml_collections.ConfigDict) -> OptionArrays:
+  """Scoring arrays: for each example, prompt + each option (no eos)."""
+  n, o = len(per_client_indices), len(task.options)
+  counts = [len(ix) for ix in per_client_indices]
+  flat = np.concatenate([np.asarray(ix, np.int64) for ix in
+                         per_client_indices]) if n else np.zeros(0, np.int64)
+  prompts, answers, truncated = encode_prompts(tokenizer, task, flat, data_cfg)
+  longest = max([len(p) for p in prompts], default=0) + max(
+      len(a) for a in answers)
+  length = bucket_length(longest, data_cfg.length_buckets, data_cfg.max_length)
+  m = max(max(counts, default=0), 1)
+  tokens = np.full((n, m, o, length), tokenizer.pad_token_id, np.int32)
+  option_mask = np.zeros((n, m, o, length), np.float32)
+  attention = np.zeros((n, m, o, length), np.int32)
+  labels = np.zeros((n, m), np.int32)
+  valid = np.zeros((n, m), bool)
+  k = 0
+  for c in range(n):
+    for row in range(counts[c]):
+      p = prompts[k]
+      labels[c, row] = task.examples[flat[k]].label
+      valid[c, row] = True
+      k += 1
+      for j, a in enumerate(answers):
+        tokens[c, row, j, :len(p) + len(a)] = p + a
+        option_mask[c, row, j, len(p):len(p) + len(a)] = 1.0
+        attention[c, row, j, :len(p) + len(a)] = 1
+  _warn(truncated, len(flat), data_cfg)
+  return OptionArrays(tokens, option_mask, attention, labels, valid,
+                      truncated)
+
+
+def example_order(seed: int, client: int, count: int, step0: int,
+                  num_steps: int, batch_size: int) -> np.ndarray:
+  """[num_steps, batch_size] example rows of one client.
+
+  Position p = step * batch_size + b walks through epochs; epoch e is the
+  permutation drawn from (seed, client, e). So the order is a pure function
+  of (seed, client, global step): a resumed run sees the same data.
+  """
+  pos = ((step0 + np.arange(num_steps))[:, None] * batch_size +
+         np.arange(batch_size)[None, :])
+  epoch, within = np.divmod(pos, count)
+  rows = np.empty_like(pos)
+  for e in np.unique(epoch):
+    perm = np.random.default_rng([seed, client, int(e)]).permutation(count)
+    rows[epoch == e] = perm[within[epoch == e]]
+  return rows
+
+
+def sample_steps(arrays: ClientArrays, step0: int, num_steps: int,
+                 batch_size: int, seed: int,
+                 buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  """Batches for `num_steps` local steps of every client.
+
+  Args:
+    arrays: from encode_clients.
+    step0: the global step of the first batch.
+    num_steps: K.
+    batch_size: B.
+    seed: the data-order seed.
+    buckets: length buckets (c.data.length_buckets).
+
+  Returns:
+    tokens, loss_mask, attention_mask: [K, N, B, L_bucket], L_bucket the
+    smallest bucket (or the arrays' length) holding the longest example
+    drawn; valid: float32 [K, N, B], 0 where a client has no examples.
+  """
+  n, _, length = arrays.tokens.shape
+  rows = np.zeros((num_steps, n, batch_size), np.int64)
+  valid = np.zeros((num_steps, n, batch_size), np.float32)
+  for c in range(n):
+    if arrays.counts[c] > 0:
+      rows[:, c] = example_order(seed, c, int(arrays.counts[c]), step0,
+                                 num_steps, batch_size)
+      valid[:, c] = 1.0
+  clients = np.arange(n)[None, :, None]
+  longest = int((arrays.lengths[clients, rows] * valid).max(initial=1))
+  size = bucket_length(max(longest, 1), buckets, length)
+  pick = lambda x: x[clients, rows][..., :size]
+  return {'tokens': pick(arrays.tokens), 'loss_mask': pick(arrays.loss_mask),
+          'attention_mask': pick(arrays.attention_mask), 'valid': valid}
+
+
+def tokenizer_texts(task: Task, data_cfg: ml_collections.ConfigDict
+                    ) -> list[str]:
+  """The run's own text (every prompt, every option) to train a tokenizer."""
+  texts = [build_prompt(e, data_cfg.template, data_cfg)
+           for e in task.examples]
+  return texts + [data_cfg.answer_prefix + o for o in task.options]
