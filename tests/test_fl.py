@@ -25,7 +25,7 @@ def fl_cfg(**kw):
       inner_optimizer='sgd', inner_b1=0.9, inner_b2=0.999,
       inner_weight_decay=0.0, outer_lr=1.0, outer_momentum=0.0, nesterov=True,
       dropout=False, stage1_chunk=4, global_init='mean_personal',
-      reset_inner_opt=True, sync_every=0))
+      reset_inner_opt=True, sync_every=float('inf')))
   c.update(kw)
   return c
 

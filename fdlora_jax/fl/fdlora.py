@@ -22,6 +22,7 @@ Stage 3 (AdaFusion) lives in :mod:`fdlora_jax.fusion`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -35,7 +36,7 @@ from fdlora_jax.fl.client import (StepMetrics, init_opt_states,
 from fdlora_jax.fl.server import make_server_update, outer_optimizer
 
 PyTree = Any
-NEVER = 0  # fl.sync_every value meaning H = infinity (never synchronise)
+NEVER = float('inf')  # fl.sync_every: H = infinity, never synchronise
 
 
 def inner_optimizer(fl_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -112,6 +113,18 @@ class FDLoRA:
     k = jax.random.fold_in(jax.random.fold_in(self.key, tag), index)
     return jax.random.split(k, self.num_clients)
 
+  def initial_state(self, fresh_lora: PyTree) -> dict:
+    """The state before stage 1 (also the structure to restore into)."""
+    n = self.num_clients
+    return {
+        'round': jnp.array(0, jnp.int32),
+        'personal': lora_lib.replicate(fresh_lora, n),
+        'global': fresh_lora,
+        'outer': self.outer.init(fresh_lora),
+        'inner': init_opt_states(self.inner,
+                                 lora_lib.replicate(fresh_lora, n)),
+    }
+
   # -- stage 1: local learning -----------------------------------------------
   def stage1(self, fresh_lora: PyTree, progress=None) -> tuple[dict, dict]:
     """Trains every client's personalized adapter on its own data.
@@ -145,19 +158,12 @@ class FDLoRA:
     elif c.global_init != 'mean_personal':
       raise ValueError(f"fl.global_init must be 'mean_personal' or 'fresh', "
                        f"got {c.global_init!r}")
-    state = {
-        'round': jnp.array(0, jnp.int32),
-        'personal': personal,
-        'global': global_lora,
-        'outer': self.outer.init(global_lora),
-        'inner': init_opt_states(self.inner, lora_lib.replicate(global_lora,
-                                                                n)),
-    }
+    state = dict(self.initial_state(global_lora), personal=personal)
     up = (lora_lib.num_bytes(fresh_lora)
           if c.global_init == 'mean_personal' else 0)
     loss = np.sum(losses, 0) / np.maximum(np.sum(counts, 0), 1) \
         if losses else np.zeros(n)
-    return state, {'stage': 1, 'train_loss': loss.tolist(),
+    return state, {'stage': 1, 'round': 0, 'train_loss': loss.tolist(),
                    'nonfinite_steps': nonfinite,
                    'bytes_up_per_client': [up] * n,
                    'bytes_down_per_client': [0] * n}
@@ -183,7 +189,7 @@ class FDLoRA:
     new_global, outer, sm = self.server_update(state['global'], state['outer'],
                                                uploads, weights)
     personal = state['personal']
-    if c.sync_every != NEVER and t % c.sync_every == 0:
+    if math.isfinite(c.sync_every) and t % int(c.sync_every) == 0:
       personal = jax.tree.map(
           lambda u, p: jnp.where(healthy.reshape((n,) + (1,) * (p.ndim - 1)),
                                  u, p), uploads, personal)

@@ -1,0 +1,289 @@
+"""Evaluation: multiple-choice option scoring, F1 / accuracy, a results table.
+
+Option scoring follows lm-eval-harness and AdaptLLM: every answer option is
+appended to the prompt, the model's log-likelihood of the option tokens is the
+option's score, and the prediction is the best-scoring option. All clients are
+scored in one vmapped pass (base shared, one adapter per client); the example
+axis is walked in fixed-size chunks so memory stays bounded and the function
+compiles once per shape.
+
+Example::
+
+  scores = option_scores(model, base, loras, arrays)     # [N, M, O]
+  preds = scores.argmax(-1)
+  m = classification_metrics(preds, arrays.labels, arrays.valid, 'f1',
+                             positive=1)
+  print(format_table({'fused': m}, ['f1', 'accuracy']))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdlora_jax.fusion import positions_from_mask, token_nll
+
+PyTree = Any
+
+
+def _field(arrays, name: str) -> np.ndarray:
+  """``arrays.name`` or ``arrays[name]`` (a NamedTuple, dataclass or dict)."""
+  if isinstance(arrays, Mapping):
+    if name not in arrays:
+      raise ValueError(f'option arrays have no field {name!r}')
+    return arrays[name]
+  if not hasattr(arrays, name):
+    raise ValueError(f'option arrays have no field {name!r}')
+  return getattr(arrays, name)
+
+
+# ---------------------------------------------------------------------------
+# Option scoring
+# ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=('model', 'normalize'))
+def _chunk_scores(model, base, lora, tokens, option_mask, attention_mask,
+                  normalize):
+  """Scores ``[N, C, O]`` of one chunk of ``C`` examples for all clients."""
+  n, c, o, length = tokens.shape
+
+  def one_client(lora_c, tok, om, am):
+    tok, om, am = (x.reshape(c * o, length) for x in (tok, om, am))
+    nll = token_nll(model, base, lora_c, tok, am)          # [C*O, L-1]
+    mask = (om[:, 1:] * am[:, 1:]).astype(jnp.float32)
+    total = -(nll * mask).sum(-1)
+    count = mask.sum(-1)
+    score = total / jnp.maximum(count, 1.0) if normalize == 'mean' else total
+    # An option with no tokens (padding of a shorter option list) can never
+    # be predicted.
+    return jnp.where(count > 0, score, -jnp.inf).reshape(c, o)
+
+  return jax.vmap(one_client)(lora, tokens, option_mask, attention_mask)
+
+
+def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
+                  chunk: int = 16, normalize: str = 'sum') -> np.ndarray:
+  """Log-likelihood of every answer option given its prompt: ``[N, M, O]``.
+
+  Args:
+    model: a ``Llama`` (with the LoRA config of ``lora``, if any).
+    base: base params, shared by all clients.
+    lora: adapters with a leading client axis ``[N, ...]``, or None to score
+      the bare base model for every client.
+    arrays: ``tokens`` int ``[N, M, O, L]`` (prompt followed by the option),
+      ``option_mask`` ``[N, M, O, L]`` (1 on the option tokens),
+      ``attention_mask`` ``[N, M, O, L]``; attributes or dict keys. Left or
+      right padding both work (positions count real tokens only).
+    chunk: examples (M axis) per compiled step; the last chunk is padded, so
+      every step has the same shape and there is one compilation.
+    normalize: 'sum' (total log-likelihood, lm-eval's ``acc``) or 'mean'
+      (divided by the number of option tokens).
+
+  Returns:
+    float32 numpy ``[N, M, O]``; ``-inf`` for options with no token.
+  """
+  if normalize not in ('sum', 'mean'):
+    raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+  if chunk < 1:
+    raise ValueError(f'chunk must be >= 1, got {chunk}')
+  tokens = np.asarray(_field(arrays, 'tokens'))
+  option_mask = np.asarray(_field(arrays, 'option_mask'))
+  attention_mask = np.asarray(_field(arrays, 'attention_mask'))
+  if tokens.ndim != 4:
+    raise ValueError(f'tokens must be [N, M, O, L], got {tokens.shape}')
+  for name, x in (('option_mask', option_mask),
+                  ('attention_mask', attention_mask)):
+    if x.shape != tokens.shape:
+      raise ValueError(f'{name} has shape {x.shape}, tokens {tokens.shape}')
+  n, m = tokens.shape[:2]
+  if lora is not None:
+    lead = {x.shape[0] for x in jax.tree.leaves(lora)}
+    if lead != {n}:
+      raise ValueError(f'lora must have a leading client axis of {n}, got '
+                       f'{sorted(lead)}')
+  chunk = min(chunk, m)
+  padded = -(-m // chunk) * chunk
+
+  def pad(x):
+    return np.pad(x, [(0, 0), (0, padded - m)] + [(0, 0)] * (x.ndim - 2))
+  tokens, option_mask, attention_mask = map(pad, (tokens, option_mask,
+                                                  attention_mask))
+  outs = []
+  for s in range(0, padded, chunk):  # dispatch every chunk, then gather
+    sl = slice(s, s + chunk)
+    outs.append(_chunk_scores(model, base, lora, tokens[:, sl],
+                              option_mask[:, sl], attention_mask[:, sl],
+                              normalize))
+  return np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :m]
+
+
+def predict(scores: np.ndarray) -> np.ndarray:
+  """The best option per example: ``argmax`` over the last axis."""
+  return np.asarray(scores).argmax(-1)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+def _safe_div(a: float, b: float) -> float:
+  return float(a) / float(b) if b else 0.0
+
+
+def _client_metrics(pred, label, positive):
+  out = {'n': int(pred.size)}
+  out['accuracy'] = _safe_div((pred == label).sum(), pred.size)
+  out['micro_f1'] = out['accuracy']   # single-label: micro-F1 == accuracy
+  if positive is not None:
+    tp = int(((pred == positive) & (label == positive)).sum())
+    fp = int(((pred == positive) & (label != positive)).sum())
+    fn = int(((pred != positive) & (label == positive)).sum())
+    out['precision'] = _safe_div(tp, tp + fp)
+    out['recall'] = _safe_div(tp, tp + fn)
+    out['f1'] = _safe_div(2 * out['precision'] * out['recall'],
+                          out['precision'] + out['recall'])
+  return out
+
+
+def classification_metrics(preds, labels, valid, metric: str = 'accuracy',
+                           positive: Optional[int] = None) -> dict:
+  """Per-client metrics and their mean and std over clients.
+
+  Args:
+    preds, labels: int ``[N, M]``.
+    valid: bool ``[N, M]``; padded rows (False) are ignored.
+    metric: the headline metric, 'f1' (binary F1 of class ``positive``, e.g.
+      anomalous logs), 'accuracy' or 'micro_f1' (equal for single-label
+      classification, e.g. medical QA).
+    positive: the positive class; required for 'f1'. With it, precision,
+      recall and f1 are reported as well. A zero denominator (no predicted
+      or no true positive) gives 0.0 for that precision / recall / F1, as
+      sklearn's ``zero_division=0``.
+
+  Returns:
+    ``{'metric': metric, 'per_client': [{accuracy, micro_f1, [precision,
+    recall, f1,] n}, ...], 'mean': {...}, 'std': {...}}``. Mean and std
+    (population std, ddof=0) are unweighted over the clients with at least
+    one valid example; ``n`` in 'mean' / 'std' is the total / None.
+  """
+  if metric not in ('f1', 'accuracy', 'micro_f1'):
+    raise ValueError(f"metric must be 'f1', 'accuracy' or 'micro_f1', got "
+                     f'{metric!r}')
+  if metric == 'f1' and positive is None:
+    raise ValueError("metric='f1' needs the positive class (positive=...)")
+  preds, labels, valid = (np.asarray(x) for x in (preds, labels, valid))
+  if not preds.shape == labels.shape == valid.shape or preds.ndim != 2:
+    raise ValueError(f'preds {preds.shape}, labels {labels.shape} and valid '
+                     f'{valid.shape} must all be [N, M]')
+  valid = valid.astype(bool)
+  per_client = [_client_metrics(p[v], l[v], positive)
+                for p, l, v in zip(preds, labels, valid)]
+  used = [c for c in per_client if c['n'] > 0]
+  names = [k for k in per_client[0] if k != 'n']
+  mean = {k: float(np.mean([c[k] for c in used])) if used else 0.0
+          for k in names}
+  std = {k: float(np.std([c[k] for c in used])) if used else 0.0
+         for k in names}
+  mean['n'] = int(sum(c['n'] for c in per_client))
+  std['n'] = None
+  return {'metric': metric, 'per_client': per_client, 'mean': mean,
+          'std': std}
+
+
+def format_table(results: dict[str, dict], metric_names: Sequence[str],
+                 scale: float = 100.0, digits: int = 2) -> str:
+  """A plain-text table: one row per model, ``mean±std`` of each metric,
+  then the first metric for every client (``c0``, ``c1``, ...).
+
+  Args:
+    results: ``{'personalized': classification_metrics(...), ...}``.
+    metric_names: e.g. ``['f1', 'accuracy']``.
+    scale: values are multiplied by this (100: percentages, as in papers).
+  """
+  metric_names = list(metric_names)
+  if not metric_names:
+    raise ValueError('format_table needs at least one metric name')
+  num_clients = max(len(r['per_client']) for r in results.values())
+  header = (['model'] + metric_names
+            + [f'{metric_names[0]} c{i}' for i in range(num_clients)])
+  fmt = f'{{:.{digits}f}}'
+  rows = []
+  for name, r in results.items():
+    for k in metric_names:
+      if k not in r['mean']:
+        raise ValueError(f'results[{name!r}] has no metric {k!r} (has '
+                         f'{sorted(r["mean"])})')
+    row = [name] + [f'{fmt.format(r["mean"][k] * scale)}'
+                    f'±{fmt.format(r["std"][k] * scale)}'
+                    for k in metric_names]
+    row += [fmt.format(c[metric_names[0]] * scale) if c['n'] else '-'
+            for c in r['per_client']]
+    row += [''] * (len(header) - len(row))
+    rows.append(row)
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  line = lambda cells: '  '.join(str(c).ljust(w) if i == 0 else
+                                 str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells,
+                                                                widths)))
+  out = [line(header), '  '.join('-' * w for w in widths)]
+  out += [line(r) for r in rows]
+  return '\n'.join(out)
+
+
+# ---------------------------------------------------------------------------
+# Generation (optional path: answers as free text)
+# ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
+def greedy_generate(model, base: PyTree, lora: Optional[PyTree],
+                    prompt_tokens, prompt_mask, max_new_tokens: int,
+                    eos_id: int = -1, pad_id: int = 0):
+  """Greedy decoding, ``[B, max_new_tokens]`` new tokens.
+
+  There is NO KV cache: every step recomputes the forward over the whole
+  fixed-size buffer ``[B, T0 + max_new_tokens]`` (causal attention keeps the
+  not-yet-written positions out), so a step costs a full forward. Fine for
+  short answers (yes/no); use a cached decoder for long generations.
+
+  Args:
+    prompt_tokens: int ``[B, T0]``, LEFT-padded so every prompt ends at
+      ``T0 - 1`` (rotary positions count real tokens only).
+    prompt_mask: ``[B, T0]``, 1 on real prompt tokens.
+    lora: one adapter (no client axis) or None; vmap for many clients.
+    eos_id: after it a row emits ``pad_id``; -1 disables stopping.
+  """
+  b, t0 = prompt_tokens.shape
+  total = t0 + max_new_tokens
+  tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt_tokens)
+  mask = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt_mask)
+  variables = {'params': base} if lora is None else {'params': base,
+                                                     'lora': lora}
+
+  def step(i, carry):
+    tokens, mask, done = carry
+    pos = t0 + i
+    logits = model.apply(variables, tokens, mask, positions_from_mask(mask))
+    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos - 1, 1, False),
+                     -1).astype(jnp.int32)
+    nxt = jnp.where(done, pad_id, nxt)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, pos, 1)
+    mask = jax.lax.dynamic_update_index_in_dim(
+        mask, jnp.ones((b,), jnp.int32), pos, 1)
+    return tokens, mask, done | (nxt == eos_id)
+
+  tokens, _, _ = jax.lax.fori_loop(
+      0, max_new_tokens, step, (tokens, mask, jnp.zeros((b,), bool)))
+  return tokens[:, t0:]
+
+
+def parse_yes_no(text: str) -> int:
+  """0 (normal) if the first word is 'no', else 1 (anomalous).
+
+  This is how the FDLoRA authors read generated answers for log anomaly
+  detection; case and surrounding punctuation are ignored.
+  """
+  words = text.strip().split()
+  first = words[0].strip('.,:;!?"\'()[]').lower() if words else ''
+  return 0 if first == 'no' else 1

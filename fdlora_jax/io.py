@@ -1,0 +1,257 @@
+"""Run outputs: orbax run-state checkpoints, metrics.jsonl, TensorBoard event
+files (written directly, no TensorFlow), results.json.
+
+Workdir layout::
+
+  workdir/config.json        the resolved config
+  workdir/partition.json     per client, per class counts (data module)
+  workdir/metrics.jsonl      one JSON line per stage / round
+  workdir/events.out.tfevents.*   scalars for TensorBoard
+  workdir/results.json       final metrics of every evaluated adapter
+  workdir/checkpoints/<step>/     orbax: the whole run state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# Run-state checkpoints (orbax)
+# ---------------------------------------------------------------------------
+class StateCheckpoints:
+  """Saves the run state after every round; restores the newest one.
+
+  The state is a pytree of arrays (see :mod:`fdlora_jax.fl.fdlora`); a step
+  number is the number of completed rounds (0 = stage 1 done).
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: PyTree) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, like: PyTree, step: Optional[int] = None) -> PyTree:
+    """Restores into the structure, shapes and dtypes of ``like``."""
+    step = self.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard event files without TensorFlow
+# ---------------------------------------------------------------------------
+def _crc32c_table():
+  poly, table = 0x82F63B78, []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ poly if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  c = 0xFFFFFFFF
+  for b in data:
+    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  c = crc32c(data)
+  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    b = n & 0x7F
+    n >>= 7
+    out.append(b | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+  return _varint((num << 3) | wire) + payload
+
+
+def _bytes_field(num: int, data: bytes) -> bytes:
+  return _field(num, 2, _varint(len(data)) + data)
+
+
+def _event(wall_time: float, step: int = 0, file_version: str = '',
+           scalars: Optional[dict[str, float]] = None) -> bytes:
+  """An ``tensorflow.Event`` protobuf, encoded by hand."""
+  msg = _field(1, 1, struct.pack('<d', wall_time))
+  msg += _field(2, 0, _varint(step))
+  if file_version:
+    msg += _bytes_field(3, file_version.encode())
+  if scalars:
+    summary = b''
+    for tag, value in scalars.items():
+      v = _bytes_field(1, tag.encode()) + _field(2, 5,
+                                                struct.pack('<f', value))
+      summary += _bytes_field(1, v)
+    msg += _bytes_field(5, summary)
+  return msg
+
+
+def _record(data: bytes) -> bytes:
+  header = struct.pack('<Q', len(data))
+  return (header + struct.pack('<I', _masked_crc(header)) + data
+          + struct.pack('<I', _masked_crc(data)))
+
+
+class EventWriter:
+  """Writes scalar summaries TensorBoard reads (``tensorboard --logdir``)."""
+
+  def __init__(self, logdir: str | os.PathLike):
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+            f'.{os.getpid()}')
+    self.path = Path(logdir) / name
+    self._f = open(self.path, 'ab')
+    self._f.write(_record(_event(time.time(), file_version='brain.Event:2')))
+    self._f.flush()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    clean = {k: float(v) for k, v in values.items()
+             if v is not None and np.isfinite(v)}
+    if clean:
+      self._f.write(_record(_event(time.time(), step, scalars=clean)))
+      self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def read_events(path: str | os.PathLike) -> list[tuple[int, dict[str, float]]]:
+  """Parses the scalar events of a file (checks every CRC). For tests."""
+  data, out, pos = Path(path).read_bytes(), [], 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (n,) = struct.unpack('<Q', header)
+    if struct.unpack('<I', data[pos + 8:pos + 12])[0] != _masked_crc(header):
+      raise ValueError(f'{path}: bad length CRC at byte {pos}')
+    body = data[pos + 12:pos + 12 + n]
+    if struct.unpack('<I', data[pos + 12 + n:pos + 16 + n])[0] != \
+        _masked_crc(body):
+      raise ValueError(f'{path}: bad data CRC at byte {pos}')
+    pos += 16 + n
+    out.append(_parse_event(body))
+  return [e for e in out if e[1]]
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+  shift = result = 0
+  while True:
+    byte = b[i]
+    result |= (byte & 0x7F) << shift
+    i += 1
+    if not byte & 0x80:
+      return result, i
+    shift += 7
+
+
+def _fields(b: bytes):
+  i = 0
+  while i < len(b):
+    key, i = _read_varint(b, i)
+    num, wire = key >> 3, key & 7
+    if wire == 0:
+      val, i = _read_varint(b, i)
+    elif wire == 1:
+      val, i = b[i:i + 8], i + 8
+    elif wire == 5:
+      val, i = b[i:i + 4], i + 4
+    else:
+      n, i = _read_varint(b, i)
+      val, i = b[i:i + n], i + n
+    yield num, val
+
+
+def _parse_event(body: bytes) -> tuple[int, dict[str, float]]:
+  step, scalars = 0, {}
+  for num, val in _fields(body):
+    if num == 2:
+      step = val
+    elif num == 5:
+      for _, value in _fields(val):
+        fields = dict(_fields(value))
+        scalars[fields[1].decode()] = struct.unpack('<f', fields[2])[0]
+  return step, scalars
+
+
+# ---------------------------------------------------------------------------
+# metrics.jsonl and results.json
+# ---------------------------------------------------------------------------
+class MetricsLog:
+  """Appends one JSON object per line. On resume, lines past the restored
+  round are dropped so a resumed run's log equals an uninterrupted one's."""
+
+  def __init__(self, path: str | os.PathLike, resume_round: Optional[int]):
+    self.path = Path(path)
+    if resume_round is None:
+      self.path.write_text('')
+    elif self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line and json.loads(line).get('round', 0) <= resume_round
+              and json.loads(line).get('stage') in (1, 2)]
+      self.path.write_text(''.join(line + '\n' for line in kept))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(to_jsonable(record)) + '\n')
+
+
+def to_jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return to_jsonable(np.asarray(x).tolist())
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, np.bool_):
+    return bool(x)
+  if isinstance(x, float) and not np.isfinite(x):
+    return str(x)  # 'nan' / 'inf': JSON has no such numbers
+  return x
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  tmp = Path(str(path) + '.tmp')
+  tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False))
+  tmp.replace(path)
