@@ -194,6 +194,13 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+# Random (non-checkpoint) weights: fan-in scaled, std 1/sqrt(in). HF's fixed
+# std 0.02 suits 4096-wide models; at 64 wide it caps every logit near +-1.3
+# (|h| ~ sqrt(64) times |w| ~ 0.02 sqrt(64)), so no adapter could make the
+# tiny model confident.
+_kernel_init = nn.initializers.lecun_normal()
+
+
 def _lora_a_init(key, shape, dtype=jnp.float32):
   # PEFT: kaiming_uniform_(A, a=sqrt(5)) on A of shape (r, in), i.e. a bound
   # of 1/sqrt(in). Stored here transposed as [in, r].
@@ -217,7 +224,7 @@ class LoraLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    kernel = self.param('kernel', nn.initializers.normal(0.02),
+    kernel = self.param('kernel', _kernel_init,
                         (x.shape[-1], self.features), self.param_dtype)
     y = jnp.einsum('...i,io->...o', x.astype(self.dtype),
                    kernel.astype(self.dtype))
@@ -388,7 +395,7 @@ class Llama(nn.Module):
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
-      kernel = self.param('lm_head', nn.initializers.normal(0.02),
+      kernel = self.param('lm_head', _kernel_init,
                           (cfg.hidden_size, cfg.vocab_size), pdtype)
       logits = jnp.einsum('btd,dv->btv', x, kernel.astype(dtype))
     return logits.astype(jnp.float32)

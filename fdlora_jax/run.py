@@ -92,8 +92,9 @@ def build_model(c, task):
     described = f'checkpoint {path.resolve()}'
   else:
     texts = data_lib.tokenizer_texts(task, c.data)
-    tokenizer = embedded_tokenizer(texts, c.model.tokenizer_vocab_size,
-                                   c.model.tokenizer_cache)
+    tokenizer = embedded_tokenizer(
+        texts, c.model.tokenizer_vocab_size, c.model.tokenizer_cache,
+        whole=[c.data.answer_prefix + o for o in task.options])
     cfg = PRESETS[c.model.preset].replace(**execution)
     if len(tokenizer) > cfg.vocab_size:
       cfg = cfg.replace(vocab_size=len(tokenizer))

@@ -10,7 +10,7 @@ hash covering the texts, the vocabulary size and `FORMAT_VERSION`, so a rerun
 loads it instantly.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 import hashlib
 import os
 import pathlib
@@ -87,7 +87,8 @@ def _train(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
 
 
 def embedded_tokenizer(texts: Iterable[str], vocab_size: int,
-                       cache_dir: str) -> transformers.PreTrainedTokenizerFast:
+                       cache_dir: str, whole: Sequence[str] = ()
+                       ) -> transformers.PreTrainedTokenizerFast:
   """A byte-level BPE trained on `texts`, cached; deterministic.
 
   Args:
@@ -96,6 +97,9 @@ def embedded_tokenizer(texts: Iterable[str], vocab_size: int,
       4 special tokens).
     cache_dir: e.g. c.model.tokenizer_cache; the tokenizer is stored in
       `<cache_dir>/<hash>/tokenizer.json`.
+    whole: strings that must each be one token wherever they occur (the
+      answer options, e.g. ' yes' and ' no'), so that scoring options by
+      log-likelihood compares one token with one token.
 
   Returns:
     The tokenizer (pad, bos, eos, unk set).
@@ -106,12 +110,14 @@ def embedded_tokenizer(texts: Iterable[str], vocab_size: int,
   texts = list(texts)
   if not texts:
     raise ValueError('embedded_tokenizer: no text to train on')
-  key = _hash(texts, vocab_size)
+  whole = sorted(set(whole))
+  key = _hash(texts + ['\0whole\0'] + whole, vocab_size)
   path = pathlib.Path(cache_dir).expanduser() / key / 'tokenizer.json'
   if path.is_file():
     logging.info('embedded tokenizer: loaded from cache %s', path)
     return _wrap(tokenizers.Tokenizer.from_file(str(path)))
-  tok = _train(texts, vocab_size)
+  tok = _train(texts, vocab_size - len(whole))
+  tok.add_tokens([tokenizers.AddedToken(w, normalized=False) for w in whole])
   path.parent.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent.parent))
   try:

@@ -65,3 +65,16 @@ def test_load_tokenizer_sets_pad(tmp_path):
   assert loaded.pad_token == '<unk>'
   with pytest.raises(FileNotFoundError, match='nope'):
     tokenizer_lib.load_tokenizer(str(tmp_path / 'nope'))
+
+
+def test_answer_options_are_single_tokens(tmp_path):
+  texts = ['Answer yes or no.\nkernel panic at node 12', 'all fine'] * 20
+  tok = tokenizer_lib.embedded_tokenizer(texts, 300, str(tmp_path),
+                                         whole=(' yes', ' no', ' maybe'))
+  assert len(tok) <= 300
+  for option in (' yes', ' no', ' maybe'):
+    ids = tok(option, add_special_tokens=False)['input_ids']
+    assert len(ids) == 1, (option, tok.convert_ids_to_tokens(ids))
+    assert tok.decode(ids) == option
+  text = 'Answer yes or no. maybe'
+  assert tok.decode(tok(text, add_special_tokens=False)['input_ids']) == text
