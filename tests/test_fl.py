@@ -73,14 +73,18 @@ def test_vmapped_step_equals_separate_steps(setup):
   many = make_clients_update(model, opt, donate=False)
   out_l, out_s, healthy, m = many(base, loras, states, batches, rngs)
   one = jax.jit(make_client_update(model, opt))
+  # Updates are ~1e-2 per step; 1e-5 leaves room only for float
+  # reassociation (seen up to 1.4e-6), not for a mixed-up client.
   for i in range(N):
     pick = lambda t: jax.tree.map(lambda x: x[i], t)
     l_i, s_i, h_i, m_i = one(base, pick(loras), pick(states),
                              jax.tree.map(lambda x: x[:, i], batches),
                              rngs[i])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  pick(out_l), l_i)
     np.testing.assert_allclose(m.loss[i], m_i.loss, rtol=1e-5)
+  b = out_l['layers']['self_attn']['q_proj']['b']
+  assert float(jnp.abs(b[0] - b[1]).max()) > 1e-3  # clients really differ
   assert bool(jnp.all(healthy)) and m.loss.shape == (N, K)
   # The adapters moved.
   assert float(jnp.abs(out_l['layers']['self_attn']['q_proj']['b']).max()) > 0
