@@ -145,7 +145,8 @@ def test_adafusion_on_the_tiny_model_never_worsens_the_start(setup):
   assert history['mean_fitness'].shape == (2, N)
   np.testing.assert_allclose(fitness(w[:, None])[:, 0],
                              history['best_fitness'][-1], atol=1e-5)
-  start = fitness(jnp.full((N, 1, 2), 0.5))[:, 0]
+  start = fitness(jnp.broadcast_to(jnp.asarray(cfg.init, jnp.float32),
+                                   (N, 1, 2)))[:, 0]
   np.testing.assert_allclose(history['start_fitness'], start, atol=1e-5)
   assert np.all(np.asarray(history['best_fitness'][-1]) <= np.asarray(start))
   assert np.all(np.diff(np.asarray(history['best_fitness']), axis=0) <= 0)
@@ -165,6 +166,7 @@ def toy_fitness(w):                      # [N, P, 2] -> [N, P]
 def test_adafusion_finds_each_clients_optimum(strategy, tol):
   cfg = fusion.fusion_config()
   cfg.strategy, cfg.population_size, cfg.steps = strategy, 16, 40
+  cfg.init = (0.5, 0.5)
   w, history = fusion.adafusion(toy_fitness, 3, cfg, jax.random.key(0))
   np.testing.assert_allclose(w, OPTIMA, atol=tol)
   np.testing.assert_allclose(history['best_fitness'][-1],
@@ -176,7 +178,7 @@ def test_adafusion_finds_each_clients_optimum(strategy, tol):
 def test_adafusion_keeps_the_start_point_when_nothing_beats_it():
   # Optimum exactly at the start point: the start is returned unchanged.
   cfg = fusion.fusion_config()
-  cfg.steps = 3
+  cfg.steps, cfg.init = 3, (0.5, 0.5)
   w, history = fusion.adafusion(
       lambda w: ((w - 0.5) ** 2).sum(-1), 2, cfg, jax.random.key(1))
   np.testing.assert_array_equal(w, jnp.full((2, 2), 0.5))
