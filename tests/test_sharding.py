@@ -1,0 +1,93 @@
+"""The client step sharded over 4 (forced host) devices equals the unsharded
+step. Runs in a subprocess: the device count is fixed when JAX starts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fdlora_jax.sharding import base_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = textwrap.dedent('''
+  import json
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from fdlora_jax import lora as lora_lib, sharding
+  from fdlora_jax.fl import init_opt_states, make_clients_update
+  from fdlora_jax.lora import LoraConfig
+  from fdlora_jax.model import PRESETS, Llama, init_params
+
+  assert jax.device_count() == 4, jax.devices()
+  n, k, b, t = 4, 2, 2, 16
+  cfg = PRESETS['tiny']
+  model = Llama(cfg, LoraConfig(rank=4, alpha=8.0, dropout=0.1,
+                                targets=('q_proj', 'v_proj', 'down_proj')))
+  base = init_params(cfg, jax.random.key(0))
+  lora = lora_lib.stack([lora_lib.init(model, jax.random.key(i))
+                         for i in range(n)])
+  opt = optax.adamw(1e-2, weight_decay=0.01)
+  state = init_opt_states(opt, lora)
+  rng = np.random.default_rng(0)
+  batches = {'tokens': rng.integers(0, cfg.vocab_size, (k, n, b, t)),
+             'loss_mask': np.ones((k, n, b, t), np.float32),
+             'attention_mask': np.ones((k, n, b, t), np.int32),
+             'valid': np.ones((k, n, b), np.float32)}
+  batches['attention_mask'][:, 1, 0, :5] = 0          # some padding
+  batches['valid'][1, 2] = 0                          # an empty example
+  rngs = jax.random.split(jax.random.key(7), n)
+  update = make_clients_update(model, opt, dropout=True, donate=False)
+  ref = update(base, lora, state, batches, rngs)
+
+  out = {}
+  for clients, shards in ((4, 1), (2, 2)):
+    mesh = sharding.make_mesh(clients, shards)
+    got = update(sharding.shard_base(base, mesh),
+                 sharding.shard_clients(lora, mesh),
+                 sharding.shard_clients(state, mesh),
+                 sharding.shard_clients(batches, mesh, axis=1),
+                 sharding.shard_clients(rngs, mesh))
+    lora_out = got[0]
+    leaf = jax.tree.leaves(lora_out)[0]
+    diff = max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)
+                                     - jnp.asarray(y, jnp.float32))))
+               for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+    out[f'{clients}x{shards}'] = {
+        'diff': diff, 'devices': len(leaf.sharding.device_set),
+        'client_shard_rows': leaf.addressable_shards[0].data.shape[0]}
+  print('RESULT ' + json.dumps(out))
+''')
+
+
+def test_sharded_step_equals_unsharded():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, '-c', SCRIPT], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][0]
+  result = json.loads(line[len('RESULT '):])
+  for layout, r in result.items():
+    assert r['diff'] <= 1e-5, (layout, r)
+    assert r['devices'] == 4, (layout, r)
+  # Clients really split: 4 clients over 4 shards -> 1 per device; over 2
+  # shards -> 2 per device.
+  assert result['4x1']['client_shard_rows'] == 1
+  assert result['2x2']['client_shard_rows'] == 2
+
+
+@pytest.mark.parametrize('shape,shards,spec', [
+    ((64, 128), 2, (None, 'model')),          # kernel: output features
+    ((4, 64, 176), 2, (None, None, 'model')),  # stacked layers: never axis 0
+    ((4, 64, 175), 2, (None, 'model')),        # falls back to the input axis
+    ((4, 63, 175), 2, ()),                     # nothing divides: replicated
+    ((64,), 2, ()),                            # norm scale
+    ((64, 128), 1, ()),                        # one model shard
+])
+def test_base_spec(shape, shards, spec):
+  assert tuple(base_spec(shape, shards)) == spec
