@@ -44,14 +44,14 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl import init_opt_states, make_clients_update
 from fdlora_jax.fl.client import make_client_update
 from fdlora_jax.lora import LoraConfig
-from fdlora_jax.model import PRESETS, Llama, init_params
+from fdlora_jax.model import PRESETS, Llama, init_params, num_targets_bucket
 
 
 def make_batches(cfg, n, k, b, t, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (k, n, b, t)).astype(np.int32)
   return {'tokens': tokens,
-          'loss_mask': np.ones((k, n, b, t), np.float32),
+          'loss_mask': common.sft_loss_mask((k, n, b, t)),
           'attention_mask': np.ones((k, n, b, t), np.int32),
           'valid': np.ones((k, n, b), np.float32)}
 
@@ -68,8 +68,9 @@ class JaxVmap:
     self.rngs = jax.random.split(jax.random.key(2), n)
     update = make_clients_update(model, opt, dropout=dropout, donate=True)
     t0 = time.perf_counter()
-    self.fn = update.lower(self.base, self.lora, self.state, self.batches,
-                           self.rngs).compile()
+    self.fn = update.lower(
+        self.base, self.lora, self.state, self.batches, self.rngs,
+        num_targets=num_targets_bucket(batches['loss_mask'])).compile()
     self.compile_s = time.perf_counter() - t0
 
   def round(self):
@@ -89,7 +90,8 @@ class JaxSequential:
     self.batches = [jax.tree.map(lambda x, i=i: jnp.asarray(x[:, i]), batches)
                     for i in range(n)]
     self.rngs = list(jax.random.split(jax.random.key(2), n))
-    fn = jax.jit(make_client_update(model, opt, dropout),
+    fn = jax.jit(make_client_update(
+        model, opt, dropout, num_targets_bucket(batches['loss_mask'])),
                  donate_argnums=(1, 2))
     t0 = time.perf_counter()
     self.fn = fn.lower(base, self.loras[0], self.states[0], self.batches[0],

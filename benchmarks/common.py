@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / 'results'
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -119,3 +121,16 @@ def write_json(name: str, payload: dict, out: str | None = None) -> Path:
   path.write_text(json.dumps(payload, indent=2, default=str))
   print(f'wrote {path}')
   return path
+
+
+# FDLoRA's inner step is SFT: the loss covers only the answer (a few tokens
+# at the end: ' yes' / ' no' and eos), so the benchmarks train the same way on
+# both sides (JAX loss_mask, torch labels=-100 elsewhere).
+ANSWER_TOKENS = 4
+
+
+def sft_loss_mask(shape) -> np.ndarray:
+  """float32 mask of ``shape [..., T]`` with the last ANSWER_TOKENS set."""
+  mask = np.zeros(shape, np.float32)
+  mask[..., -ANSWER_TOKENS:] = 1.0
+  return mask

@@ -32,7 +32,7 @@ import numpy as np
 from fdlora_jax import fusion
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.lora import LoraConfig
-from fdlora_jax.model import PRESETS, Llama, init_params
+from fdlora_jax.model import PRESETS, Llama, init_params, num_targets_bucket
 
 
 def setup(preset, n, shots, length, targets):
@@ -91,12 +91,16 @@ def main():
     per_p = lora_lib.unstack(personal)
     per_g = lora_lib.unstack(global_)
 
+    # The same per-evaluation work as the vmapped pass (logits only at the
+    # answer positions), so the comparison isolates batching.
+    num_targets = num_targets_bucket(fewshot['loss_mask'])
+
     @jax.jit
     def single(base, p_i, g_i, shots_i, w):              # w [2]
       lora = fusion.fuse(p_i, g_i, w)
       ce = fusion.fewshot_loss(model, base, lora, shots_i['tokens'],
                                shots_i['loss_mask'],
-                               shots_i['attention_mask'])
+                               shots_i['attention_mask'], num_targets)
       return ce + 0.05 * jnp.abs(w).sum()
 
     def run_vmapped_fitness():

@@ -99,13 +99,14 @@ def child(a) -> dict:
     opt = optax.adamw(2e-4, weight_decay=0.01)
     state = init_opt_states(opt, lora)
     batches = {'tokens': jnp.asarray(tokens),
-               'loss_mask': jnp.ones((k, n, b, t), jnp.float32),
+               'loss_mask': jnp.asarray(common.sft_loss_mask((k, n, b, t))),
                'attention_mask': jnp.ones((k, n, b, t), jnp.int32),
                'valid': jnp.ones((k, n, b), jnp.float32)}
     update = make_clients_update(model, opt, dropout=True, donate=True)
     t0 = time.perf_counter()
     lora, state, _, _ = update(base, lora, state, batches,
-                               jax.random.split(jax.random.key(2), n))
+                               jax.random.split(jax.random.key(2), n),
+                               num_targets=common.ANSWER_TOKENS)
     jax.block_until_ready(lora)
     first_s = time.perf_counter() - t0
     base_mib = lora_lib.num_bytes(base) / 2**20
@@ -140,7 +141,9 @@ def child(a) -> dict:
       pm.set_adapter(f'client{i}')
       for s in range(k):
         x = torch.from_numpy(tokens[s, i]).long()
-        pm(input_ids=x, labels=x).loss.backward()
+        labels = x.masked_fill(
+            torch.from_numpy(common.sft_loss_mask(x.shape)) == 0, -100)
+        pm(input_ids=x, labels=labels).loss.backward()
         opts[i].step()
         opts[i].zero_grad(set_to_none=True)
     first_s = time.perf_counter() - t0

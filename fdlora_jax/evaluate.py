@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdlora_jax.fusion import positions_from_mask, token_nll
+from fdlora_jax.model import (num_targets_bucket, positions_from_mask,
+                              target_log_probs)
 
 PyTree = Any
 
@@ -45,17 +46,20 @@ def _field(arrays, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Option scoring
 # ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=('model', 'normalize'))
+@functools.partial(jax.jit, static_argnames=('model', 'normalize',
+                                             'num_targets'))
 def _chunk_scores(model, base, lora, tokens, option_mask, attention_mask,
-                  normalize):
+                  normalize, num_targets):
   """Scores ``[N, C, O]`` of one chunk of ``C`` examples for all clients."""
   n, c, o, length = tokens.shape
 
   def one_client(lora_c, tok, om, am):
     tok, om, am = (x.reshape(c * o, length) for x in (tok, om, am))
-    nll = token_nll(model, base, lora_c, tok, am)          # [C*O, L-1]
-    mask = (om[:, 1:] * am[:, 1:]).astype(jnp.float32)
-    total = -(nll * mask).sum(-1)
+    variables = ({'params': base} if lora_c is None
+                 else {'params': base, 'lora': lora_c})
+    logp, mask = target_log_probs(model, variables, tok, om, am,
+                                  num_targets)
+    total = (logp * mask).sum(-1)
     count = mask.sum(-1)
     score = total / jnp.maximum(count, 1.0) if normalize == 'mean' else total
     # An option with no tokens (padding of a shorter option list) can never
@@ -112,12 +116,13 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     return np.pad(x, [(0, 0), (0, padded - m)] + [(0, 0)] * (x.ndim - 2))
   tokens, option_mask, attention_mask = map(pad, (tokens, option_mask,
                                                   attention_mask))
+  num_targets = num_targets_bucket(option_mask)
   outs = []
   for s in range(0, padded, chunk):  # dispatch every chunk, then gather
     sl = slice(s, s + chunk)
     outs.append(_chunk_scores(model, base, lora, tokens[:, sl],
                               option_mask[:, sl], attention_mask[:, sl],
-                              normalize))
+                              normalize, num_targets))
   return np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :m]
 
 

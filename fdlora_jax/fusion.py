@@ -48,6 +48,8 @@ import optax
 from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
+from fdlora_jax.model import num_targets_bucket, target_log_probs
+
 PyTree = Any
 Array = jax.Array
 
@@ -127,42 +129,28 @@ def fuse(personal: PyTree, global_: PyTree, w: Array) -> PyTree:
 # ---------------------------------------------------------------------------
 # Few-shot fitness
 # ---------------------------------------------------------------------------
-def positions_from_mask(attention_mask: Array) -> Array:
-  """Rotary positions counting real tokens only (left or right padding)."""
-  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(
-      jnp.int32)
-
-
-def token_nll(model, base: PyTree, lora: Optional[PyTree], tokens: Array,
-              attention_mask: Array) -> Array:
-  """``-log p(tokens[:, t+1] | tokens[:, :t+1])``: ``[B, T-1]``, float32."""
-  variables = {'params': base} if lora is None else {'params': base,
-                                                     'lora': lora}
-  logits = model.apply(variables, tokens, attention_mask,
-                       positions_from_mask(attention_mask))
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
 def fewshot_loss(model, base: PyTree, lora: Optional[PyTree], tokens: Array,
-                 loss_mask: Array, attention_mask: Array) -> Array:
+                 loss_mask: Array, attention_mask: Array,
+                 num_targets: Optional[int] = None) -> Array:
   """Mean over examples of the per-token CE on the ``loss_mask`` tokens.
 
-  ``logits[:, :-1]`` predict ``tokens[:, 1:]``, and ``loss_mask`` is aligned
-  with the *target* tokens (``loss_mask[:, 1:]`` is used). Each example's loss
-  is its summed NLL divided by its number of loss tokens; examples with no
-  loss token (padding rows) are left out of the mean (0.0 if there are none).
-  Padding (``attention_mask == 0``) never counts as a loss token.
+  ``loss_mask`` marks target tokens (the answer). Each example's loss is its
+  summed NLL divided by its number of loss tokens; examples with no loss token
+  (padding rows) are left out of the mean (0.0 if there are none). Padding
+  (``attention_mask == 0``) never counts as a loss token.
 
   Args:
     model: a ``Llama``; base: its params; lora: one adapter (no client axis)
       or None for the bare base.
     tokens, loss_mask, attention_mask: ``[F, L]``.
+    num_targets: see :func:`fdlora_jax.model.target_log_probs`.
   """
-  nll = token_nll(model, base, lora, tokens, attention_mask)
-  mask = (loss_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+  variables = {'params': base} if lora is None else {'params': base,
+                                                     'lora': lora}
+  logp, mask = target_log_probs(model, variables, tokens, loss_mask,
+                                attention_mask, num_targets)
   count = mask.sum(-1)
-  per_example = (nll * mask).sum(-1) / jnp.maximum(count, 1.0)
+  per_example = -(logp * mask).sum(-1) / jnp.maximum(count, 1.0)
   has_loss = (count > 0).astype(jnp.float32)
   return (per_example * has_loss).sum() / jnp.maximum(has_loss.sum(), 1.0)
 
@@ -172,14 +160,16 @@ class _FusedFitness:
   """The static half of a fitness function (the model); hashable, so a jitted
   search is reused when only the arrays change."""
   model: Any
+  num_targets: Optional[int] = None
 
   def __call__(self, base, personal, global_, fewshot, lam, w):
-    return _population_fitness(self.model, base, personal, global_, fewshot,
-                               lam, w)
+    return _population_fitness(self.model, self.num_targets, base, personal,
+                               global_, fewshot, lam, w)
 
 
-@functools.partial(jax.jit, static_argnames=('model',))
-def _population_fitness(model, base, personal, global_, fewshot, lam, w):
+@functools.partial(jax.jit, static_argnames=('model', 'num_targets'))
+def _population_fitness(model, num_targets, base, personal, global_, fewshot,
+                        lam, w):
   if w.ndim != 3 or w.shape[-1] != 2:
     raise ValueError(f'fitness: w must be [N, P, 2], got {w.shape}')
 
@@ -187,7 +177,8 @@ def _population_fitness(model, base, personal, global_, fewshot, lam, w):
     def one_member(wi):                            # wi [2]
       lora = fuse(p, g, wi)
       ce = fewshot_loss(model, base, lora, shots['tokens'],
-                        shots['loss_mask'], shots['attention_mask'])
+                        shots['loss_mask'], shots['attention_mask'],
+                        num_targets)
       return ce + lam * jnp.abs(wi).sum()
     return jax.vmap(one_member)(w_client)
 
@@ -228,8 +219,9 @@ def make_fitness_fn(model, base: PyTree, personal: PyTree, global_: PyTree,
     raise ValueError(f'fusion.lam must be >= 0, got {lam}')
   shots = {k: jnp.asarray(fewshot[k]) for k in ('tokens', 'loss_mask',
                                                   'attention_mask')}
-  return jax.tree_util.Partial(_FusedFitness(model), base, personal, global_,
-                               shots, jnp.float32(lam))
+  return jax.tree_util.Partial(
+      _FusedFitness(model, num_targets_bucket(fewshot['loss_mask'])), base,
+      personal, global_, shots, jnp.float32(lam))
 
 
 # ---------------------------------------------------------------------------

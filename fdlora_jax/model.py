@@ -32,6 +32,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fdlora_jax.lora import LoraConfig
 
@@ -355,6 +356,8 @@ class Llama(nn.Module):
       forward without ``position_ids``).
     deterministic: False enables LoRA dropout (needs a ``'dropout'`` rng).
     return_hidden: return the final normed hidden states instead of logits.
+    logits_at: int ``[B, A]``: compute logits only at these positions and
+      return ``[B, A, vocab]`` (the LM head is then A/T of its full cost).
   """
   cfg: LlamaConfig
   lora: Optional[LoraConfig] = None
@@ -362,7 +365,8 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                positions: Optional[Array] = None, deterministic: bool = True,
-               return_hidden: bool = False) -> Array:
+               return_hidden: bool = False,
+               logits_at: Optional[Array] = None) -> Array:
     cfg = self.cfg
     if self.lora is not None:
       self.lora.validate(PROJECTIONS)
@@ -393,6 +397,8 @@ class Llama(nn.Module):
     x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='norm')(x)
     if return_hidden:
       return x
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
@@ -400,6 +406,70 @@ class Llama(nn.Module):
                           (cfg.hidden_size, cfg.vocab_size), pdtype)
       logits = jnp.einsum('btd,dv->btv', x, kernel.astype(dtype))
     return logits.astype(jnp.float32)
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Rotary positions counting real tokens only (left or right padding)."""
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(
+      jnp.int32)
+
+
+def num_targets_bucket(target_mask) -> int:
+  """Static ``num_targets`` for :func:`target_log_probs` (host side).
+
+  The smallest power of two that holds the most target tokens of any row
+  (``target_mask[..., 1:]``), capped at ``T - 1``. Few distinct values, so
+  few compilations.
+  """
+  target_mask = np.asarray(target_mask)
+  most = int((target_mask[..., 1:] > 0).sum(-1).max(initial=0))
+  return min(1 << max(most - 1, 0).bit_length(), target_mask.shape[-1] - 1)
+
+
+def target_log_probs(model: 'Llama', variables: dict, tokens: Array,
+                     target_mask: Array, attention_mask: Array,
+                     num_targets: Optional[int] = None,
+                     rngs: Optional[dict] = None) -> tuple[Array, Array]:
+  """``log p(tokens[t] | tokens[:t])`` at the target positions.
+
+  The one place where the project turns logits into token log-likelihoods:
+  training loss, AdaFusion's few-shot loss and option scoring all use it.
+
+  Args:
+    model, variables: the module and ``{'params': ..., 'lora': ...}``.
+    tokens, target_mask, attention_mask: ``[B, T]``; ``target_mask[b, t]``
+      marks token ``t`` as a target (e.g. the answer). Padding never counts.
+    num_targets: static ``A``: logits are computed only at ``A`` positions
+      per row (the first ``A`` targets), so the LM head and the log-softmax
+      cost ``A`` rows instead of ``T``. It must hold every target
+      (:func:`num_targets_bucket`); ``None``: all ``T - 1`` positions.
+    rngs: e.g. ``{'dropout': key}`` to enable LoRA dropout.
+
+  Returns:
+    ``(logp [B, A], mask [B, A])``, float32; ``mask`` is 0 where a slot holds
+    no target.
+  """
+  t = tokens.shape[-1]
+  # Position t of the logits predicts token t + 1.
+  mask = (target_mask[:, 1:] * attention_mask[:, 1:]).astype(jnp.float32)
+  targets = tokens[:, 1:]
+  at = None
+  if num_targets is not None and num_targets < t - 1:
+    # Stable sort: the target positions first, in order, then the others.
+    at = jnp.argsort(-mask, axis=-1, stable=True)[:, :num_targets]
+    mask = jnp.take_along_axis(mask, at, axis=1)
+    targets = jnp.take_along_axis(targets, at, axis=1)
+  kwargs = {}
+  if rngs is not None:
+    kwargs = dict(deterministic=False, rngs=rngs)
+  logits = model.apply(variables, tokens, attention_mask,
+                       positions_from_mask(attention_mask),
+                       logits_at=at, **kwargs)
+  if at is None:
+    logits = logits[:, :-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return logp, mask
 
 
 def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:

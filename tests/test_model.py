@@ -136,3 +136,37 @@ def test_unknown_target_is_rejected():
   model = Llama(CFG, LoraConfig(targets=('q_proj', 'qkv')))
   with pytest.raises(ValueError, match=r"lora.targets \['qkv'\]"):
     lora_lib.init(model, jax.random.key(0))
+
+
+def test_target_log_probs_only_at_targets_equals_full(base):
+  from fdlora_jax.model import num_targets_bucket, target_log_probs
+  model = Llama(CFG, LCFG)
+  lora = noisy(lora_lib.init(model, jax.random.key(2)), 6)
+  v = {'params': base, 'lora': lora}
+  target = np.zeros((3, 9), np.float32)
+  target[0, 6:9] = 1          # three answer tokens at the end
+  target[1, 4:6] = 1
+  target[2, 1] = 1            # row 2 has two real tokens
+  target[2, 5] = 1            # ...and this one is padding: never counted
+  assert num_targets_bucket(target) == 4
+  full_lp, full_m = target_log_probs(model, v, TOKENS, target, MASK)
+  lp, m = target_log_probs(model, v, TOKENS, target, MASK, num_targets=4)
+  assert lp.shape == (3, 4) and full_lp.shape == (3, 8)
+  np.testing.assert_array_equal(m.sum(-1), [3, 2, 1])
+  np.testing.assert_allclose((lp * m).sum(-1), (full_lp * full_m).sum(-1),
+                             atol=1e-5)
+  # By hand: log_softmax of the logits at t - 1, read at token t.
+  logits = model.apply(v, TOKENS, MASK)
+  logp = jax.nn.log_softmax(logits, -1)
+  by_hand = sum(float(logp[0, t - 1, TOKENS[0, t]]) for t in (6, 7, 8))
+  np.testing.assert_allclose(float((lp * m)[0].sum()), by_hand, atol=1e-5)
+
+
+def test_num_targets_bucket():
+  from fdlora_jax.model import num_targets_bucket
+  mask = np.zeros((2, 64))
+  mask[0, 10:15] = 1
+  assert num_targets_bucket(mask) == 8
+  mask[1, 1:] = 1
+  assert num_targets_bucket(mask) == 63   # capped at T - 1
+  assert num_targets_bucket(np.zeros((1, 16))) == 1

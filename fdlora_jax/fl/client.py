@@ -23,30 +23,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdlora_jax.model import target_log_probs
+
 PyTree = Any
 
 
 def token_nll(model, base: PyTree, lora: PyTree, batch: dict,
-              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Sum of next-token NLL over ``loss_mask`` targets, and the target count.
+              rng: jax.Array | None = None,
+              num_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Sum of next-token NLL over the ``loss_mask`` targets, and their count.
 
   ``batch``: ``tokens``, ``loss_mask``, ``attention_mask`` ``[B, T]`` and
-  optionally ``valid`` ``[B]``. ``loss_mask`` marks target tokens (the answer),
-  so position ``t`` of the logits is scored against token ``t + 1`` when
-  ``loss_mask[t + 1]`` is 1. ``rng`` enables LoRA dropout.
+  optionally ``valid`` ``[B]``. ``loss_mask`` marks target tokens (the
+  answer). ``rng`` enables LoRA dropout; ``num_targets`` see
+  :func:`fdlora_jax.model.target_log_probs`.
   """
-  tokens = batch['tokens']
-  kwargs = {}
-  if rng is not None:
-    kwargs = dict(deterministic=False, rngs={'dropout': rng})
-  logits = model.apply({'params': base, 'lora': lora}, tokens,
-                       batch['attention_mask'], **kwargs)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  mask = batch['loss_mask'][:, 1:].astype(jnp.float32)
+  logp, mask = target_log_probs(
+      model, {'params': base, 'lora': lora}, batch['tokens'],
+      batch['loss_mask'], batch['attention_mask'], num_targets,
+      rngs=None if rng is None else {'dropout': rng})
   if 'valid' in batch:
     mask = mask * batch['valid'][:, None].astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
 class StepMetrics(NamedTuple):
@@ -62,16 +60,18 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_client_update(model, optimizer: optax.GradientTransformation,
-                       dropout: bool = False) -> Callable:
+                       dropout: bool = False,
+                       num_targets: int | None = None) -> Callable:
   """``client_update(base, lora, opt_state, batches[K], rng)`` for one client.
 
   Runs ``K`` optimizer steps with ``lax.scan`` and returns
-  ``(lora, opt_state, healthy, StepMetrics[K])``.
+  ``(lora, opt_state, healthy, StepMetrics[K])``. ``num_targets``: logits
+  only at that many target positions per row (``model.num_targets_bucket``).
   """
 
   def loss_fn(lora, base, batch, rng):
     total, count = token_nll(model, base, lora, batch,
-                             rng if dropout else None)
+                             rng if dropout else None, num_targets)
     return total / jnp.maximum(count, 1.0), count
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -107,13 +107,20 @@ def make_clients_update(model, optimizer: optax.GradientTransformation,
                         ) -> Callable:
   """All clients at once: ``vmap`` of :func:`make_client_update`, jitted.
 
-  ``(base, lora[N], opt_state[N], batches[K, N, ...], rng[N]) ->
-  (lora[N], opt_state[N], healthy[N], StepMetrics[N, K])``. The base is
-  shared (``in_axes=None``); adapters and optimizer states are donated.
+  ``(base, lora[N], opt_state[N], batches[K, N, ...], rng[N],
+  num_targets=None) -> (lora[N], opt_state[N], healthy[N], StepMetrics[N, K])``.
+  The base is shared (``in_axes=None``); adapters and optimizer states are
+  donated. ``num_targets`` is static (``model.num_targets_bucket`` of the
+  loss mask); None computes logits at every position.
   """
-  one = make_client_update(model, optimizer, dropout)
-  many = jax.vmap(one, in_axes=(None, 0, 0, 1, 0))
-  return jax.jit(many, donate_argnums=(1, 2) if donate else ())
+
+  def many(base, lora, opt_state, batches, rngs, num_targets=None):
+    one = make_client_update(model, optimizer, dropout, num_targets)
+    return jax.vmap(one, in_axes=(None, 0, 0, 1, 0))(base, lora, opt_state,
+                                                     batches, rngs)
+
+  return jax.jit(many, static_argnames=('num_targets',),
+                 donate_argnums=(1, 2) if donate else ())
 
 
 def init_opt_states(optimizer: optax.GradientTransformation,

@@ -34,6 +34,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.client import (StepMetrics, init_opt_states,
                                   make_clients_update)
 from fdlora_jax.fl.server import make_server_update, outer_optimizer
+from fdlora_jax.model import num_targets_bucket
 
 PyTree = Any
 NEVER = float('inf')  # fl.sync_every: H = infinity, never synchronise
@@ -107,6 +108,7 @@ class FDLoRA:
     active = (local < real_steps[None, :])               # [K, N]
     b = dict(b)
     b['valid'] = b['valid'] * active[:, :, None]
+    self.num_targets = num_targets_bucket(b['loss_mask'])
     return jax.tree.map(jnp.asarray, b)
 
   def _client_rngs(self, tag: int, index: int) -> jax.Array:
@@ -141,7 +143,8 @@ class FDLoRA:
       real = np.clip(self.stage1_steps - s0, 0, chunk)
       batches = self._batches(s0, chunk, real)
       personal, opt, healthy, m = self.clients_update(
-          self.base, personal, opt, batches, self._client_rngs(1, i))
+          self.base, personal, opt, batches, self._client_rngs(1, i),
+          num_targets=self.num_targets)
       losses.append(np.asarray(m.loss * m.tokens).sum(1))
       counts.append(np.asarray(m.tokens).sum(1))
       nonfinite += int(np.asarray(m.nonfinite).sum())
@@ -182,7 +185,8 @@ class FDLoRA:
     step0 = int(self.stage1_steps.max()) + (t - 1) * self.K
     batches = self._batches(step0, self.K, self.steps_per_round)
     uploads, inner, healthy, m = self.clients_update(
-        self.base, download, inner, batches, self._client_rngs(2, t))
+        self.base, download, inner, batches, self._client_rngs(2, t),
+        num_targets=self.num_targets)
     # Clients -> server: only the global copies. A client whose loss went
     # non-finite gets weight 0, so it cannot poison the global adapter.
     weights = jnp.asarray(self.client_weights, jnp.float32) * healthy
