@@ -17,9 +17,10 @@ with ``implementation='cudnn'`` for bf16 on a GPU, XLA elsewhere) and times
 
   tokens/s    N * B * T * K / step time (median of ``--repeats``)
   MFU         counted FLOPs / time / peak, with
-              F/token = 4*P_base + 6*P_lora + 12*L*T*H_attn
-              (frozen base: forward 2*P_base plus activation gradients
-              2*P_base, no weight gradients; LoRA forward 2, backward 4 per
+              F/token = 4*P_body + 4*P_head*A/T + 6*P_lora + 12*L*T*H_attn
+              (frozen base: forward 2*P_body plus activation gradients
+              2*P_body, no weight gradients; the LM head only at the A = 4
+              answer positions the SFT loss covers; LoRA forward 2, backward 4 per
               weight; attention QK^T and PV over the full T x T, fwd 4 +
               bwd 8, no causal halving; remat's recomputed forward is not
               counted). The peak is a dense matmul in ``--dtype`` timed in
@@ -82,7 +83,7 @@ class Step:
     batches = {
         'tokens': rng.integers(0, cfg.vocab_size, (steps, n, batch, seq)
                                ).astype(np.int32),
-        'loss_mask': np.ones((steps, n, batch, seq), np.float32),
+        'loss_mask': common.sft_loss_mask((steps, n, batch, seq)),
         'attention_mask': np.ones((steps, n, batch, seq), np.int32),
         'valid': np.ones((steps, n, batch), np.float32)}
     rngs = jax.random.split(jax.random.key(2), n)
@@ -95,7 +96,8 @@ class Step:
     self.mesh = mesh
     update = make_clients_update(model, opt, dropout=True, donate=True)
     t0 = time.perf_counter()
-    self.compiled = update.lower(*self.args).compile()
+    self.compiled = update.lower(
+        *self.args, num_targets=common.ANSWER_TOKENS).compile()
     self.compile_s = time.perf_counter() - t0
 
   def run(self) -> float:

@@ -27,37 +27,49 @@ ALL_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj',
 # Counted model FLOPs of one training token of the frozen-base LoRA step
 # (multiply-add = 2 FLOPs), as used in every MFU figure here:
 #
-#   F = 4 * P_base + 6 * P_lora + 12 * L * T * H_attn
+#   F = 4 * P_body + 4 * P_head * A / T + 6 * P_lora + 12 * L * T * H_attn
 #
-#   P_base  matmul weights a token passes through: every decoder projection of
-#           every layer plus the LM head (the embedding lookup is free).
-#           Forward 2 * P_base; backward only the activation gradients
-#           dX = dY W^T, another 2 * P_base (no weight gradient: frozen).
+#   P_body  matmul weights of the decoder projections of every layer (the
+#           embedding lookup is free). Forward 2 * P_body; backward only the
+#           activation gradients dX = dY W^T, another 2 * P_body (no weight
+#           gradient: frozen).
+#   P_head  the LM head, D * V. The loss covers only the A answer tokens of a
+#           T-token sequence, and the step computes logits only there, so the
+#           head counts for A / T of the tokens (A = T: every position).
 #   P_lora  adapter weights, r * (in + out) per targeted projection per layer;
 #           forward 2, backward 4 (activation and weight gradients).
 #   attention scores QK^T and the weighted sum PV: 4 * T * H_attn per token
 #           per layer forward, twice that backward (PaLM's 12 L T H count; the
 #           full T x T square, no causal halving, as the XLA path computes).
-FLOPS_FORMULA = ('F/token = 4*P_base + 6*P_lora + 12*L*T*H_attn '
-                 '(frozen base: forward + activation grads only; LoRA: forward '
+FLOPS_FORMULA = ('F/token = 4*P_body + 4*P_head*A/T + 6*P_lora + '
+                 '12*L*T*H_attn (frozen base: forward + activation grads '
+                 'only; LM head only at the A answer positions; LoRA: forward '
                  '+ activation + weight grads; attention QK^T and PV over the '
                  'full T x T, fwd 4 + bwd 8)')
 
 
-def flops_per_token(cfg, lora_cfg, seq: int) -> dict:
-  """The terms of :data:`FLOPS_FORMULA` for a ``LlamaConfig``/``LoraConfig``."""
+def flops_per_token(cfg, lora_cfg, seq: int,
+                    answer_tokens: int | None = None) -> dict:
+  """The terms of :data:`FLOPS_FORMULA` for a ``LlamaConfig``/``LoraConfig``.
+
+  ``answer_tokens``: A, the loss positions per sequence (default
+  :data:`ANSWER_TOKENS`, as the benchmarks train).
+  """
+  answer = ANSWER_TOKENS if answer_tokens is None else answer_tokens
   shapes = {name: cfg.projection_shape(name)
             for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj',
                          'up_proj', 'down_proj')}
   layers = cfg.num_hidden_layers
-  p_base = layers * sum(i * o for i, o in shapes.values()) + \
-      cfg.hidden_size * cfg.vocab_size
+  p_body = layers * sum(i * o for i, o in shapes.values())
+  p_head = cfg.hidden_size * cfg.vocab_size
+  p_base = p_body + p_head
   p_lora = layers * sum(lora_cfg.rank * (shapes[t][0] + shapes[t][1])
                         for t in lora_cfg.targets)
   h_attn = cfg.num_attention_heads * cfg.dim_per_head
   attn = 12 * layers * seq * h_attn
   return {'p_base': p_base, 'p_lora': p_lora,
-          'flops_per_token': 4 * p_base + 6 * p_lora + attn}
+          'flops_per_token': (4 * p_body + 4 * p_head * min(answer, seq) / seq
+                              + 6 * p_lora + attn)}
 
 
 def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:

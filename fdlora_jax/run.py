@@ -74,6 +74,39 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f'choose from {fusion_lib.BASELINES}')
 
 
+# Fields a resumed run may change: they do not shape the saved state.
+RESUMABLE_CHANGES = ('fl.rounds', 'eval.', 'fusion.')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir under a config that changes its state."""
+  if not saved_path.is_file():
+    raise ValueError(f'{saved_path.parent} has checkpoints but no '
+                     f'config.json; cannot check it is the same experiment')
+  saved = _flatten(json.loads(saved_path.read_text()))
+  now = _flatten(json.loads(c.to_json_best_effort()))
+  changed = sorted(k for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k)
+                   and not k.startswith(RESUMABLE_CHANGES))
+  if changed:
+    details = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
+                        for k in changed[:6])
+    raise ValueError(
+        f'{saved_path.parent} holds a run with a different config ({details}'
+        f'{" ..." if len(changed) > 6 else ""}); use a new --workdir, or '
+        f'change only {", ".join(RESUMABLE_CHANGES)} when resuming')
+
+
 # ---------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------
@@ -150,7 +183,6 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   shots = data_lib.encode_clients(tokenizer, task, part.few_shot, c.data)
   tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
   timing['data_s'] = time.time() - t0
-  (work / 'config.json').write_text(c.to_json_best_effort(indent=2))
 
   counts = train.counts.astype(np.int64)
   weights = (np.ones(n) if c.fl.weighting == 'uniform'
@@ -172,6 +204,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- resume or stage 1 ---------------------------------------------------
   ckpts = io_lib.StateCheckpoints(work / 'checkpoints')
   resume = ckpts.latest_step()
+  if resume is not None:
+    check_resumable(work / 'config.json', c)
+  (work / 'config.json').write_text(c.to_json_best_effort(indent=2))
   log = io_lib.MetricsLog(work / 'metrics.jsonl', resume)
   events = io_lib.EventWriter(work)
   t0 = time.time()

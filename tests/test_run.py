@@ -116,3 +116,17 @@ def test_bad_config_rejected_before_compute(tmp_path, monkeypatch, field,
   monkeypatch.setattr(run_lib.data_lib, 'load_task', no_data)
   with pytest.raises(ValueError, match=message):
     run_lib.run(c, str(tmp_path / 'w'))
+
+
+def test_resume_refuses_a_different_experiment(tmp_path):
+  c = tiny_config(tmp_path)
+  run_lib.run(c, str(tmp_path / 'w'))
+  c.seed = 7
+  with pytest.raises(ValueError, match=r'seed: 0 -> 7'):
+    run_lib.run(c, str(tmp_path / 'w'))
+  # More rounds is a legitimate continuation.
+  c.seed = 0
+  c.fl.rounds = 4
+  r = run_lib.run(c, str(tmp_path / 'w'))
+  assert r['communication']['bytes_down_per_client'] == 4 * r[
+      'communication']['adapter_bytes']
