@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'  # base weights as stored in memory
   c.model.remat = False            # rematerialise each decoder layer
   c.model.attention = 'auto'       # 'auto' | 'xla' | 'cudnn'
+  # Devices the base weights are split over (1: a full copy per device). The
+  # clients are split over the remaining devices (fdlora_jax.sharding).
+  c.model.shards = 1
   # The embedded tokenizer: a byte-level BPE trained offline on the run's own
   # text, cached under this directory (used only without a checkpoint).
   c.model.tokenizer_vocab_size = 512

@@ -24,6 +24,7 @@ from fdlora_jax import evaluate as eval_lib
 from fdlora_jax import fusion as fusion_lib
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
+from fdlora_jax import sharding
 from fdlora_jax.checkpoint import load_pretrained
 from fdlora_jax.fl import FDLoRA
 from fdlora_jax.lora import LoraConfig
@@ -137,6 +138,23 @@ def build_model(c, task):
   return Llama(cfg, lcfg), base, tokenizer, described
 
 
+def device_mesh(num_clients: int, model_shards: int):
+  """A (clients, model) mesh over the local devices, or None on one device.
+
+  The client axis gets the largest divisor of ``num_clients`` that fits the
+  devices left after ``model_shards`` (the base split, 1: replicated).
+  """
+  devices = jax.device_count()
+  if model_shards < 1 or devices % model_shards:
+    raise ValueError(f'config.model.shards={model_shards} must be >= 1 and '
+                     f'divide the {devices} devices')
+  client_shards = max(d for d in range(1, devices // model_shards + 1)
+                      if num_clients % d == 0)
+  if client_shards * model_shards == 1:
+    return None
+  return sharding.make_mesh(client_shards, model_shards)
+
+
 def client_steps(counts: np.ndarray, amount: float, unit: str,
                  batch_size: int) -> np.ndarray:
   """Real optimizer steps per client: ``amount`` steps, or epochs of data."""
@@ -184,6 +202,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
   timing['data_s'] = time.time() - t0
 
+  mesh = device_mesh(n, c.model.shards)
+  if mesh is not None:
+    base = sharding.shard_base(base, mesh)
+    logging.info('Mesh %s over %d devices', dict(mesh.shape), mesh.size)
   counts = train.counts.astype(np.int64)
   weights = (np.ones(n) if c.fl.weighting == 'uniform'
              else counts / max(counts.sum(), 1))
@@ -195,7 +217,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                    c.fl.batch_size),
       stage1_steps=client_steps(counts, c.fl.local_epochs, 'epochs',
                                 c.fl.batch_size),
-      client_weights=weights, seed=c.seed)
+      client_weights=weights, seed=c.seed, mesh=mesh)
   fresh = lora_lib.init(model, jax.random.key(c.seed + 1))
   logging.info('Model: %s; LoRA %d params (%d bytes) per adapter',
                model_desc, lora_lib.num_params(fresh),

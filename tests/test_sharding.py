@@ -81,6 +81,72 @@ def test_sharded_step_equals_unsharded():
   assert result['2x2']['client_shard_rows'] == 2
 
 
+ROUND_SCRIPT = textwrap.dedent('''
+  import json, sys
+  import jax, jax.numpy as jnp, ml_collections, numpy as np
+  sys.path.insert(0, 'tests')
+  from test_fl import CFG, LCFG, fl_cfg
+  from fdlora_jax import lora as lora_lib
+  from fdlora_jax.fl import FDLoRA
+  from fdlora_jax.model import Llama, init_params
+  from fdlora_jax.run import device_mesh
+
+  n, k, b, t = 4, 2, 1, 12
+  model = Llama(CFG, LCFG)
+  base = init_params(CFG, jax.random.key(0))
+  fresh = lora_lib.init(model, jax.random.key(1))
+
+  def sample(step0, num_steps):
+    rng = np.random.default_rng(step0)
+    lm = np.zeros((num_steps, n, b, t), np.float32)
+    lm[..., -3:] = 1
+    return {'tokens': rng.integers(0, CFG.vocab_size, (num_steps, n, b, t)),
+            'loss_mask': lm,
+            'attention_mask': np.ones((num_steps, n, b, t), np.int32),
+            'valid': np.ones((num_steps, n, b), np.float32)}
+
+  def two_rounds(mesh):
+    alg = FDLoRA(model=model, base=base,
+                 fl_cfg=fl_cfg(inner_optimizer='adamw', inner_lr=1e-2,
+                               outer_lr=0.7, outer_momentum=0.5, sync_every=2.0),
+                 num_clients=n, sample=sample, steps_per_round=np.full(n, k),
+                 stage1_steps=np.array([3, 2, 3, 1]),
+                 client_weights=np.ones(n), mesh=mesh)
+    state, _ = alg.stage1(fresh)
+    for _ in range(2):
+      state, _ = alg.fl_round(state)
+    return state
+
+  mesh = device_mesh(n, 1)
+  sharded, single = two_rounds(mesh), two_rounds(None)
+  diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
+             zip(jax.tree.leaves(sharded), jax.tree.leaves(single)))
+  leaf = sharded['personal']['layers']['self_attn']['q_proj']['a']
+  print('RESULT ' + json.dumps({
+      'mesh': dict(mesh.shape), 'diff': diff,
+      'devices': len(leaf.sharding.device_set),
+      'rows_per_device': leaf.addressable_shards[0].data.shape[0],
+      'mesh_5_clients': dict(device_mesh(5, 1).shape)
+      if device_mesh(5, 1) is not None else None}))
+''')
+
+
+def test_fdlora_rounds_on_a_mesh_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, '-c', ROUND_SCRIPT], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][0]
+  r = json.loads(line[len('RESULT '):])
+  assert r['mesh'] == {'clients': 4, 'model': 1}
+  assert r['devices'] == 4 and r['rows_per_device'] == 1
+  assert r['diff'] <= 1e-5, r
+  # 5 clients cannot be split over 4 devices evenly: no client split.
+  assert r['mesh_5_clients'] is None
+
+
 @pytest.mark.parametrize('shape,shards,spec', [
     ((64, 128), 2, (None, 'model')),          # kernel: output features
     ((4, 64, 176), 2, (None, None, 'model')),  # stacked layers: never axis 0

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from fdlora_jax import lora as lora_lib
+from fdlora_jax import sharding
 from fdlora_jax.fl.client import (StepMetrics, init_opt_states,
                                   make_clients_update)
 from fdlora_jax.fl.server import make_server_update, outer_optimizer
@@ -87,6 +88,7 @@ class FDLoRA:
   stage1_steps: np.ndarray        # [N] real steps per client in stage 1
   client_weights: np.ndarray      # [N] server weights (uniform or #examples)
   seed: int = 0
+  mesh: Any = None                # jax Mesh with a 'clients' axis, or None
 
   def __post_init__(self):
     c = self.fl_cfg
@@ -109,11 +111,17 @@ class FDLoRA:
     b = dict(b)
     b['valid'] = b['valid'] * active[:, :, None]
     self.num_targets = num_targets_bucket(b['loss_mask'])
-    return jax.tree.map(jnp.asarray, b)
+    return self._place(jax.tree.map(jnp.asarray, b), axis=1)
 
   def _client_rngs(self, tag: int, index: int) -> jax.Array:
     k = jax.random.fold_in(jax.random.fold_in(self.key, tag), index)
-    return jax.random.split(k, self.num_clients)
+    return self._place(jax.random.split(k, self.num_clients))
+
+  def _place(self, tree: PyTree, axis: int = 0) -> PyTree:
+    """On a mesh: split the client axis over 'clients'; else unchanged."""
+    if self.mesh is None:
+      return tree
+    return sharding.shard_clients(tree, self.mesh, axis)
 
   def initial_state(self, fresh_lora: PyTree) -> dict:
     """The state before stage 1 (also the structure to restore into)."""
@@ -134,8 +142,8 @@ class FDLoRA:
     Returns the initial state and a metrics dict (mean loss, bytes).
     """
     c, n = self.fl_cfg, self.num_clients
-    personal = lora_lib.replicate(fresh_lora, n)
-    opt = init_opt_states(self.inner, personal)
+    personal = self._place(lora_lib.replicate(fresh_lora, n))
+    opt = self._place(init_opt_states(self.inner, personal))
     total = int(self.stage1_steps.max())
     chunk = max(1, min(int(c.stage1_chunk), total)) if total else 0
     losses, counts, nonfinite = [], [], 0
@@ -145,6 +153,7 @@ class FDLoRA:
       personal, opt, healthy, m = self.clients_update(
           self.base, personal, opt, batches, self._client_rngs(1, i),
           num_targets=self.num_targets)
+      personal, opt = self._place((personal, opt))
       losses.append(np.asarray(m.loss * m.tokens).sum(1))
       counts.append(np.asarray(m.tokens).sum(1))
       nonfinite += int(np.asarray(m.nonfinite).sum())
@@ -178,15 +187,16 @@ class FDLoRA:
     c, n = self.fl_cfg, self.num_clients
     t = int(state['round']) + 1
     # Server -> clients: every client starts from the current global adapter.
-    download = lora_lib.replicate(state['global'], n)
-    inner = state['inner']
+    download = self._place(lora_lib.replicate(state['global'], n))
+    inner = self._place(state['inner'])
     if c.reset_inner_opt:
-      inner = init_opt_states(self.inner, download)
+      inner = self._place(init_opt_states(self.inner, download))
     step0 = int(self.stage1_steps.max()) + (t - 1) * self.K
     batches = self._batches(step0, self.K, self.steps_per_round)
     uploads, inner, healthy, m = self.clients_update(
         self.base, download, inner, batches, self._client_rngs(2, t),
         num_targets=self.num_targets)
+    uploads, inner = self._place((uploads, inner))
     # Clients -> server: only the global copies. A client whose loss went
     # non-finite gets weight 0, so it cannot poison the global adapter.
     weights = jnp.asarray(self.client_weights, jnp.float32) * healthy
