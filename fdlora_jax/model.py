@@ -253,6 +253,14 @@ class LoraLinear(nn.Module):
     return y
 
 
+def projection(cfg: LlamaConfig, lora: Optional[LoraConfig], name: str,
+               features: int, use_bias: bool) -> LoraLinear:
+  """The projection ``name``, with an adapter if ``lora`` targets it."""
+  targeted = lora if (lora and name in lora.targets) else None
+  return LoraLinear(features, use_bias, targeted, jnp.dtype(cfg.dtype),
+                    jnp.dtype(cfg.param_dtype), name=name)
+
+
 def _causal_padding_bias(attention_mask: Array, q_len: int) -> Array:
   """Additive bias ``[B, 1, T, S]``: 0 where a query may attend, else -big."""
   k_len = attention_mask.shape[-1]
@@ -271,13 +279,9 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     hd, nh, nkv = cfg.dim_per_head, cfg.num_attention_heads, \
         cfg.num_key_value_heads
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-
-    def proj(name, features):
-      targeted = self.lora if (self.lora and name in self.lora.targets) \
-          else None
-      return LoraLinear(features, cfg.attention_bias, targeted, dtype, pdtype,
-                        name=name)
+    dtype = jnp.dtype(cfg.dtype)
+    proj = lambda name, features: projection(cfg, self.lora, name, features,
+                                             cfg.attention_bias)
 
     q = proj('q_proj', nh * hd)(x, deterministic).reshape(b, t, nh, hd)
     k = proj('k_proj', nkv * hd)(x, deterministic).reshape(b, t, nkv, hd)
@@ -314,13 +318,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     cfg = self.cfg
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-
-    def proj(name, features):
-      targeted = self.lora if (self.lora and name in self.lora.targets) \
-          else None
-      return LoraLinear(features, cfg.mlp_bias, targeted, dtype, pdtype,
-                        name=name)
+    proj = lambda name, features: projection(cfg, self.lora, name, features,
+                                             cfg.mlp_bias)
 
     gate = proj('gate_proj', cfg.intermediate_size)(x, deterministic)
     up = proj('up_proj', cfg.intermediate_size)(x, deterministic)
