@@ -141,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 5          # evaluate the global adapter every N rounds (0: off)
   c.eval.chunk = 16         # examples per compiled scoring call
   c.eval.normalize = 'sum'  # option log-likelihood: 'sum' (lm-eval acc) | 'mean'
+  # 'score': pick the most likely option (AdaptLLM / lm-eval). 'generate':
+  # greedy answers with a KV cache, first word 'no' = normal (the authors').
+  c.eval.mode = 'score'
+  c.eval.max_new_tokens = 4
   return c
 
 

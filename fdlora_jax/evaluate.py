@@ -245,12 +245,11 @@ def format_table(results: dict[str, dict], metric_names: Sequence[str],
 def greedy_generate(model, base: PyTree, lora: Optional[PyTree],
                     prompt_tokens, prompt_mask, max_new_tokens: int,
                     eos_id: int = -1, pad_id: int = 0):
-  """Greedy decoding, ``[B, max_new_tokens]`` new tokens.
+  """Greedy decoding with a KV cache: ``[B, max_new_tokens]`` new tokens.
 
-  There is NO KV cache: every step recomputes the forward over the whole
-  fixed-size buffer ``[B, T0 + max_new_tokens]`` (causal attention keeps the
-  not-yet-written positions out), so a step costs a full forward. Fine for
-  short answers (yes/no); use a cached decoder for long generations.
+  One forward over the prompt fills the cache (``Llama(decode=True)``), then
+  every new token costs a one-token forward against the cache, inside a
+  ``lax.fori_loop``.
 
   Args:
     prompt_tokens: int ``[B, T0]``, LEFT-padded so every prompt ends at
@@ -260,27 +259,36 @@ def greedy_generate(model, base: PyTree, lora: Optional[PyTree],
     eos_id: after it a row emits ``pad_id``; -1 disables stopping.
   """
   b, t0 = prompt_tokens.shape
-  total = t0 + max_new_tokens
-  tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt_tokens)
-  mask = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt_mask)
+  decoder = model.clone(decode=True)
+  sizing = jnp.zeros((b, t0 + max_new_tokens), jnp.int32)
+  cache = jax.tree.map(
+      lambda x: jnp.zeros(x.shape, x.dtype),
+      jax.eval_shape(lambda: decoder.init(jax.random.key(0), sizing))['cache'])
   variables = {'params': base} if lora is None else {'params': base,
                                                      'lora': lora}
 
-  def step(i, carry):
-    tokens, mask, done = carry
-    pos = t0 + i
-    logits = model.apply(variables, tokens, mask, positions_from_mask(mask))
-    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos - 1, 1, False),
-                     -1).astype(jnp.int32)
-    nxt = jnp.where(done, pad_id, nxt)
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, pos, 1)
-    mask = jax.lax.dynamic_update_index_in_dim(
-        mask, jnp.ones((b,), jnp.int32), pos, 1)
-    return tokens, mask, done | (nxt == eos_id)
+  def forward(cache, tokens, mask, positions):
+    logits, updated = decoder.apply({**variables, 'cache': cache}, tokens,
+                                    mask, positions, mutable=['cache'])
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), updated['cache']
 
-  tokens, _, _ = jax.lax.fori_loop(
-      0, max_new_tokens, step, (tokens, mask, jnp.zeros((b,), bool)))
-  return tokens[:, t0:]
+  positions = positions_from_mask(prompt_mask)
+  nxt, cache = forward(cache, prompt_tokens, prompt_mask, positions)
+  pos = positions[:, -1] + 1
+
+  def step(i, carry):
+    cache, nxt, pos, done, out = carry
+    nxt = jnp.where(done, pad_id, nxt)
+    out = out.at[:, i].set(nxt)
+    done = done | (nxt == eos_id)
+    following, cache = forward(cache, nxt[:, None], jnp.ones((b, 1),
+                                                             jnp.int32),
+                               pos[:, None])
+    return cache, following, pos + 1, done, out
+
+  carry = (cache, nxt, pos, jnp.zeros((b,), bool),
+           jnp.zeros((b, max_new_tokens), jnp.int32))
+  return jax.lax.fori_loop(0, max_new_tokens, step, carry)[-1]
 
 
 def parse_yes_no(text: str) -> int:
@@ -292,3 +300,63 @@ def parse_yes_no(text: str) -> int:
   words = text.strip().split()
   first = words[0].strip('.,:;!?"\'()[]').lower() if words else ''
   return 0 if first == 'no' else 1
+
+
+def parse_option(text: str, options: Sequence[str]) -> int:
+  """Index of the option the first word names (case-insensitive), else -1."""
+  words = text.strip().split()
+  first = words[0].strip('.,:;!?"\'()[]').lower() if words else ''
+  lowered = [o.strip().lower() for o in options]
+  return lowered.index(first) if first in lowered else -1
+
+
+def prompts_from_options(arrays) -> tuple[np.ndarray, np.ndarray]:
+  """LEFT-padded prompts ``[N, M, T]`` and masks from scoring arrays (the
+  tokens of option 0 before its first option token)."""
+  tokens = np.asarray(_field(arrays, 'tokens'))[:, :, 0]
+  prompt = ((np.asarray(_field(arrays, 'attention_mask'))[:, :, 0] > 0)
+            & (np.asarray(_field(arrays, 'option_mask'))[:, :, 0] == 0))
+  lengths = prompt.sum(-1)
+  width = int(lengths.max(initial=1))
+  out = np.zeros(tokens.shape[:2] + (width,), np.int32)
+  mask = np.zeros_like(out)
+  for idx in np.ndindex(*tokens.shape[:2]):
+    n = lengths[idx]
+    if n:
+      out[idx][width - n:] = tokens[idx][:n]
+      mask[idx][width - n:] = 1
+  return out, mask
+
+
+def generated_predictions(model, base: PyTree, lora: Optional[PyTree],
+                          arrays, tokenizer, options: Sequence[str],
+                          max_new_tokens: int = 4, chunk: int = 16,
+                          yes_no: bool = True) -> tuple[np.ndarray, list]:
+  """Predictions ``[N, M]`` from greedy answers (the authors' evaluation).
+
+  Every client generates for all its test prompts in one vmapped, KV-cached
+  decode per chunk; the text is read with :func:`parse_yes_no` (logs: first
+  word 'no' is normal, anything else anomalous; needs options ('no', 'yes'))
+  or :func:`parse_option`. Returns the predictions and the texts.
+  """
+  prompts, masks = prompts_from_options(arrays)
+  n, m, _ = prompts.shape
+  chunk = min(chunk, m)
+  padded = -(-m // chunk) * chunk
+  pad = lambda x: np.pad(x, [(0, 0), (0, padded - m), (0, 0)])
+  prompts, masks = pad(prompts), pad(masks)
+  masks[:, m:, -1] = 1  # padded rows: one dummy token, output ignored
+  gen = jax.vmap(lambda lo, p, k: greedy_generate(
+      model, base, lo, p, k, max_new_tokens, tokenizer.eos_token_id,
+      tokenizer.pad_token_id), in_axes=(None if lora is None else 0, 0, 0))
+  outs = [np.asarray(gen(lora, prompts[:, s:s + chunk], masks[:, s:s + chunk]))
+          for s in range(0, padded, chunk)]
+  tokens = np.concatenate(outs, axis=1)[:, :m]
+  texts = [[tokenizer.decode(row, skip_special_tokens=True) for row in client]
+           for client in tokens]
+  if yes_no:
+    index = {0: list(options).index('no'), 1: list(options).index('yes')}
+    preds = [[index[parse_yes_no(t)] for t in client] for client in texts]
+  else:
+    preds = [[parse_option(t, options) for t in client] for client in texts]
+  return np.asarray(preds, np.int32).reshape(n, m), texts

@@ -261,17 +261,27 @@ def projection(cfg: LlamaConfig, lora: Optional[LoraConfig], name: str,
                     jnp.dtype(cfg.param_dtype), name=name)
 
 
-def _causal_padding_bias(attention_mask: Array, q_len: int) -> Array:
-  """Additive bias ``[B, 1, T, S]``: 0 where a query may attend, else -big."""
-  k_len = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((q_len, k_len), bool), k=k_len - q_len)
-  allowed = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+def _attention_bias(key_mask: Array, query_slots: Array) -> Array:
+  """Additive bias ``[B, 1, T, S]``: 0 where a query may attend, else -big.
+
+  ``key_mask [B, S]`` marks real keys; ``query_slots [T]`` are the key slots
+  the queries occupy (``arange(T)`` without a cache), so a query sees the
+  real keys at or before its own slot.
+  """
+  causal = jnp.arange(key_mask.shape[-1])[None, :] <= query_slots[:, None]
+  allowed = causal[None, None] & key_mask[:, None, None, :].astype(bool)
   return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
 class Attention(nn.Module):
+  """Self-attention. With ``decode=True`` it keeps a KV cache in the
+  ``cache`` collection (``k``, ``v`` ``[B, S, kv_heads, head_dim]``, the key
+  mask ``[B, S]`` and the next free slot): the first call (``init``) sizes the
+  cache from its input, later calls write their keys at the free slot and
+  attend to everything cached so far."""
   cfg: LlamaConfig
   lora: Optional[LoraConfig]
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, attention_mask, deterministic):
@@ -290,6 +300,10 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
 
+    if self.decode:
+      return proj('o_proj', cfg.hidden_size)(
+          self._cached(q, k, v, attention_mask), deterministic)
+
     impl = cfg.attention
     if impl == 'auto':
       impl = 'cudnn' if (jax.default_backend() == 'gpu'
@@ -304,11 +318,33 @@ class Attention(nn.Module):
       # layout is ~2.5x faster forward than a grouped 'btkgh,bskh->bkgts'
       # einsum, which transposed the score matrices. Scores, bias and softmax
       # in float32, as before.
-      bias = _causal_padding_bias(attention_mask, t)  # [B, 1, T, S]
+      bias = _attention_bias(attention_mask, jnp.arange(t))  # [B, 1, T, S]
       out = jax.nn.dot_product_attention(q, k, v, bias=bias,
                                          implementation='xla')
     out = out.reshape(b, t, nh * hd)
     return proj('o_proj', cfg.hidden_size)(out, deterministic)
+
+  def _cached(self, q, k, v, attention_mask):
+    b, t, nh, hd = q.shape
+    ready = self.has_variable('cache', 'k')
+    ck = self.variable('cache', 'k', jnp.zeros, k.shape, k.dtype)
+    cv = self.variable('cache', 'v', jnp.zeros, v.shape, v.dtype)
+    cm = self.variable('cache', 'mask', jnp.zeros, attention_mask.shape,
+                       jnp.int32)
+    ci = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
+    slots = jnp.arange(t)
+    if ready:  # not the sizing call of init
+      i = ci.value
+      ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+      cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+      cm.value = jax.lax.dynamic_update_slice(
+          cm.value, attention_mask.astype(jnp.int32), (0, i))
+      ci.value = i + t
+      k, v, attention_mask, slots = ck.value, cv.value, cm.value, i + slots
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=_attention_bias(attention_mask, slots),
+        implementation='xla')
+    return out.reshape(b, t, nh * hd)
 
 
 class Mlp(nn.Module):
@@ -331,13 +367,14 @@ class DecoderLayer(nn.Module):
   cfg: LlamaConfig
   lora: Optional[LoraConfig]
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, positions, attention_mask):
     cfg, deterministic = self.cfg, self.deterministic
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='input_layernorm')(x)
-    x = x + Attention(cfg, self.lora, name='self_attn')(
+    x = x + Attention(cfg, self.lora, self.decode, name='self_attn')(
         h, positions, attention_mask, deterministic)
     h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype,
                 name='post_attention_layernorm')(x)
@@ -360,6 +397,8 @@ class Llama(nn.Module):
   """
   cfg: LlamaConfig
   lora: Optional[LoraConfig] = None
+  # KV-cache decoding (see Attention); apply with mutable=['cache'].
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
@@ -387,11 +426,11 @@ class Llama(nn.Module):
       layer = nn.remat(layer, prevent_cse=False,
                        policy=jax.checkpoint_policies.nothing_saveable)
     stack = nn.scan(layer,
-                    variable_axes={'params': 0, 'lora': 0},
+                    variable_axes={'params': 0, 'lora': 0, 'cache': 0},
                     split_rngs={'params': True, 'dropout': True},
                     in_axes=(nn.broadcast, nn.broadcast),
                     length=cfg.num_hidden_layers)
-    x, _ = stack(cfg, self.lora, deterministic, name='layers')(
+    x, _ = stack(cfg, self.lora, deterministic, self.decode, name='layers')(
         x, positions, attention_mask)
     x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='norm')(x)
     if return_hidden:

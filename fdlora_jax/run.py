@@ -69,6 +69,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.model.checkpoint or c.model.preset in PRESETS, 'model.preset',
        c.model.preset, f'unknown; choose from {sorted(PRESETS)}')
   need(c.eval.every >= 0, 'eval.every', c.eval.every, 'must be >= 0')
+  need(c.eval.mode in ('score', 'generate'), 'eval.mode', c.eval.mode,
+       "must be 'score' (option log-likelihood) or 'generate' (greedy)")
   fusion_lib.validate_config(c.fusion)
   for kind in c.fusion.baselines:
     need(kind in fusion_lib.BASELINES, 'fusion.baselines', kind,
@@ -163,12 +165,17 @@ def client_steps(counts: np.ndarray, amount: float, unit: str,
   return np.ceil(amount * counts / batch_size).astype(np.int32)
 
 
-def evaluate(model, base, lora_n, options, task, c) -> dict:
+def evaluate(model, base, lora_n, options, task, c, tokenizer) -> dict:
   """Per-client and mean/std metrics of adapters ``lora_n [N, ...]``."""
-  scores = eval_lib.option_scores(model, base, lora_n, options,
-                                  chunk=c.eval.chunk,
-                                  normalize=c.eval.normalize)
-  preds = np.asarray(scores).argmax(-1)
+  if c.eval.mode == 'generate':
+    preds, _ = eval_lib.generated_predictions(
+        model, base, lora_n, options, tokenizer, task.options,
+        c.eval.max_new_tokens, c.eval.chunk, yes_no=task.metric == 'f1')
+  else:
+    scores = eval_lib.option_scores(model, base, lora_n, options,
+                                    chunk=c.eval.chunk,
+                                    normalize=c.eval.normalize)
+    preds = np.asarray(scores).argmax(-1)
   positive = task.options.index('yes') if task.metric == 'f1' else None
   return eval_lib.classification_metrics(preds, options.labels, options.valid,
                                          task.metric, positive)
@@ -257,7 +264,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     t = m['round']
     if c.eval.every and (t % c.eval.every == 0 or t == c.fl.rounds):
       g = lora_lib.replicate(state['global'], n)
-      m['eval_global'] = evaluate(model, base, g, tests, task, c)['mean']
+      m['eval_global'] = evaluate(model, base, g, tests, task, c,
+                                   tokenizer)['mean']
     m['stage'] = 2
     m['wall_s'] = time.time() - t_round
     ckpts.save(t, state)
@@ -290,7 +298,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     wb = fusion_lib.baseline_weights(kind, n, jax.random.key(c.seed + 3),
                                      bounds=tuple(c.fusion.bounds))
     adapters[f'fusion_{kind}'] = fusion_lib.fuse(personal, global_n, wb)
-  evaluated = {name: evaluate(model, base, lo, tests, task, c)
+  evaluated = {name: evaluate(model, base, lo, tests, task, c, tokenizer)
                for name, lo in tqdm(adapters.items(), desc='evaluation',
                                     disable=None)}
   timing['eval_s'] = time.time() - t0

@@ -238,3 +238,23 @@ def test_greedy_generate_stops_at_eos(setup):
     ('Nothing unusual', 1), ('', 1), ('The answer is no', 1)])
 def test_parse_yes_no(text, label):
   assert evaluate.parse_yes_no(text) == label
+
+
+def test_prompts_from_options_left_pads_the_prompt():
+  tokens = np.zeros((1, 2, 2, 6), np.int32)
+  tokens[0, 0, 0] = [1, 5, 6, 9, 0, 0]       # prompt 1 5 6, option 9
+  tokens[0, 1, 0] = [1, 7, 9, 0, 0, 0]       # prompt 1 7, option 9
+  option_mask = np.zeros((1, 2, 2, 6), np.float32)
+  option_mask[0, 0, 0, 3] = option_mask[0, 1, 0, 2] = 1
+  attention = (tokens > 0).astype(np.int32)
+  prompts, masks = evaluate.prompts_from_options(
+      {'tokens': tokens, 'option_mask': option_mask,
+       'attention_mask': attention})
+  np.testing.assert_array_equal(prompts[0], [[1, 5, 6], [0, 1, 7]])
+  np.testing.assert_array_equal(masks[0], [[1, 1, 1], [0, 1, 1]])
+
+
+@pytest.mark.parametrize('text,index', [
+    ('CPR:3 because', 1), ('cpr:4.', 2), ('none', -1), ('', -1)])
+def test_parse_option(text, index):
+  assert evaluate.parse_option(text, ('false', 'CPR:3', 'CPR:4')) == index

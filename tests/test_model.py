@@ -170,3 +170,28 @@ def test_num_targets_bucket():
   mask[1, 1:] = 1
   assert num_targets_bucket(mask) == 63   # capped at T - 1
   assert num_targets_bucket(np.zeros((1, 16))) == 1
+
+
+def test_kv_cache_decoding_equals_full_forward(base):
+  model = Llama(CFG, LCFG)
+  lora = noisy(lora_lib.init(model, jax.random.key(2)), 7)
+  v = {'params': base, 'lora': lora}
+  tokens = TOKENS[:2, :7]
+  full = model.apply(v, tokens)
+  decoder = model.clone(decode=True)
+  cache = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      lambda: decoder.init(jax.random.key(0), jnp.zeros((2, 7), jnp.int32))
+  )['cache'])
+  assert cache['layers']['self_attn']['k'].shape == (2, 2, 7, 2, 16)
+  ones = lambda t: jnp.ones((2, t), jnp.int32)
+  pos = lambda a, b: jnp.broadcast_to(jnp.arange(a, b), (2, b - a))
+  prefill, mut = decoder.apply({**v, 'cache': cache}, tokens[:, :4], ones(4),
+                               pos(0, 4), mutable=['cache'])
+  np.testing.assert_allclose(prefill, full[:, :4], atol=1e-5)
+  cache = mut['cache']
+  for t in range(4, 7):
+    step, mut = decoder.apply({**v, 'cache': cache}, tokens[:, t:t + 1],
+                              ones(1), pos(t, t + 1), mutable=['cache'])
+    cache = mut['cache']
+    np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
+  assert int(cache['layers']['self_attn']['index'][0]) == 7

@@ -130,3 +130,14 @@ def test_resume_refuses_a_different_experiment(tmp_path):
   r = run_lib.run(c, str(tmp_path / 'w'))
   assert r['communication']['bytes_down_per_client'] == 4 * r[
       'communication']['adapter_bytes']
+
+
+def test_generate_mode_runs_and_reads_answers(tmp_path):
+  c = tiny_config(tmp_path)
+  c.fl.rounds = 1
+  c.eval.mode = 'generate'
+  r = run_lib.run(c, str(tmp_path / 'g'))
+  for name in ('personalized', 'global', 'fused'):
+    m = r['models'][name]['mean']
+    assert 0.0 <= m['f1'] <= 1.0 and 0.0 <= m['accuracy'] <= 1.0
+  assert r['config']['eval']['mode'] == 'generate'
