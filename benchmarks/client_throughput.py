@@ -114,16 +114,7 @@ class TorchPeft:
     import transformers
     import peft
     self.torch = torch
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_word_embeddings)
-    hf_cfg._attn_implementation = 'sdpa'   # torch's fastest CPU attention
+    hf_cfg = common.hf_llama_config(cfg)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(hf_cfg)
     base.requires_grad_(False)

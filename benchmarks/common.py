@@ -146,3 +146,20 @@ def sft_loss_mask(shape) -> np.ndarray:
   mask = np.zeros(shape, np.float32)
   mask[..., -ANSWER_TOKENS:] = 1.0
   return mask
+
+
+def hf_llama_config(cfg):
+  """The ``transformers.LlamaConfig`` of a project ``LlamaConfig``, with
+  torch's fastest CPU attention (SDPA): the PyTorch side of a comparison."""
+  import transformers
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_hidden_layers,
+      num_attention_heads=cfg.num_attention_heads,
+      num_key_value_heads=cfg.num_key_value_heads,
+      max_position_embeddings=cfg.max_position_embeddings,
+      rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+      tie_word_embeddings=cfg.tie_word_embeddings)
+  hf._attn_implementation = 'sdpa'
+  return hf

@@ -116,14 +116,7 @@ def child(a) -> dict:
     import transformers
     import peft
     torch.set_num_threads(os.cpu_count())
-    hf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings)
-    hf._attn_implementation = 'sdpa'
+    hf = common.hf_llama_config(cfg)
     model = transformers.LlamaForCausalLM(hf)
     model.requires_grad_(False)
     load_peak, baseline, reset = _baseline()
