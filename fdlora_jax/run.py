@@ -182,7 +182,7 @@ def evaluate(model, base, lora_n, options, task, c, tokenizer) -> dict:
 
 
 def _headline(metrics: dict, task) -> float:
-  return metrics['mean']['f1' if task.metric == 'f1' else 'accuracy']
+  return metrics['mean'][task.metric]
 
 
 # ---------------------------------------------------------------------------
@@ -345,5 +345,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _metric_names(task) -> tuple[str, ...]:
-  return (('f1', 'precision', 'recall', 'accuracy') if task.metric == 'f1'
-          else ('accuracy',))
+  if task.metric == 'f1':
+    return ('f1', 'precision', 'recall', 'accuracy')
+  # micro-F1 equals accuracy for single-label tasks (ChemProt, RCT).
+  return ('micro_f1', 'accuracy') if task.metric == 'micro_f1' else (
+      'accuracy',)
