@@ -309,7 +309,10 @@ class Attention(nn.Module):
       impl = 'cudnn' if (jax.default_backend() == 'gpu'
                          and dtype in (jnp.bfloat16, jnp.float16)) else 'xla'
     if impl == 'cudnn':
-      # Fused flash attention; GQA handled natively (nh % nkv == 0).
+      # Fused flash attention; GQA handled natively (nh % nkv == 0). Keys are
+      # masked by length, so batches must be RIGHT-padded (as every training,
+      # scoring and fusion batch here is; left-padded decoding uses the
+      # cache path).
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True, implementation='cudnn',
           key_value_seq_lengths=attention_mask.sum(-1).astype(jnp.int32))
@@ -388,6 +391,8 @@ class Llama(nn.Module):
   Args (call):
     tokens: int ``[B, T]``.
     attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding. Default all 1.
+      Right padding everywhere; left padding only with the XLA attention
+      (``cfg.attention='xla'`` or the CPU default) or ``decode=True``.
     positions: ``[B, T]`` rotary positions. Default ``arange(T)`` (as HF's
       forward without ``position_ids``).
     deterministic: False enables LoRA dropout (needs a ``'dropout'`` rng).
