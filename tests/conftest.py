@@ -10,6 +10,15 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
 
+def noisy(lora, seed, std=0.2):
+  """``lora`` with every leaf (``b`` too) replaced by N(0, std^2) noise, so
+  the adapter changes the model's output."""
+  import jax
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * std,
+                      lora)
+
+
 def make_hf_llama(directory, *, tie=False, rope=None, seed=0, **overrides):
   """Saves a random ``transformers.LlamaForCausalLM`` (GQA, untied, rope theta
   50000 by default) to ``directory`` and returns the PyTorch model."""

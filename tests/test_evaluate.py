@@ -1,5 +1,6 @@
 """Option scoring against hand-computed log-likelihoods; metrics by hand."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,7 @@ N, M, O, L = 2, 5, 3, 10
 
 
 def noisy(lora, seed, std=0.3):
-  keys = iter(jax.random.split(jax.random.key(seed), 64))
-  return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * std,
-                      lora)
+  return conftest.noisy(lora, seed, std)
 
 
 def make_arrays(seed=0):

@@ -1,5 +1,6 @@
 """AdaFusion: fusing identities, the vmapped fitness, and the search itself."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,7 @@ N, F, L = 2, 3, 12
 
 
 def noisy(lora, seed, std=0.3):
-  keys = iter(jax.random.split(jax.random.key(seed), 64))
-  return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * std,
-                      lora)
+  return conftest.noisy(lora, seed, std)
 
 
 @pytest.fixture(scope='module')

@@ -1,5 +1,6 @@
 """Model and LoRA identities on the tiny config."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +23,7 @@ def base():
 
 
 def noisy(lora, seed, std=0.2):
-  keys = iter(jax.random.split(jax.random.key(seed), 64))
-  return jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * std,
-                      lora)
+  return conftest.noisy(lora, seed, std)
 
 
 def test_fresh_lora_is_exactly_the_base(base):
