@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (puts the repo on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np

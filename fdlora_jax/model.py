@@ -523,7 +523,6 @@ def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
 
 def param_shapes(cfg: LlamaConfig) -> dict:
   """``jax.ShapeDtypeStruct`` tree of the base weights; allocates nothing."""
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0),
                                                 jnp.zeros((1, 1), jnp.int32))
                         )['params']

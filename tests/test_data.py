@@ -11,7 +11,6 @@ from configs import common
 from fdlora_jax import data
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.data import logs
-from fdlora_jax.data import medical
 from fdlora_jax.data import synthetic
 from fdlora_jax.data import tokenize
 

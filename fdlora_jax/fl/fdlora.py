@@ -103,15 +103,16 @@ class FDLoRA:
 
   # -- helpers ---------------------------------------------------------------
   def _batches(self, step0: int, num_steps: int, real_steps: np.ndarray
-               ) -> dict:
-    """Training batches with steps past a client's own count masked out."""
+               ) -> tuple[dict, int]:
+    """Training batches with steps past a client's own count masked out,
+    and the static number of loss positions they need (``num_targets``)."""
     b = self.sample(step0, num_steps)
     local = np.arange(num_steps)[:, None]                # [K, 1]
     active = (local < real_steps[None, :])               # [K, N]
     b = dict(b)
     b['valid'] = b['valid'] * active[:, :, None]
-    self.num_targets = num_targets_bucket(b['loss_mask'])
-    return self._place(jax.tree.map(jnp.asarray, b), axis=1)
+    num_targets = num_targets_bucket(b['loss_mask'])
+    return self._place(jax.tree.map(jnp.asarray, b), axis=1), num_targets
 
   def _client_rngs(self, tag: int, index: int) -> jax.Array:
     k = jax.random.fold_in(jax.random.fold_in(self.key, tag), index)
@@ -149,10 +150,10 @@ class FDLoRA:
     losses, counts, nonfinite = [], [], 0
     for i, s0 in enumerate(range(0, total, chunk or 1)):
       real = np.clip(self.stage1_steps - s0, 0, chunk)
-      batches = self._batches(s0, chunk, real)
+      batches, num_targets = self._batches(s0, chunk, real)
       personal, opt, healthy, m = self.clients_update(
           self.base, personal, opt, batches, self._client_rngs(1, i),
-          num_targets=self.num_targets)
+          num_targets=num_targets)
       personal, opt = self._place((personal, opt))
       losses.append(np.asarray(m.loss * m.tokens).sum(1))
       counts.append(np.asarray(m.tokens).sum(1))
@@ -192,10 +193,10 @@ class FDLoRA:
     if c.reset_inner_opt:
       inner = self._place(init_opt_states(self.inner, download))
     step0 = int(self.stage1_steps.max()) + (t - 1) * self.K
-    batches = self._batches(step0, self.K, self.steps_per_round)
+    batches, num_targets = self._batches(step0, self.K, self.steps_per_round)
     uploads, inner, healthy, m = self.clients_update(
         self.base, download, inner, batches, self._client_rngs(2, t),
-        num_targets=self.num_targets)
+        num_targets=num_targets)
     uploads, inner = self._place((uploads, inner))
     # Clients -> server: only the global copies. A client whose loss went
     # non-finite gets weight 0, so it cannot poison the global adapter.
