@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from fdlora_jax import data
+from fdlora_jax import errors
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.data import logs
 from fdlora_jax.data import synthetic
@@ -177,6 +178,85 @@ def test_empty_or_invalid_file_is_an_error(tmp_path):
   (tmp_path / 'chemprot_x.jsonl').write_text('\n')
   with pytest.raises(ValueError, match='chemprot_x.jsonl: file is empty'):
     data.load_task(medical_cfg('chemprot', dir=str(tmp_path)), 0)
+
+
+def _write(path, content):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(content)
+  return path
+
+
+def _random_bytes(n=4096):
+  return np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
+
+
+# Each case: (setup(tmp_path) -> (call, what the message must name)), type.
+_BAD_INPUT = {
+    'empty_log': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t)), 0),
+        str(_write(t / 'BGL_empty.log', b'').resolve())), errors.DataError),
+    'binary_log': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t)), 0),
+        str(_write(t / 'BGL_x.log', _random_bytes()).resolve())),
+                   errors.DataError),
+    'binary_spirit_json': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t)), 0),
+        str(_write(t / 'Spirit' / 'x.json', _random_bytes()).resolve())),
+                           errors.DataError),
+    'missing_dir': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t / 'nope')), 0),
+        f"config.data.dir='{t / 'nope'}'"), errors.MissingFileError),
+    'missing_file': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t), files='BGL_9k.log'), 0),
+        "config.data.files='BGL_9k.log'"), errors.MissingFileError),
+    'missing_medical_dir': (lambda t: (
+        lambda: data.load_task(medical_cfg('pubmedqa', dir=str(t / 'no')), 0),
+        'config.data.dir='), errors.MissingFileError),
+    'binary_pubmedqa': (lambda t: (
+        lambda: data.load_task(medical_cfg('pubmedqa', dir=str(t)), 0),
+        str(_write(t / 'pubmedqa_x.json', _random_bytes()).resolve())),
+                        errors.DataError),
+    'binary_chemprot': (lambda t: (
+        lambda: data.load_task(medical_cfg('chemprot', dir=str(t)), 0),
+        str(_write(t / 'chemprot_x.jsonl', _random_bytes()).resolve())),
+                        errors.DataError),
+    'binary_mqp_csv': (lambda t: (
+        lambda: data.load_task(medical_cfg('mqp', dir=str(t)), 0),
+        str(_write(t / 'mqp_x.csv', _random_bytes()).resolve())),
+                       errors.DataError),
+    'unknown_task': (lambda t: (
+        lambda: data.load_task(logs_cfg(task='nope'), 0),
+        "config.data.task='nope'"), errors.ConfigError),
+    'window_size': (lambda t: (
+        lambda: data.load_task(logs_cfg(dir=str(t), window_size=0), 0),
+        'config.data.window_size=0'), errors.ConfigError),
+    'synthetic_systems': (lambda t: (
+        lambda: data.load_task(logs_cfg(synthetic_systems='BGL,HDFS'), 0),
+        "config.data.synthetic_systems='BGL,HDFS'"), errors.ConfigError),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_BAD_INPUT))
+def test_bad_input_is_a_one_line_user_error(tmp_path, case):
+  setup, kind = _BAD_INPUT[case]
+  call, named = setup(tmp_path)
+  with pytest.raises(kind) as e:
+    call()
+  message = str(e.value)
+  assert isinstance(e.value, errors.UserError)
+  assert named in message
+  assert '\n' not in message and len(message.splitlines()) == 1
+
+
+def test_bad_partition_and_length_config_are_config_errors(tok):
+  task = data.load_task(logs_cfg(), 0)
+  for field, value in (('partition', 'iid'), ('dirichlet_alpha', 0.0),
+                       ('train_fraction', 1.5),
+                       ('min_examples_per_client', 1000)):
+    with pytest.raises(errors.ConfigError, match=f'config.data.{field}='):
+      data.partition(task, 3, logs_cfg(**{field: value}), seed=0)
+  with pytest.raises(errors.ConfigError, match='config.data.max_length=16'):
+    data.encode_options(tok, task, [np.arange(2)], logs_cfg(max_length=16))
 
 
 def test_undecodable_bytes_do_not_crash(tmp_path):

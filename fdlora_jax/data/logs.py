@@ -34,6 +34,9 @@ import ml_collections
 
 from fdlora_jax.data import synthetic
 from fdlora_jax.data.examples import Example
+from fdlora_jax.errors import DataError
+from fdlora_jax.errors import MissingFileError
+from fdlora_jax.errors import need
 
 # Header fields (label included) before the message, per system.
 HEADER_FIELDS = {'BGL': 9, 'Thunderbird': 8, 'Spirit': 8}
@@ -154,10 +157,10 @@ def log_examples(path: str | pathlib.Path, size: int, stride: int,
     first = next(lines, '')
     system = sniff_system(first)
     if system is None:
-      raise ValueError(
-          f'{path}: cannot tell the log system (BGL / Thunderbird / Spirit) '
-          'from the file name or the first line; name the file BGL*.log, '
-          'Thunderbird*.log or Spirit*.log')
+      raise DataError(
+          f'{path.resolve()}: cannot tell the log system (BGL / Thunderbird '
+          '/ Spirit) from the file name or the first line; name the file '
+          'BGL*.log, Thunderbird*.log or Spirit*.log')
     lines = _chain([first], lines)
   for msgs, anomalous in windows(parse_lines(lines, system, stats), size,
                                  stride):
@@ -184,12 +187,12 @@ def spirit_json_examples(path: str | pathlib.Path,
     try:
       records = json.loads(f.read().decode('utf-8', errors='replace'))
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e}); expected a list of '
-                       "{'conversation': [{'input', 'output'}]} records from "
-                       f'{SPIRIT_JSON_SOURCE}') from e
+      raise DataError(f'{path.resolve()}: not valid JSON ({e}); expected a '
+                      "list of {'conversation': [{'input', 'output'}]} "
+                      f'records from {SPIRIT_JSON_SOURCE}') from e
   if not isinstance(records, list):
-    raise ValueError(f'{path}: expected a JSON list of windows, got '
-                     f'{type(records).__name__}')
+    raise DataError(f'{path.resolve()}: expected a JSON list of windows, got '
+                    f'{type(records).__name__}')
   out = []
   for i, record in enumerate(records, start=1):
     stats.lines += 1
@@ -211,7 +214,12 @@ def spirit_json_examples(path: str | pathlib.Path,
 
 
 def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
-  """The log files named by c.data.files, else those found in c.data.dir."""
+  """The log files named by c.data.files, else those found in c.data.dir.
+
+  Raises:
+    MissingFileError: a named file, the directory, or any log file in it is
+      missing (the message names the config field and the path).
+  """
   root = pathlib.Path(data_cfg.dir).expanduser() if data_cfg.dir else None
   if data_cfg.files:
     files = []
@@ -220,23 +228,25 @@ def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
       if not p.is_absolute() and root is not None:
         p = root / p
       if not p.is_file():
-        raise FileNotFoundError(
-            f'c.data.files: log file {p.resolve()} does not exist. Raw logs '
-            f'come from {LOGHUB_SOURCE}.')
+        raise MissingFileError(
+            f'config.data.files={data_cfg.files!r}: log file {p.resolve()} '
+            f'does not exist; raw logs come from {LOGHUB_SOURCE}')
       files.append(p)
     return files
   if root is None or not root.is_dir():
-    raise FileNotFoundError(
-        f'c.data.dir: log directory {root and root.resolve()} does not '
-        f'exist. Expected files {", ".join(LOG_PATTERNS)} from '
-        f'{LOGHUB_SOURCE}.')
+    raise MissingFileError(
+        f'config.data.dir={data_cfg.dir!r}: log directory '
+        f'{root and root.resolve()} does not exist; expected files '
+        f'{", ".join(LOG_PATTERNS)} from {LOGHUB_SOURCE}')
   files = []
   for pattern in LOG_PATTERNS:
-    files += [p for p in sorted(root.glob(pattern)) if p not in files]
+    files += [p for p in sorted(root.glob(pattern))
+              if p.is_file() and p not in files]
   if not files:
-    raise FileNotFoundError(
-        f'c.data.dir: no log files in {root.resolve()}; expected any of '
-        f'{", ".join(LOG_PATTERNS)} (raw lines from {LOGHUB_SOURCE}).')
+    raise MissingFileError(
+        f'config.data.dir={data_cfg.dir!r}: no log files in {root.resolve()}; '
+        f'expected any of {", ".join(LOG_PATTERNS)} (raw lines from '
+        f'{LOGHUB_SOURCE})')
   return files
 
 
@@ -250,22 +260,34 @@ def file_examples(path: pathlib.Path, size: int, stride: int,
 
 
 def check_stats(stats: ParseStats, n_examples: int, size: int) -> None:
-  """Reports skipped lines; raises for an empty or fully malformed file."""
+  """Reports skipped lines; raises DataError for an empty or unusable file."""
   if stats.skipped:
     logging.warning('%s', stats.report())
   if stats.lines == 0:
-    raise ValueError(f'{stats.path}: file is empty')
+    raise DataError(f'{stats.path}: file is empty')
   if stats.skipped == stats.lines:
-    raise ValueError(f'{stats.path}: no valid lines ({stats.report()}); '
-                     f'expected the LogHub line format ({LOGHUB_SOURCE})')
+    where = f'first at line(s) {stats.first_skipped}'
+    raise DataError(f'{stats.path}: no valid lines ({stats.lines} lines, all '
+                    f'malformed, {where}); expected the LogHub line format '
+                    f'({LOGHUB_SOURCE})')
   if n_examples == 0:
-    raise ValueError(f'{stats.path}: {stats.lines - stats.skipped} valid '
-                     f'lines, fewer than one window of {size}')
+    raise DataError(f'{stats.path}: {stats.lines - stats.skipped} valid '
+                    f'lines, fewer than one window of {size} '
+                    '(config.data.window_size)')
+
+
+def check_windows(data_cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError unless c.data.window_size and window_stride are >= 1."""
+  need(data_cfg.window_size >= 1, 'data.window_size', data_cfg.window_size,
+       'must be >= 1')
+  need(data_cfg.window_stride >= 1, 'data.window_stride',
+       data_cfg.window_stride, 'must be >= 1')
 
 
 def load_real(data_cfg: ml_collections.ConfigDict
               ) -> tuple[list[Example], str, int]:
   """(examples, data_source, skipped) from the real log files."""
+  check_windows(data_cfg)
   size, stride = data_cfg.window_size, data_cfg.window_stride
   examples, described, skipped = [], [], 0
   for path in find_log_files(data_cfg):
@@ -284,6 +306,16 @@ def load_synthetic(data_cfg: ml_collections.ConfigDict,
                    seed: int) -> tuple[list[Example], str]:
   """(examples, data_source) from the built-in generator (no real data)."""
   systems = [s.strip() for s in data_cfg.synthetic_systems.split(',')]
+  need(all(s in synthetic.SYSTEMS for s in systems), 'data.synthetic_systems',
+       data_cfg.synthetic_systems,
+       f'choose a comma-separated subset of {sorted(synthetic.SYSTEMS)}')
+  need(data_cfg.synthetic_windows >= 1, 'data.synthetic_windows',
+       data_cfg.synthetic_windows, 'must be >= 1')
+  need(data_cfg.synthetic_window_size >= 1, 'data.synthetic_window_size',
+       data_cfg.synthetic_window_size, 'must be >= 1')
+  need(0.0 <= data_cfg.synthetic_anomaly_rate <= 1.0,
+       'data.synthetic_anomaly_rate', data_cfg.synthetic_anomaly_rate,
+       'must be in [0, 1]')
   size = data_cfg.synthetic_window_size
   examples = []
   for k, system in enumerate(systems):

@@ -1,8 +1,8 @@
 """Medical tasks (Scenario 2, AdaptLLM medicine-tasks): readers per format.
 
 Each reader returns (examples, options, skipped). Records that do not parse
-are skipped and counted; an empty file, or one with no valid record, is an
-error naming the file.
+are skipped and counted; an empty or unreadable file, or one with no valid
+record, is a DataError naming the file.
 
 Formats:
   pubmedqa  JSON {pmid: {QUESTION, CONTEXTS, final_decision}} (PQA-L); a
@@ -22,6 +22,8 @@ import json
 import pathlib
 
 from fdlora_jax.data.examples import Example
+from fdlora_jax.errors import DataError
+from fdlora_jax.errors import MissingFileError
 
 # Where each dataset comes from (named in errors) and the file names looked
 # for in c.data.dir.
@@ -59,24 +61,33 @@ Read = tuple[list[Example], tuple[str, ...], int]
 def find_file(task: str, root: pathlib.Path) -> pathlib.Path:
   """The data file for `task` in directory `root` (first pattern match)."""
   if not root.is_dir():
-    raise FileNotFoundError(
-        f'c.data.dir: {task} directory {root.resolve()} does not exist; '
-        f'expected {" or ".join(PATTERNS[task])} from {SOURCES[task]}')
+    raise MissingFileError(
+        f'config.data.dir={str(root)!r}: {task} directory {root.resolve()} '
+        f'does not exist; expected {" or ".join(PATTERNS[task])} from '
+        f'{SOURCES[task]}')
   for pattern in PATTERNS[task]:
     found = [p for p in sorted(root.glob(pattern))
-             if 'ground_truth' not in p.name]
+             if 'ground_truth' not in p.name and p.is_file()]
     if found:
       return found[0]
-  raise FileNotFoundError(
-      f'c.data.dir: no {task} file in {root.resolve()}; expected '
-      f'{" or ".join(PATTERNS[task])} from {SOURCES[task]}')
+  raise MissingFileError(
+      f'config.data.dir={str(root)!r}: no {task} file in {root.resolve()}; '
+      f'expected {" or ".join(PATTERNS[task])} from {SOURCES[task]}')
 
 
 def _text(path: pathlib.Path) -> str:
   data = path.read_bytes().decode('utf-8', errors='replace')
   if not data.strip():
-    raise ValueError(f'{path}: file is empty')
+    raise DataError(f'{path.resolve()}: file is empty')
   return data
+
+
+def _json(path: pathlib.Path, expected: str):
+  try:
+    return json.loads(_text(path))
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path.resolve()}: not valid JSON ({e}); expected '
+                    f'{expected}') from e
 
 
 def _json_lines(path: pathlib.Path) -> tuple[list[dict], int]:
@@ -99,21 +110,23 @@ def _json_lines(path: pathlib.Path) -> tuple[list[dict], int]:
 def _check(path: pathlib.Path, task: str, examples: list[Example],
            skipped: int) -> None:
   if not examples:
-    raise ValueError(f'{path}: no valid {task} records ({skipped} skipped); '
-                     f'expected the format of {SOURCES[task]}')
+    raise DataError(f'{path.resolve()}: no valid {task} records ({skipped} '
+                    f'skipped); expected the format of {SOURCES[task]}')
 
 
 def read_pubmedqa(path: pathlib.Path) -> Read:
   """PubMedQA: 'Question: ...\\nContext: ...', options yes/no/maybe."""
-  try:
-    data = json.loads(_text(path))
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e})') from e
+  data = _json(path, '{pmid: {QUESTION, CONTEXTS, final_decision}}')
   if not isinstance(data, dict):
-    raise ValueError(f'{path}: expected a JSON object {{pmid: record}}')
+    raise DataError(f'{path.resolve()}: expected a JSON object '
+                    f'{{pmid: record}}, got {type(data).__name__}')
   truth = {}
   for p in sorted(path.parent.glob('*ground_truth*.json')):
-    truth.update(json.loads(_text(p)))
+    answers = _json(p, '{pmid: yes/no/maybe}')
+    if not isinstance(answers, dict):
+      raise DataError(f'{p.resolve()}: expected a JSON object '
+                      f'{{pmid: yes/no/maybe}}, got {type(answers).__name__}')
+    truth.update(answers)
   examples, skipped = [], 0
   for pmid, r in data.items():
     try:
@@ -178,13 +191,18 @@ def read_mqp(path: pathlib.Path) -> Read:
   if path.suffix == '.jsonl':
     records, skipped = _json_lines(path)
   else:
-    records = list(csv.DictReader(_text(path).splitlines()))
+    try:
+      records = list(csv.DictReader(_text(path).splitlines()))
+    except csv.Error as e:
+      raise DataError(f'{path.resolve()}: not valid CSV ({e}); expected a '
+                      'header with question_1,question_2,label') from e
     skipped = 0
   examples = []
   for r in records:
     q1, q2 = r.get('question_1'), r.get('question_2')
     label = _mqp_label(r.get('label'))
-    if not q1 or not q2 or label is None:
+    if (not isinstance(q1, str) or not isinstance(q2, str) or not q1.strip()
+        or not q2.strip() or label is None):
       skipped += 1
       continue
     examples.append(Example(f'Question 1: {q1.strip()}\n'

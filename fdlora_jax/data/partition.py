@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 
 from fdlora_jax.data.examples import Task
+from fdlora_jax.errors import ConfigError
+from fdlora_jax.errors import need
 
 _MAX_DRAWS = 100
 
@@ -103,9 +105,9 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float,
                     ) -> tuple[list[np.ndarray], bool]:
   """(per-client indices, rebalanced) with Dir(alpha) label skew."""
   if min_size * num_clients > len(labels):
-    raise ValueError(
-        f'c.data.min_examples_per_client={min_size} x {num_clients} clients '
-        f'needs {min_size * num_clients} examples, the task has '
+    raise ConfigError(
+        f'config.data.min_examples_per_client={min_size}: x {num_clients} '
+        f'clients needs {min_size * num_clients} examples, the task has '
         f'{len(labels)}')
   for _ in range(_MAX_DRAWS):
     parts = [[] for _ in range(num_clients)]
@@ -176,8 +178,18 @@ def partition(task: Task, num_clients: int,
   Returns:
     The Partition (train, test, few-shot indices per client).
   """
+  need(data_cfg.partition in ('dirichlet', 'source'), 'data.partition',
+       data_cfg.partition, "choose 'dirichlet' or 'source'")
+  need(data_cfg.min_examples_per_client >= 0, 'data.min_examples_per_client',
+       data_cfg.min_examples_per_client, 'must be >= 0')
+  need(0.0 <= data_cfg.train_fraction <= 1.0, 'data.train_fraction',
+       data_cfg.train_fraction, 'must be in [0, 1]')
+  need(data_cfg.few_shot >= 0, 'data.few_shot', data_cfg.few_shot,
+       'must be >= 0')
   rng = np.random.default_rng([seed, 0])
   if data_cfg.partition == 'dirichlet':
+    need(data_cfg.dirichlet_alpha > 0, 'data.dirichlet_alpha',
+         data_cfg.dirichlet_alpha, 'the Dirichlet alpha must be > 0')
     parts, rebalanced = dirichlet_split(
         task.labels(), num_clients, data_cfg.dirichlet_alpha,
         data_cfg.min_examples_per_client, rng)
@@ -190,15 +202,15 @@ def partition(task: Task, num_clients: int,
     short = [i for i, p in enumerate(parts)
              if len(p) < data_cfg.min_examples_per_client]
     if short:
-      raise ValueError(
-          f'c.data.partition=source: clients {short} get fewer than '
-          f'c.data.min_examples_per_client={data_cfg.min_examples_per_client}'
-          f' examples ({len(set(e.source for e in task.examples))} sources, '
+      raise ConfigError(
+          f"config.data.partition='source': clients {short} get fewer than "
+          f'config.data.min_examples_per_client='
+          f'{data_cfg.min_examples_per_client} examples '
+          f'({len(set(e.source for e in task.examples))} sources, '
           f'{num_clients} clients)')
     method = f'by source over {num_clients} clients, seed {seed}'
-  else:
-    raise ValueError(f'c.data.partition: unknown {data_cfg.partition!r}; '
-                     "choose 'dirichlet' or 'source'")
+  else:  # checked above
+    raise AssertionError(data_cfg.partition)
   train, test, few = [], [], []
   for i, idx in enumerate(parts):
     split_rng = np.random.default_rng([seed, 1, i])

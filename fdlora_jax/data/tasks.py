@@ -10,6 +10,8 @@ from fdlora_jax.data import logs
 from fdlora_jax.data import medical
 from fdlora_jax.data.examples import Example
 from fdlora_jax.data.examples import Task
+from fdlora_jax.errors import MissingFileError
+from fdlora_jax.errors import need
 
 TASKS = ('loghub',) + tuple(medical.READERS)
 
@@ -18,8 +20,8 @@ def medical_path(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
   """The file of a medical task: c.data.files if set, else found in dir."""
   task = data_cfg.task
   if not data_cfg.dir and not data_cfg.files:
-    raise FileNotFoundError(
-        f'c.data.dir is empty: the {task} task has no built-in data; set it to '
+    raise MissingFileError(
+        f"config.data.dir='': the {task} task has no built-in data; set it to "
         f'a directory with {" or ".join(medical.PATTERNS[task])} from '
         f'{medical.SOURCES[task]}')
   root = pathlib.Path(data_cfg.dir or '.').expanduser()
@@ -27,9 +29,10 @@ def medical_path(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
     path = pathlib.Path(data_cfg.files.split(',')[0].strip()).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-      raise FileNotFoundError(
-          f'c.data.files: {task} file {path.resolve()} does not exist; it '
-          f'comes from {medical.SOURCES[task]}')
+      raise MissingFileError(
+          f'config.data.files={data_cfg.files!r}: {task} file '
+          f'{path.resolve()} does not exist; it comes from '
+          f'{medical.SOURCES[task]}')
     return path
   return medical.find_file(task, root)
 
@@ -65,9 +68,10 @@ def load_task(data_cfg: ml_collections.ConfigDict, seed: int) -> Task:
   Returns:
     The Task; its `data_source` says where the data came from.
   """
-  if data_cfg.task not in TASKS:
-    raise ValueError(f'c.data.task: unknown task {data_cfg.task!r}; choose '
-                     f'from {TASKS}')
+  need(data_cfg.task in TASKS, 'data.task', data_cfg.task,
+       f'unknown task; choose from {TASKS}')
+  need(data_cfg.max_examples >= 0, 'data.max_examples', data_cfg.max_examples,
+       'must be >= 0 (0: all examples)')
   if data_cfg.use_tfds:
     from fdlora_jax.data import tfds_data  # pylint: disable=g-import-not-at-top
     examples, options, source, synthetic, skipped = tfds_data.read_examples(

@@ -26,6 +26,7 @@ from fdlora_jax.data import logs
 from fdlora_jax.data import medical
 from fdlora_jax.data import tasks
 from fdlora_jax.data.examples import Example
+from fdlora_jax.errors import ConfigError
 
 _TEXT = tfds.features.Text
 # tensorflow-datasets 4.9.10 computes a builder's `code_path` with
@@ -164,6 +165,7 @@ def builder_for(data_cfg: ml_collections.ConfigDict
   """The (not yet built) TFDS builder for `data_cfg`'s files."""
   data_dir = str(pathlib.Path(data_cfg.tfds_dir).expanduser())
   if data_cfg.task == 'loghub':
+    logs.check_windows(data_cfg)
     files = logs.find_log_files(data_cfg)
     cfg = LogConfig(
         name=(f'w{data_cfg.window_size}_s{data_cfg.window_stride}_'
@@ -184,8 +186,9 @@ def build(data_cfg: ml_collections.ConfigDict
           ) -> tfds.core.GeneratorBasedBuilder:
   """Builds (once) the array_record dataset for `data_cfg`; returns it."""
   if not data_cfg.dir and not data_cfg.files:
-    raise ValueError('c.data.use_tfds needs real files: set c.data.dir (the '
-                     'synthetic logs are generated in memory, not via TFDS)')
+    raise ConfigError('config.data.use_tfds=True: needs real files; set '
+                      'config.data.dir (the synthetic logs are generated in '
+                      'memory, not via TFDS)')
   builder = builder_for(data_cfg)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(pathlib.Path(data_cfg.dir or '.').expanduser())))

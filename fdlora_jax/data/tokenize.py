@@ -37,6 +37,8 @@ from fdlora_jax.data.examples import Example
 from fdlora_jax.data.examples import Task
 from fdlora_jax.data.examples import build_prompt
 from fdlora_jax.data.examples import with_text
+from fdlora_jax.errors import ConfigError
+from fdlora_jax.errors import DataError
 
 
 @dataclasses.dataclass
@@ -85,7 +87,8 @@ def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
   for b in sorted(set(buckets) | {max_length}):
     if b >= n:
       return b
-  raise ValueError(f'{n} tokens is more than c.data.max_length={max_length}')
+  raise ConfigError(f'config.data.max_length={max_length}: a sequence of {n} '
+                    'tokens does not fit')
 
 
 def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
@@ -121,9 +124,10 @@ def _fit(tokenizer, example: Example, budget: int,
     else:
       hi = k - 1
   if best is None:
-    raise ValueError(
-        f'c.data.max_length={data_cfg.max_length}: the template and question '
-        f'alone do not fit with the answer ({example.source} example)')
+    raise ConfigError(
+        f'config.data.max_length={data_cfg.max_length}: the template and '
+        f'question alone do not fit with the answer ({example.source} '
+        'example)')
   return best
 
 
@@ -136,8 +140,8 @@ def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
   examples = [task.examples[i] for i in indices]
   for e in examples:
     if e.options != task.options:
-      raise ValueError(f'{e.source} example has options {e.options}, the task '
-                       f'{task.options}')
+      raise DataError(f'{e.source} example has options {e.options}, the task '
+                      f'{task.options}')
   prompts = _ids(tokenizer, [build_prompt(e, data_cfg.template, data_cfg)
                              for e in examples], True)
   truncated = 0
