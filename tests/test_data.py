@@ -281,6 +281,50 @@ def test_log_system_sniffed_from_content(tmp_path):
       [a[1] for a in synthetic.SYSTEMS['Thunderbird']['anomalous']]}
 
 
+@needs_shared
+def test_skipped_lines_per_file_reach_partition_json(tmp_path):
+  lines = (LOGHUB / 'BGL_2k.log').read_bytes().split(b'\r\n')
+  assert len(lines) == 2000
+  for at, bad in ((0, b'garbage'), (1000, b''),
+                  (1500, b'- notanumber 2005.06.03 R02 x y z RAS KERNEL m')):
+    lines.insert(at, bad)
+  bgl = _write(tmp_path / 'BGL_inj.log', b'\r\n'.join(lines))
+  thunderbird = _write(tmp_path / 'Thunderbird_2k.log',
+                       (LOGHUB / 'Thunderbird_2k.log').read_bytes())
+  windows = json.loads(SPIRIT_JSON.read_text())
+  windows[5:5] = [{'conversation': [{'input': 'a', 'output': 'maybe'}]},
+                  {'no conversation': 1}]
+  spirit = _write(tmp_path / 'Spirit' / 'w.json', json.dumps(windows).encode())
+  task = data.load_task(logs_cfg(dir=str(tmp_path)), 0)
+  expected = {str(bgl.resolve()): 3, str(thunderbird.resolve()): 0,
+              str(spirit.resolve()): 2}
+  assert task.skipped_by_file == expected
+  assert task.skipped_lines == 5
+  assert data.class_counts(task) == {'no': 195, 'yes': 85}  # as unmodified
+  part = data.partition(task, 3, logs_cfg(), seed=0)
+  data.write_partition(tmp_path / 'run' / 'partition.json', part, task)
+  info = json.loads((tmp_path / 'run' / 'partition.json').read_text())
+  assert info['skipped_lines'] == expected
+
+
+@needs_shared
+def test_skipped_records_per_medical_file(tmp_path):
+  records = json.loads((MEDICAL / 'pubmedqa_pqal_test500.json').read_text())
+  pmids = list(records)
+  del records[pmids[0]]['final_decision']  # looked up in the truth file
+  del records[pmids[1]]['final_decision']  # not there either: skipped
+  main = _write(tmp_path / 'pubmedqa_x.json', json.dumps(records).encode())
+  truth = {pmids[0]: 'yes', 'other': 'perhaps', 'more': 3}
+  truth_file = _write(tmp_path / 'x_ground_truth.json',
+                      json.dumps(truth).encode())
+  task = data.load_task(medical_cfg('pubmedqa', dir=str(tmp_path)), 0)
+  assert len(task.examples) == 499
+  assert task.skipped_by_file == {str(main.resolve()): 1,
+                                  str(truth_file.resolve()): 2}
+  assert task.skipped_lines == 3
+  assert data.load_task(logs_cfg(), 0).skipped_by_file == {}  # synthetic
+
+
 # ---- Synthetic --------------------------------------------------------------
 
 
@@ -564,6 +608,8 @@ def test_tfds_build_and_data_source(tmp_path):
   cfg.use_tfds = True
   via_tfds = data.load_task(cfg, 0)
   assert via_tfds.examples == plain.examples  # same order, same content
+  assert via_tfds.skipped_by_file == plain.skipped_by_file == {
+      str((tmp_path / 'logs' / 'BGL_small.log').resolve()): 0}
   assert len(via_tfds.examples) == 10
   assert 'TFDS array_record' in via_tfds.data_source
   built = list((tmp_path / 'tfds').rglob('*.array_record*'))

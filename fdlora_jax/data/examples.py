@@ -47,7 +47,10 @@ class Task:
     data_source: where the data came from, e.g.
       'real: /abs/BGL_2k.log (LogHub)' or 'synthetic: fdlora_jax built-in ...'.
     is_synthetic: True for the built-in generator; never presented as real.
-    skipped_lines: malformed lines or records skipped while reading.
+    skipped_lines: malformed lines or records skipped while reading (the
+      total of `skipped_by_file`).
+    skipped_by_file: absolute path -> malformed lines or records skipped in
+      it, for every file read (0 included); empty for synthetic data.
   """
   name: str
   examples: list[Example]
@@ -56,6 +59,7 @@ class Task:
   data_source: str
   is_synthetic: bool
   skipped_lines: int = 0
+  skipped_by_file: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def labels(self) -> np.ndarray:
     """int32 [len(examples)] label per example."""

@@ -285,17 +285,21 @@ def check_windows(data_cfg: ml_collections.ConfigDict) -> None:
 
 
 def load_real(data_cfg: ml_collections.ConfigDict
-              ) -> tuple[list[Example], str, int]:
-  """(examples, data_source, skipped) from the real log files."""
+              ) -> tuple[list[Example], str, dict[str, int]]:
+  """(examples, data_source, skipped_by_file) from the real log files.
+
+  `skipped_by_file` maps each file read (absolute path) to the malformed
+  lines (raw logs) or records (Spirit JSON) skipped in it, 0 included.
+  """
   check_windows(data_cfg)
   size, stride = data_cfg.window_size, data_cfg.window_stride
-  examples, described, skipped = [], [], 0
+  examples, described, skipped = [], [], {}
   for path in find_log_files(data_cfg):
     stats = ParseStats(str(path.resolve()))
     got = list(file_examples(path, size, stride, stats))
     check_stats(stats, len(got), size)
     examples += got
-    skipped += stats.skipped
+    skipped[stats.path] = skipped.get(stats.path, 0) + stats.skipped
     origin = SPIRIT_JSON_SOURCE if path.suffix == '.json' else 'LogHub'
     described.append(f'{path.resolve()} ({origin}; {len(got)} windows, '
                      f'{sum(e.label for e in got)} anomalous)')

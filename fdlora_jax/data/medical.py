@@ -1,8 +1,9 @@
 """Medical tasks (Scenario 2, AdaptLLM medicine-tasks): readers per format.
 
-Each reader returns (examples, options, skipped). Records that do not parse
-are skipped and counted; an empty or unreadable file, or one with no valid
-record, is a DataError naming the file.
+Each reader returns (examples, options, skipped_by_file): records that do
+not parse are skipped and counted per file read (absolute path -> count, 0
+included). An empty or unreadable file, or one with no valid record, is a
+DataError naming the file.
 
 Formats:
   pubmedqa  JSON {pmid: {QUESTION, CONTEXTS, final_decision}} (PQA-L); a
@@ -55,7 +56,7 @@ PUBMEDQA_OPTIONS = ('yes', 'no', 'maybe')
 METRICS = {'pubmedqa': 'accuracy', 'chemprot': 'micro_f1', 'rct': 'micro_f1',
            'mqp': 'accuracy', 'usmle': 'accuracy'}
 
-Read = tuple[list[Example], tuple[str, ...], int]
+Read = tuple[list[Example], tuple[str, ...], dict[str, int]]
 
 
 def find_file(task: str, root: pathlib.Path) -> pathlib.Path:
@@ -73,6 +74,10 @@ def find_file(task: str, root: pathlib.Path) -> pathlib.Path:
   raise MissingFileError(
       f'config.data.dir={str(root)!r}: no {task} file in {root.resolve()}; '
       f'expected {" or ".join(PATTERNS[task])} from {SOURCES[task]}')
+
+
+def _key(path: pathlib.Path) -> str:
+  return str(path.resolve())
 
 
 def _text(path: pathlib.Path) -> str:
@@ -115,33 +120,44 @@ def _check(path: pathlib.Path, task: str, examples: list[Example],
 
 
 def read_pubmedqa(path: pathlib.Path) -> Read:
-  """PubMedQA: 'Question: ...\\nContext: ...', options yes/no/maybe."""
+  """PubMedQA: 'Question: ...\\nContext: ...', options yes/no/maybe.
+
+  Entries of a ground-truth file that are not yes/no/maybe are skipped and
+  counted against that file.
+  """
   data = _json(path, '{pmid: {QUESTION, CONTEXTS, final_decision}}')
   if not isinstance(data, dict):
     raise DataError(f'{path.resolve()}: expected a JSON object '
                     f'{{pmid: record}}, got {type(data).__name__}')
+  skipped = {_key(path): 0}
   truth = {}
   for p in sorted(path.parent.glob('*ground_truth*.json')):
     answers = _json(p, '{pmid: yes/no/maybe}')
     if not isinstance(answers, dict):
       raise DataError(f'{p.resolve()}: expected a JSON object '
                       f'{{pmid: yes/no/maybe}}, got {type(answers).__name__}')
-    truth.update(answers)
-  examples, skipped = [], 0
+    skipped[_key(p)] = 0
+    for pmid, answer in answers.items():
+      if isinstance(answer, str) and answer.strip().lower() in (
+          PUBMEDQA_OPTIONS):
+        truth[pmid] = answer
+      else:
+        skipped[_key(p)] += 1
+  examples = []
   for pmid, r in data.items():
     try:
       decision = (r.get('final_decision') or truth[pmid]).strip().lower()
       text = (f'Question: {r["QUESTION"].strip()}\n'
               f'Context: {" ".join(c.strip() for c in r["CONTEXTS"])}')
     except (KeyError, AttributeError, TypeError):
-      skipped += 1
+      skipped[_key(path)] += 1
       continue
     if decision not in PUBMEDQA_OPTIONS:
-      skipped += 1
+      skipped[_key(path)] += 1
       continue
     examples.append(Example(text, PUBMEDQA_OPTIONS,
                             PUBMEDQA_OPTIONS.index(decision), 'pubmedqa'))
-  _check(path, 'pubmedqa', examples, skipped)
+  _check(path, 'pubmedqa', examples, skipped[_key(path)])
   return examples, PUBMEDQA_OPTIONS, skipped
 
 
@@ -158,7 +174,7 @@ def read_chemprot(path: pathlib.Path) -> Read:
   examples = [Example(t, options, options.index(l), 'chemprot')
               for t, l in pairs]
   _check(path, 'chemprot', examples, skipped)
-  return examples, options, skipped
+  return examples, options, {_key(path): skipped}
 
 
 def read_rct(path: pathlib.Path) -> Read:
@@ -174,7 +190,7 @@ def read_rct(path: pathlib.Path) -> Read:
     examples.append(Example(sentence.strip(), RCT_OPTIONS,
                             RCT_OPTIONS.index(label.strip()), 'rct'))
   _check(path, 'rct', examples, skipped)
-  return examples, RCT_OPTIONS, skipped
+  return examples, RCT_OPTIONS, {_key(path): skipped}
 
 
 def _mqp_label(value) -> int | None:
@@ -209,7 +225,7 @@ def read_mqp(path: pathlib.Path) -> Read:
                             f'Question 2: {q2.strip()}', MQP_OPTIONS, label,
                             'mqp'))
   _check(path, 'mqp', examples, skipped)
-  return examples, MQP_OPTIONS, skipped
+  return examples, MQP_OPTIONS, {_key(path): skipped}
 
 
 def read_usmle(path: pathlib.Path) -> Read:
@@ -231,7 +247,7 @@ def read_usmle(path: pathlib.Path) -> Read:
                             option_texts=tuple(str(opts[k]).strip()
                                                for k in letters)))
   _check(path, 'usmle', examples, skipped)
-  return examples, letters, skipped
+  return examples, letters, {_key(path): skipped}
 
 
 READERS = {'pubmedqa': read_pubmedqa, 'chemprot': read_chemprot,

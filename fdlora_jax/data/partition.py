@@ -50,7 +50,11 @@ class Partition:
     return len(self.train)
 
   def to_json(self, task: Task) -> dict:
-    """Per client: sizes, per-class and per-source counts, and indices."""
+    """Per client: sizes, per-class and per-source counts, and indices.
+
+    Also `skipped_lines`: {file read (absolute path): malformed lines or
+    records skipped in it} (`task.skipped_by_file`; empty for synthetic data).
+    """
     labels = task.labels()
     clients = []
     for i in range(self.num_clients):
@@ -73,7 +77,8 @@ class Partition:
     return {'task': task.name, 'method': self.method,
             'num_clients': self.num_clients, 'options': list(task.options),
             'data_source': task.data_source,
-            'is_synthetic': task.is_synthetic, 'clients': clients}
+            'is_synthetic': task.is_synthetic,
+            'skipped_lines': dict(task.skipped_by_file), 'clients': clients}
 
   def table(self, task: Task) -> str:
     """A printable table: per client, train/test sizes, classes, sources."""

@@ -38,12 +38,17 @@ def medical_path(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
 
 
 def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
-                  ) -> tuple[list[Example], tuple[str, ...], str, bool, int]:
-  """(examples, options, data_source, is_synthetic, skipped) from files."""
+                  ) -> tuple[list[Example], tuple[str, ...], str, bool,
+                             dict[str, int]]:
+  """(examples, options, data_source, is_synthetic, skipped_by_file).
+
+  `skipped_by_file`: absolute path -> malformed lines/records skipped, for
+  every file read (0 included); empty for the synthetic logs.
+  """
   if data_cfg.task == 'loghub':
     if not data_cfg.dir and not data_cfg.files:
       examples, source = logs.load_synthetic(data_cfg, seed)
-      return examples, logs.OPTIONS, source, True, 0
+      return examples, logs.OPTIONS, source, True, {}
     examples, source, skipped = logs.load_real(data_cfg)
     return examples, logs.OPTIONS, source, False, skipped
   path = medical_path(data_cfg)
@@ -88,7 +93,8 @@ def load_task(data_cfg: ml_collections.ConfigDict, seed: int) -> Task:
       data_cfg.task]
   task = Task(name=data_cfg.task, examples=examples, options=options,
               metric=metric, data_source=source, is_synthetic=synthetic,
-              skipped_lines=skipped)
+              skipped_lines=sum(skipped.values()),
+              skipped_by_file=dict(skipped))
   logging.info('task %s: %d examples, %s; data source: %s', task.name,
                len(examples), class_counts(task), source)
   return task

@@ -84,7 +84,7 @@ class FdloraLoghub(tfds.core.GeneratorBasedBuilder):
     return {'train': self._generate_examples(files)}
 
   def _generate_examples(self, files):
-    cfg, key, described, skipped = self.builder_config, 0, [], 0
+    cfg, key, described, skipped = self.builder_config, 0, [], {}
     for path in files:
       stats = logs.ParseStats(str(path.resolve()))
       n = 0
@@ -94,9 +94,10 @@ class FdloraLoghub(tfds.core.GeneratorBasedBuilder):
         key += 1
         n += 1
       logs.check_stats(stats, n, cfg.window_size)
-      skipped += stats.skipped
+      skipped[stats.path] = skipped.get(stats.path, 0) + stats.skipped
       described.append(f'{path.resolve()} ({n} windows)')
-    self.info.metadata['skipped_lines'] = skipped
+    self.info.metadata['skipped_lines'] = sum(skipped.values())
+    self.info.metadata['skipped_by_file'] = skipped
     self.info.metadata['files'] = described
 
 
@@ -147,7 +148,8 @@ class FdloraMedical(tfds.core.GeneratorBasedBuilder):
       yield key, {'text': e.text, 'label': e.label, 'source': e.source,
                   'options': list(e.options),
                   'option_texts': list(e.option_texts)}
-    self.info.metadata['skipped_lines'] = skipped
+    self.info.metadata['skipped_lines'] = sum(skipped.values())
+    self.info.metadata['skipped_by_file'] = skipped
     self.info.metadata['files'] = [str(path.resolve())]
 
 
@@ -200,8 +202,13 @@ def _str(x) -> str:
 
 
 def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
-                  ) -> tuple[list[Example], tuple[str, ...], str, bool, int]:
-  """Like tasks.read_examples, through a TFDS build + tfds.data_source."""
+                  ) -> tuple[list[Example], tuple[str, ...], str, bool,
+                             dict[str, int]]:
+  """Like tasks.read_examples, through a TFDS build + tfds.data_source.
+
+  The per-file skipped counts are those recorded in the dataset's metadata
+  when it was built (the files are not read again when it is reused).
+  """
   del seed  # real data only
   builder = build(data_cfg)
   source = tfds.data_source(
@@ -224,5 +231,6 @@ def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
   meta = builder.info.metadata or {}
   description = (f'real: {"; ".join(meta.get("files", []))} via TFDS '
                  f'array_record {builder.data_dir}')
-  return (examples, options, description, False,
-          int(meta.get('skipped_lines', 0)))
+  skipped = {str(k): int(v) for k, v in
+             dict(meta.get('skipped_by_file', {})).items()}
+  return examples, options, description, False, skipped
