@@ -24,6 +24,15 @@ logged and kept in `truncated`.
 
 Sequences are right-padded with the pad token to a length bucket
 (c.data.length_buckets, plus max_length), so jitted steps see few shapes.
+
+k-shot prompts (`encode_options(..., demos=...)`): each evaluation prompt is
+preceded by demonstrations from the client's own training split, each
+rendered as `build_prompt(demo) + answer_prefix + demo.answer + '\\n\\n'`,
+in order, all in one text encoded like a plain prompt (so one <s> first).
+When that exceeds the same token budget as above, demonstrations are dropped
+from the end until it fits; the example's own prompt is never cut while a
+demonstration remains, and only with none left does the truncation above
+apply. `demonstrations()` draws them.
 """
 
 from collections.abc import Sequence
@@ -39,6 +48,8 @@ from fdlora_jax.data.examples import build_prompt
 from fdlora_jax.data.examples import with_text
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.errors import DataError
+
+_DEMO_STREAM = 7  # seeds demonstrations() apart from partition's draws
 
 
 @dataclasses.dataclass
@@ -73,6 +84,8 @@ class OptionArrays:
     labels: int32 [N, M], correct option index (0 for padded rows).
     valid: bool [N, M], False for padded rows.
     truncated: how many examples had lines or words cut.
+    demos_used: int32 [N, M], demonstrations placed before each prompt (0
+      without demos, and for padded rows); None given means all zeros.
   """
   tokens: np.ndarray
   option_mask: np.ndarray
@@ -80,6 +93,11 @@ class OptionArrays:
   labels: np.ndarray
   valid: np.ndarray
   truncated: int = 0
+  demos_used: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.demos_used is None:
+      self.demos_used = np.zeros(np.shape(self.labels), np.int32)
 
 
 def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
@@ -138,10 +156,7 @@ def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
   answers = _answer_ids(tokenizer, task.options, data_cfg)
   budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
   examples = [task.examples[i] for i in indices]
-  for e in examples:
-    if e.options != task.options:
-      raise DataError(f'{e.source} example has options {e.options}, the task '
-                      f'{task.options}')
+  _check_options(task, examples)
   prompts = _ids(tokenizer, [build_prompt(e, data_cfg.template, data_cfg)
                              for e in examples], True)
   truncated = 0
@@ -150,6 +165,102 @@ def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
       prompts[j] = _fit(tokenizer, e, budget, data_cfg)
       truncated += 1
   return prompts, answers, truncated
+
+
+def _check_options(task: Task, examples: Sequence[Example]) -> None:
+  for e in examples:
+    if e.options != task.options:
+      raise DataError(f'{e.source} example has options {e.options}, the task '
+                      f'{task.options}')
+
+
+def _demo_text(example: Example, data_cfg: ml_collections.ConfigDict) -> str:
+  return (build_prompt(example, data_cfg.template, data_cfg) +
+          data_cfg.answer_prefix + example.answer + '\n\n')
+
+
+def demonstrations(train_indices_per_client: Sequence[np.ndarray], k: int,
+                   seed: int) -> list[np.ndarray]:
+  """Per client, k of its own training examples to show before each prompt.
+
+  Drawn without replacement (all of them, shuffled, when a client has fewer
+  than k) by a generator seeded with (seed, client) on a stream of its own,
+  so the same seed gives the same demonstrations whatever else is drawn.
+
+  Args:
+    train_indices_per_client: per client, its training indices into
+      task.examples (Partition.train).
+    k: demonstrations per client (>= 0).
+    seed: the run's seed.
+
+  Returns:
+    Per client, int64 [min(k, n_train)] example indices, in the order they
+    are shown.
+  """
+  if k < 0:
+    raise ValueError(f'k-shot: k={k} must be >= 0')
+  out = []
+  for client, train in enumerate(train_indices_per_client):
+    train = np.asarray(train, np.int64)
+    rng = np.random.default_rng([seed, _DEMO_STREAM, client])
+    out.append(rng.choice(train, min(k, len(train)), replace=False)
+               if len(train) else np.zeros(0, np.int64))
+  return out
+
+
+def encode_prompts_with_demos(
+    tokenizer, task: Task, per_client_indices: Sequence[np.ndarray],
+    demos: Sequence[Sequence[int]], data_cfg: ml_collections.ConfigDict
+) -> tuple[list[list[int]], list[list[int]], int, list[int]]:
+  """(prompt ids, answer ids, number truncated, demos used) per example.
+
+  Examples are in client order, as in encode_options. Client c's prompts are
+  preceded by the examples `demos[c]` (an example is never its own
+  demonstration); demonstrations are dropped from the end until the prompt
+  fits the budget of encode_prompts, and only with none left is the
+  example's own body truncated (exactly as encode_prompts does).
+  """
+  if len(demos) != len(per_client_indices):
+    raise ValueError(f'demos has {len(demos)} clients, per_client_indices '
+                     f'{len(per_client_indices)}')
+  answers = _answer_ids(tokenizer, task.options, data_cfg)
+  budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
+  owns, shots = [], []  # per example: own prompt, demonstration texts
+  for c, idx in enumerate(per_client_indices):
+    mine = [int(j) for j in demos[c]]
+    _check_options(task, [task.examples[j] for j in mine])
+    rendered = {j: _demo_text(task.examples[j], data_cfg) for j in mine}
+    for i in np.asarray(idx, np.int64).tolist():
+      e = task.examples[i]
+      _check_options(task, [e])
+      owns.append(build_prompt(e, data_cfg.template, data_cfg))
+      shots.append([rendered[j] for j in mine if j != i])
+  prompts = [None] * len(owns)
+  used = [len(s) for s in shots]
+  todo = list(range(len(owns)))
+  while todo:  # one batched encode per number of demonstrations dropped
+    texts = [''.join(shots[j][:used[j]]) + owns[j] for j in todo]
+    retry = []
+    for j, ids in zip(todo, _ids(tokenizer, texts, True)):
+      if len(ids) <= budget or used[j] == 0:
+        prompts[j] = ids
+      else:
+        used[j] -= 1
+        retry.append(j)
+    todo = retry
+  truncated = 0
+  flat = [int(i) for idx in per_client_indices
+          for i in np.asarray(idx, np.int64).tolist()]
+  for j, ids in enumerate(prompts):
+    if len(ids) > budget:  # no demonstration left
+      prompts[j] = _fit(tokenizer, task.examples[flat[j]], budget, data_cfg)
+      truncated += 1
+  dropped = sum(len(s) - u for s, u in zip(shots, used))
+  if dropped:
+    logging.info('k-shot: %d demonstrations dropped from %d prompts to fit '
+                 'c.data.max_length=%d', dropped, len(prompts),
+                 data_cfg.max_length)
+  return prompts, answers, truncated, used
 
 
 def _warn(truncated: int, total: int, data_cfg) -> None:
@@ -204,13 +315,34 @@ def encode_clients(tokenizer, task: Task,
 
 def encode_options(tokenizer, task: Task,
                    per_client_indices: Sequence[np.ndarray],
-                   data_cfg: ml_collections.ConfigDict) -> OptionArrays:
-  """Scoring arrays: for each example, prompt + each option (no eos)."""
+                   data_cfg: ml_collections.ConfigDict,
+                   demos: Sequence[Sequence[int]] | None = None
+                   ) -> OptionArrays:
+  """Scoring arrays: for each example, prompt + each option (no eos).
+
+  Args:
+    tokenizer: a Hugging Face tokenizer with a pad token.
+    task: the task.
+    per_client_indices: per client, indices into task.examples.
+    data_cfg: `c.data`.
+    demos: None (zero-shot), or per client a list of example indices (e.g.
+      from `demonstrations`) shown, in order, before each of its prompts;
+      trailing ones are dropped where the prompt would not fit max_length.
+
+  Returns:
+    OptionArrays; `demos_used` says how many demonstrations each prompt got.
+  """
   n, o = len(per_client_indices), len(task.options)
   counts = [len(ix) for ix in per_client_indices]
   flat = np.concatenate([np.asarray(ix, np.int64) for ix in
                          per_client_indices]) if n else np.zeros(0, np.int64)
-  prompts, answers, truncated = encode_prompts(tokenizer, task, flat, data_cfg)
+  if demos is None:
+    prompts, answers, truncated = encode_prompts(tokenizer, task, flat,
+                                                 data_cfg)
+    used = [0] * len(prompts)
+  else:
+    prompts, answers, truncated, used = encode_prompts_with_demos(
+        tokenizer, task, per_client_indices, demos, data_cfg)
   longest = max([len(p) for p in prompts], default=0) + max(
       len(a) for a in answers)
   length = bucket_length(longest, data_cfg.length_buckets, data_cfg.max_length)
@@ -220,12 +352,14 @@ def encode_options(tokenizer, task: Task,
   attention = np.zeros((n, m, o, length), np.int32)
   labels = np.zeros((n, m), np.int32)
   valid = np.zeros((n, m), bool)
+  demos_used = np.zeros((n, m), np.int32)
   k = 0
   for c in range(n):
     for row in range(counts[c]):
       p = prompts[k]
       labels[c, row] = task.examples[flat[k]].label
       valid[c, row] = True
+      demos_used[c, row] = used[k]
       k += 1
       for j, a in enumerate(answers):
         tokens[c, row, j, :len(p) + len(a)] = p + a
@@ -233,7 +367,7 @@ def encode_options(tokenizer, task: Task,
         attention[c, row, j, :len(p) + len(a)] = 1
   _warn(truncated, len(flat), data_cfg)
   return OptionArrays(tokens, option_mask, attention, labels, valid,
-                      truncated)
+                      truncated, demos_used)
 
 
 def example_order(seed: int, client: int, count: int, step0: int,
