@@ -79,17 +79,20 @@ def read_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: Optional[dict[str, str]] = None) -> None:
-  """Writes ``tensors`` as safetensors (same format ``safetensors`` writes)."""
+  """Writes ``tensors`` as safetensors (same format ``safetensors`` writes).
+
+  Tensors are streamed to the file one at a time, so no second copy of the
+  whole set is held in memory.
+  """
   names = sorted(tensors)
   dtype_names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-  header, offset, blobs = {}, 0, []
+  header, offset = {}, 0
   for name in names:
-    arr = np.ascontiguousarray(tensors[name])
-    blob = arr.tobytes()
-    header[name] = {'dtype': dtype_names[arr.dtype], 'shape': list(arr.shape),
-                    'data_offsets': [offset, offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
+    arr = tensors[name]
+    header[name] = {'dtype': dtype_names[np.dtype(arr.dtype)],
+                    'shape': list(arr.shape),
+                    'data_offsets': [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
   if metadata:
     header['__metadata__'] = metadata
   raw = json.dumps(header, separators=(',', ':')).encode()
@@ -97,8 +100,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
   with open(path, 'wb') as f:
     f.write(np.uint64(len(raw)).tobytes())
     f.write(raw)
-    for blob in blobs:
-      f.write(blob)
+    for name in names:
+      arr = np.ascontiguousarray(tensors[name]).reshape(-1)
+      f.write(arr.view(np.uint8).data)
 
 
 # ---------------------------------------------------------------------------
