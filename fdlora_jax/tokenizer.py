@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import Optional
 
 from absl import logging
 import tokenizers
@@ -32,18 +33,28 @@ _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
 def load_tokenizer(
-    checkpoint_dir: str) -> transformers.PreTrainedTokenizerBase:
-  """The tokenizer of a local Hugging Face checkpoint, with a pad token.
+    checkpoint_dir: str,
+    gguf_cache_dir: Optional[str] = None,
+) -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer of a local checkpoint, with a pad token.
+
+  `checkpoint_dir` is what `checkpoint.load_pretrained` accepts: a Hugging
+  Face checkpoint directory, a LLaMA `.gguf` file, or a directory holding one
+  (converted once into `gguf_cache_dir`, default `checkpoint.GGUF_CACHE_DIR`;
+  see `checkpoint.gguf_to_hf`).
 
   Without a pad token, pad = unk (LLaMA's usual choice), else eos; a log line
   says which. Special-token strings inside the text ('</s>' in a log line)
   are tokenized as plain text (split_special_tokens=True); bos/eos come only
   from add_special_tokens and the data code.
   """
-  path = pathlib.Path(checkpoint_dir).expanduser()
-  if not path.is_dir():
-    raise FileNotFoundError(f'c.model.checkpoint: {path.resolve()} is not a '
-                            'directory with tokenizer files')
+  from fdlora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  given = pathlib.Path(checkpoint_dir).expanduser()
+  if not given.exists():
+    raise FileNotFoundError(f'c.model.checkpoint: {given.resolve()} is not a '
+                            'directory with tokenizer files or a .gguf file')
+  path = checkpoint.resolve_checkpoint(
+      given, gguf_cache_dir or checkpoint.GGUF_CACHE_DIR)
   tok = transformers.AutoTokenizer.from_pretrained(
       str(path), local_files_only=True, split_special_tokens=True)
   if tok.pad_token is None:
