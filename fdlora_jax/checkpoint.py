@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from fdlora_jax.errors import MissingFileError, UserError
 from fdlora_jax.lora import LoraConfig, adapted_paths
 from fdlora_jax.model import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS,
                               PROJECTIONS, LlamaConfig)
@@ -66,7 +67,7 @@ _ST_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint or adapter on disk does not match what was expected."""
 
 
@@ -77,7 +78,7 @@ def read_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
   """Yields ``(name, array)`` for every tensor; arrays are read-only memmaps."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'safetensors file not found: {path}')
+    raise MissingFileError(f'safetensors file not found: {path}')
   with open(path, 'rb') as f:
     head = f.read(8)
     if len(head) != 8:
@@ -138,7 +139,7 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, **execution) -> LlamaConfi
   """
   path = Path(checkpoint_dir) / 'config.json'
   if not path.is_file():
-    raise FileNotFoundError(
+    raise MissingFileError(
         f'{path} not found: a Hugging Face checkpoint directory needs a '
         f'config.json next to its *.safetensors files')
   try:
@@ -188,7 +189,7 @@ def _shard_files(checkpoint_dir: Path) -> list[Path]:
     files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
     for f in files:
       if not f.is_file():
-        raise FileNotFoundError(f'{f} is listed in {index} but missing')
+        raise MissingFileError(f'{f} is listed in {index} but missing')
     return files
   single = checkpoint_dir / 'model.safetensors'
   if single.is_file():
@@ -199,7 +200,7 @@ def _shard_files(checkpoint_dir: Path) -> list[Path]:
       raise CheckpointError(
           f'{checkpoint_dir}: only pickle weights (*.bin/*.pt) found; convert '
           f'them to safetensors first (pickle is never loaded)')
-    raise FileNotFoundError(f'{checkpoint_dir}: no *.safetensors weights')
+    raise MissingFileError(f'{checkpoint_dir}: no *.safetensors weights')
   return files
 
 
@@ -360,7 +361,7 @@ def load_peft_adapter(directory: str | os.PathLike, cfg: LlamaConfig,
   directory = Path(directory)
   cfg_path = directory / ADAPTER_CONFIG
   if not cfg_path.is_file():
-    raise FileNotFoundError(f'{cfg_path} not found (a PEFT adapter directory '
+    raise MissingFileError(f'{cfg_path} not found (a PEFT adapter directory '
                             f'holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})')
   ac = json.loads(cfg_path.read_text())
   if ac.get('peft_type', 'LORA') != 'LORA':
@@ -756,7 +757,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike,
   """
   path = Path(gguf_path).expanduser().resolve()
   if not path.is_file():
-    raise FileNotFoundError(f'GGUF file not found: {path}')
+    raise MissingFileError(f'GGUF file not found: {path}')
   cache = Path(cache_dir).expanduser()
   entry = cache / _gguf_cache_key(path)
   if (entry / 'config.json').is_file():
@@ -827,7 +828,7 @@ def resolve_checkpoint(path: str | os.PathLike,
                             f'.gguf file')
     return gguf_to_hf(path, gguf_cache_dir)
   if not path.is_dir():
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise MissingFileError(f'checkpoint not found: {path}')
   if (path / 'config.json').is_file():
     return path
   ggufs = sorted(p for p in path.iterdir()

@@ -27,6 +27,8 @@ from tokenizers import processors
 from tokenizers import trainers
 import transformers
 
+from fdlora_jax.errors import MissingFileError
+
 FORMAT_VERSION = 'bytebpe-v1'
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>')
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -51,7 +53,7 @@ def load_tokenizer(
   from fdlora_jax import checkpoint  # pylint: disable=g-import-not-at-top
   given = pathlib.Path(checkpoint_dir).expanduser()
   if not given.exists():
-    raise FileNotFoundError(f'c.model.checkpoint: {given.resolve()} is not a '
+    raise MissingFileError(f'config.model.checkpoint: {given.resolve()} is not a '
                             'directory with tokenizer files or a .gguf file')
   path = checkpoint.resolve_checkpoint(
       given, gguf_cache_dir or checkpoint.GGUF_CACHE_DIR)

@@ -1,0 +1,267 @@
+"""Exact identities of the engine (fdlora_jax/fl/engine.py) on the tiny model."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.fl import engine as engine_lib
+from fdlora_jax.fl import server as server_lib
+from fdlora_jax.fl.engine import (Engine, Method, Phase, init_opt_states,
+                                  sft_client_update, sft_clients_update)
+from fdlora_jax.lora import LoraConfig
+from fdlora_jax.model import PRESETS, Llama, init_params
+
+CFG = PRESETS['tiny']
+LCFG = LoraConfig(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'down_proj'))
+N, K, B, T = 3, 2, 2, 12
+POISON = CFG.vocab_size - 1   # a token whose embedding the NaN test poisons
+
+
+def fl_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(
+      rounds=2, inner_lr=1.0, inner_warmup_steps=0, inner_schedule='constant',
+      inner_optimizer='sgd', inner_b1=0.9, inner_b2=0.999,
+      inner_weight_decay=0.0, dropout=False, batch_size=B))
+  c.update(kw)
+  return c
+
+
+def random_batches(step0, num_steps, seed=0, poison_client=None):
+  """[K, N, B, T] batches, a pure function of the step. ``poison_client``
+  gets the POISON token in every example."""
+  out = {k: [] for k in ('tokens', 'loss_mask', 'attention_mask', 'valid')}
+  for s in range(step0, step0 + num_steps):
+    rng = np.random.default_rng(seed * 1000 + s)
+    tokens = rng.integers(0, CFG.vocab_size - 1, (N, B, T))
+    if poison_client is not None:
+      tokens[poison_client, :, 2] = POISON
+    out['tokens'].append(tokens)
+    lm = np.zeros((N, B, T), np.float32)
+    lm[..., T // 2:] = 1
+    out['loss_mask'].append(lm)
+    out['attention_mask'].append(np.ones((N, B, T), np.int32))
+    out['valid'].append(np.ones((N, B), np.float32))
+  return {k: np.stack(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = Llama(CFG, LCFG)
+  base = init_params(CFG, jax.random.key(0))
+  fresh = lora_lib.init(model, jax.random.key(1))
+  return model, base, fresh
+
+
+def averaging_method(fresh, steps=K, weights=None, trainable=None):
+  """A FedAvg-shaped toy method: one adapter, one round phase."""
+  def server(s, uploads, w, t):
+    return {'global': server_lib.weighted_mean(uploads, w)}, {
+        'participants': jnp.sum(w > 0)}
+  phase = Phase('rounds', repeats=2, steps=np.broadcast_to(steps, (N,)),
+                broadcast=lambda s, t: s['global'],
+                start=lambda client, d: d,
+                loss=lambda fwd, tr, d, b, r: fwd.nll(tr, b, r),
+                trainable=trainable,
+                finish=lambda client, tr, d, t: (dict(client, last=tr), tr),
+                server=server)
+  init = lambda key: ({'global': fresh},
+                      {'last': lora_lib.replicate(fresh, N)})
+  return Method('toy', init, (phase,), rows=lambda s, c: {},
+                client_weights=weights)
+
+
+def make_engine(setup, method, sample=random_batches, **kw):
+  model, base, _ = setup
+  return Engine(method=method, model=model, base=base, fl_cfg=fl_cfg(**kw),
+                num_clients=N, sample=sample)
+
+
+def test_vmapped_step_equals_separate_steps(setup):
+  model, base, fresh = setup
+  # eps=1e-3: Adam's g / (|g| + eps) would otherwise blow float reassociation
+  # between batched and unbatched matmuls (1e-9 in g) up to lr-sized noise
+  # where a gradient is ~0.
+  opt = optax.adamw(1e-2, eps=1e-3, weight_decay=0.01)
+  loras = lora_lib.stack([jax.tree.map(lambda x, i=i: x + 0.01 * i, fresh)
+                          for i in range(N)])
+  states = init_opt_states(opt, loras)
+  batches = jax.tree.map(jnp.asarray, random_batches(0, K))
+  rngs = jax.random.split(jax.random.key(3), N)
+  many = sft_clients_update(model, opt, donate=False)
+  out_l, out_s, healthy, m = many(base, loras, states, batches, rngs)
+  one = jax.jit(sft_client_update(model, opt))
+  # Updates are ~1e-2 per step; 1e-5 leaves room only for float
+  # reassociation (seen up to 1.4e-6), not for a mixed-up client.
+  for i in range(N):
+    pick = lambda t: jax.tree.map(lambda x: x[i], t)
+    l_i, s_i, h_i, m_i = one(base, pick(loras), pick(states),
+                             jax.tree.map(lambda x: x[:, i], batches),
+                             rngs[i])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 pick(out_l), l_i)
+    np.testing.assert_allclose(m.loss[i], m_i.loss, rtol=1e-5)
+  b = out_l['layers']['self_attn']['q_proj']['b']
+  assert float(jnp.abs(b[0] - b[1]).max()) > 1e-3  # clients really differ
+  assert bool(jnp.all(healthy)) and m.loss.shape == (N, K)
+
+
+def test_one_round_equals_weighted_mean_of_separate_clients(setup):
+  """K plain SGD steps per client, then the server's weighted mean, equals
+  running each client alone and averaging by hand."""
+  model, base, fresh = setup
+  weights = np.array([1.0, 2.0, 5.0])
+  eng = make_engine(setup, averaging_method(fresh, weights=weights))
+  state = eng.initial_state(jax.random.key(0))
+  new, metrics = eng.run_repeat(state, 0)
+  one = jax.jit(sft_client_update(model, optax.sgd(1.0)))
+  batches = jax.tree.map(jnp.asarray, random_batches(0, K))
+  rngs = eng._rngs(1, 1)
+  finals = [one(base, fresh, optax.sgd(1.0).init(fresh),
+                jax.tree.map(lambda x: x[:, i], batches), rngs[i])[0]
+            for i in range(N)]
+  expect = jax.tree.map(
+      lambda *xs: sum(w * x for w, x in zip(weights, xs)) / weights.sum(),
+      *finals)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               new['server']['global'], expect)
+  moved = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(jnp.abs(a - b).max()), new['server']['global'],
+      fresh)))
+  assert moved > 1e-3
+  assert metrics['participants'] == N
+  # Bytes: each client downloaded and uploaded one adapter.
+  size = lora_lib.num_bytes(fresh)
+  assert metrics['bytes_down_per_client'] == [size] * N
+  assert metrics['bytes_up_per_client'] == [size] * N
+  # The second round continues the data order (steps K..2K-1).
+  assert eng.schedule()[1][3] == K
+
+
+def test_nonfinite_client_keeps_state_and_gets_weight_zero(setup):
+  model, base, fresh = setup
+  poisoned = lambda s0, k: random_batches(s0, k, poison_client=1)
+  eng = make_engine(setup, averaging_method(fresh), sample=poisoned)
+  eng.base = jax.tree.map(lambda x: x, base)
+  emb = eng.base['embed_tokens']['embedding']
+  eng.base['embed_tokens']['embedding'] = emb.at[POISON].set(jnp.nan)
+  state = eng.initial_state(jax.random.key(0))
+  new, metrics = eng.run_repeat(state, 0)
+  assert metrics['healthy'] == [True, False, True]
+  assert metrics['nonfinite_steps'][1] >= 1 and metrics['participants'] == 2
+  for leaf in jax.tree.leaves(new['server']['global']):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  # The poisoned client keeps its previous state; the others moved.
+  last0 = jax.tree.leaves(state['client']['last'])
+  last1 = jax.tree.leaves(new['client']['last'])
+  for a, b in zip(last0, last1):
+    np.testing.assert_array_equal(a[1], b[1])
+  assert any(float(jnp.abs(a[0] - b[0]).max()) > 0
+             for a, b in zip(last0, last1))
+  # Healthy clients' mean only: equal to a run where client 1 has weight 0.
+  clean = make_engine(setup, averaging_method(
+      fresh, weights=np.array([1.0, 0.0, 1.0])), sample=poisoned)
+  clean.base = eng.base
+  ref, _ = clean.run_repeat(clean.initial_state(jax.random.key(0)), 0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               new['server']['global'], ref['server']['global'])
+
+
+def test_masked_steps_change_nothing(setup):
+  model, base, fresh = setup
+  opt = optax.adamw(1e-2)
+  loras = lora_lib.replicate(fresh, N)
+  states = init_opt_states(opt, loras)
+  batches = random_batches(0, K)
+  batches['valid'][:, 2] = 0  # client 2 has no data this round
+  out_l, out_s, healthy, m = sft_clients_update(model, opt, donate=False)(
+      base, loras, states, jax.tree.map(jnp.asarray, batches),
+      jax.random.split(jax.random.key(0), N))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[2], b[2]),
+               out_l, loras)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[2], b[2]),
+               out_s, states)
+  assert bool(healthy[2]) and float(m.tokens[2].sum()) == 0
+
+
+def test_clients_stop_after_their_own_number_of_steps(setup):
+  """steps [1, 2, 0]: client 0 takes one step of two, client 2 none."""
+  model, base, fresh = setup
+  steps = np.array([1, 2, 0])
+  eng = make_engine(setup, averaging_method(fresh, steps=steps))
+  new, m = eng.run_repeat(eng.initial_state(jax.random.key(0)), 0)
+  one = jax.jit(sft_client_update(model, optax.sgd(1.0)))
+  batches = jax.tree.map(jnp.asarray, random_batches(0, 1))
+  rngs = eng._rngs(1, 1)
+  first = one(base, fresh, optax.sgd(1.0).init(fresh),
+              jax.tree.map(lambda x: x[:, 0], batches), rngs[0])[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, atol=1e-6),
+               new['client']['last'], first)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[2], b),
+               new['client']['last'], fresh)
+  assert m['train_loss'][2] == 0.0 and m['train_loss'][1] > 0
+
+
+def test_trainable_mask_keeps_frozen_entries_bit_identical(setup):
+  """Only layer 1 of every leaf trains (a FedRep-style layer split)."""
+  _, _, fresh = setup
+  fresh = jax.tree.map(lambda x: x + 0.05, fresh)  # non-zero b: real grads
+  top = lambda tree: jax.tree.map(
+      lambda x: (jnp.arange(x.shape[0]) == 1).reshape(
+          (-1,) + (1,) * (x.ndim - 1)), tree)
+  eng = make_engine(setup, averaging_method(fresh, trainable=top))
+  new, _ = eng.run_repeat(eng.initial_state(jax.random.key(0)), 0)
+  for a, b in zip(jax.tree.leaves(new['client']['last']),
+                  jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(a[:, 0], np.broadcast_to(b[0], a[:, 0].shape))
+    assert float(jnp.abs(a[:, 1] - b[1]).max()) > 0
+
+
+def test_outer_nesterov_step_matches_hand_computation():
+  g = {'w': jnp.array([1.0, 2.0])}
+  uploads = {'w': jnp.array([[0.0, 2.0], [1.0, 0.0]])}
+  delta = server_lib.pseudo_gradient(g, uploads, jnp.array([1.0, 1.0]))
+  np.testing.assert_allclose(delta['w'], [0.5, 1.0])
+  outer = server_lib.outer_optimizer(0.1, 0.5, nesterov=True)
+  g1, s1, m = server_lib.outer_step(outer, g, outer.init(g), uploads,
+                                    jnp.array([1.0, 1.0]))
+  # optax nesterov: m = d + mu m_prev; step = d + mu m  -> 1.5 d at step 1
+  np.testing.assert_allclose(g1['w'], g['w'] - 0.1 * 1.5 * delta['w'],
+                             rtol=1e-6)
+  np.testing.assert_allclose(m['delta_norm'], np.sqrt(0.25 + 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize('kind', ['cosine', 'linear', 'constant'])
+def test_inner_schedules_follow_their_formula(kind):
+  """SGD on f(x) = x with the schedule: step i moves x by exactly lr_i."""
+  total, warmup, lr = 10, 2, 0.5
+  opt = engine_lib.inner_optimizer(
+      fl_cfg(inner_schedule=kind, inner_warmup_steps=warmup, inner_lr=lr),
+      total)
+  x, state, moves = jnp.zeros(()), None, []
+  state = opt.init(x)
+  for _ in range(total):
+    upd, state = opt.update(jnp.ones(()), state, x)
+    moves.append(-float(upd))
+  decay = total - warmup
+  for i, got in enumerate(moves):
+    if i < warmup:
+      want = lr * i / warmup
+    elif kind == 'cosine':
+      want = lr * 0.5 * (1 + np.cos(np.pi * (i - warmup) / decay))
+    elif kind == 'linear':
+      want = lr * (1 - (i - warmup) / decay)
+    else:
+      want = lr
+    assert got == pytest.approx(want, abs=1e-6), (kind, i)
+
+
+def test_client_steps_in_epochs_and_steps():
+  counts = np.array([10, 3, 0])
+  np.testing.assert_array_equal(
+      engine_lib.client_steps(counts, 1.5, 'epochs', 2), [8, 3, 0])
+  np.testing.assert_array_equal(
+      engine_lib.client_steps(counts, 3, 'steps', 2), [3, 3, 0])
