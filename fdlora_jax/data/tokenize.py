@@ -115,6 +115,23 @@ def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
   return tokenizer(texts, add_special_tokens=special)['input_ids']
 
 
+def _prompt_ids(tokenizer, texts: list[str],
+                data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
+  """Token ids of prompts: as plain text with the tokenizer's special tokens
+  (bos), or, with ``data.chat_template``, as one user turn of the tokenizer's
+  chat template followed by the assistant's turn (the template adds its own
+  special tokens)."""
+  if not data_cfg.get('chat_template', False):
+    return _ids(tokenizer, texts, True)
+  if not getattr(tokenizer, 'chat_template', None):
+    raise ConfigError('config.data.chat_template=True: the tokenizer has no '
+                      'chat template')
+  chats = [tokenizer.apply_chat_template(
+      [{'role': 'user', 'content': t}], tokenize=False,
+      add_generation_prompt=True) for t in texts]
+  return _ids(tokenizer, chats, False)
+
+
 def _answer_ids(tokenizer, options: tuple[str, ...],
                 data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
   return _ids(tokenizer, [data_cfg.answer_prefix + o for o in options], False)
@@ -135,8 +152,9 @@ def _fit(tokenizer, example: Example, budget: int,
   lo, hi, best = 0, n_units - 1, None
   while lo <= hi:  # largest k whose prompt fits
     k = (lo + hi) // 2
-    ids = _ids(tokenizer, [build_prompt(_shorter(example, k),
-                                        data_cfg.template, data_cfg)], True)[0]
+    ids = _prompt_ids(tokenizer, [build_prompt(_shorter(example, k),
+                                               data_cfg.template, data_cfg)],
+                      data_cfg)[0]
     if len(ids) <= budget:
       best, lo = ids, k + 1
     else:
@@ -157,8 +175,9 @@ def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
   budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
   examples = [task.examples[i] for i in indices]
   _check_options(task, examples)
-  prompts = _ids(tokenizer, [build_prompt(e, data_cfg.template, data_cfg)
-                             for e in examples], True)
+  prompts = _prompt_ids(tokenizer, [build_prompt(e, data_cfg.template,
+                                                 data_cfg)
+                                    for e in examples], data_cfg)
   truncated = 0
   for j, e in enumerate(examples):
     if len(prompts[j]) > budget:
@@ -241,7 +260,7 @@ def encode_prompts_with_demos(
   while todo:  # one batched encode per number of demonstrations dropped
     texts = [''.join(shots[j][:used[j]]) + owns[j] for j in todo]
     retry = []
-    for j, ids in zip(todo, _ids(tokenizer, texts, True)):
+    for j, ids in zip(todo, _prompt_ids(tokenizer, texts, data_cfg)):
       if len(ids) <= budget or used[j] == 0:
         prompts[j] = ids
       else:
