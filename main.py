@@ -1,15 +1,23 @@
-"""Runs an FDLoRA experiment.
+"""Runs one federated experiment.
 
-  python main.py --config=configs/logs.py --workdir=runs/logs \
-      --config.fl.rounds=10 --config.data.dirichlet_alpha=0.1
+  python main.py --config=configs/logs.py --workdir=runs/logs \\
+      --config.method=fdlora --config.fl.rounds=10 \\
+      --config.data.dirichlet_alpha=0.1
 
-Running again with the same --workdir resumes from the newest checkpoint.
+Methods: fdlora_jax.fl.methods.METHODS (--config.method=...). Running again
+with the same --workdir resumes from the newest checkpoint. Bad input (a
+config value, a missing or malformed file) is reported in one line, naming
+the field or file, with exit status 2. Library logs are off below WARNING;
+--verbosity=0 brings back INFO.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fdlora_jax import run
+from fdlora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/logs.py', 'Experiment config file.', lock_config=True)
@@ -20,8 +28,13 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/default',
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  run.run(_CONFIG.value, _WORKDIR.value)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # orbax, data INFO: --verbosity=0
+  try:
+    run.run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

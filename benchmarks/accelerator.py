@@ -12,7 +12,7 @@
 Builds the preset with random weights in ``--dtype`` (bf16 storage and
 compute), ``remat=True``, ``attention='auto'`` (``jax.nn.dot_product_attention``
 with ``implementation='cudnn'`` for bf16 on a GPU, XLA elsewhere) and times
-``fl.make_clients_update`` (adapters and optimizer states donated) for
+``fl.sft_clients_update`` (adapters and optimizer states donated) for
 ``--clients`` N at each ``--seq``. Reports:
 
   tokens/s    N * B * T * K / step time (median of ``--repeats``)
@@ -47,7 +47,7 @@ import optax
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import sharding
-from fdlora_jax.fl import init_opt_states, make_clients_update
+from fdlora_jax.fl import init_opt_states, sft_clients_update
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params
 
@@ -94,7 +94,7 @@ class Step:
       batches = jax.tree.map(jnp.asarray, batches)
     self.args = [base, lora, state, batches, rngs]
     self.mesh = mesh
-    update = make_clients_update(model, opt, dropout=True, donate=True)
+    update = sft_clients_update(model, opt, dropout=True, donate=True)
     t0 = time.perf_counter()
     self.compiled = update.lower(
         *self.args, num_targets=common.ANSWER_TOKENS).compile()

@@ -7,9 +7,9 @@ One FDLoRA inner round (K AdamW steps on every client) is timed three ways in
 one process, on the same LLaMA config, LoRA targets, rank, dropout, sequence
 length and batch:
 
-  (a) jax_vmap  ``fl.make_clients_update``: all N clients in one jitted vmap,
+  (a) jax_vmap  ``fl.sft_clients_update``: all N clients in one jitted vmap,
                 K steps in ``lax.scan``, base shared.
-  (b) jax_seq   the same per-client function (``fl.make_client_update``,
+  (b) jax_seq   the same per-client function (``fl.sft_client_update``,
                 jitted once) called for one client after another.
   (c) torch     ``transformers.LlamaForCausalLM`` + ``peft``: one
                 ``PeftModel`` holding N named adapters, ``set_adapter`` per
@@ -41,8 +41,8 @@ import numpy as np
 import optax
 
 from fdlora_jax import lora as lora_lib
-from fdlora_jax.fl import init_opt_states, make_clients_update
-from fdlora_jax.fl.client import make_client_update
+from fdlora_jax.fl import init_opt_states, sft_clients_update
+from fdlora_jax.fl import sft_client_update
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params, num_targets_bucket
 
@@ -66,7 +66,7 @@ class JaxVmap:
     self.state = init_opt_states(opt, self.lora)
     self.batches = jax.tree.map(jnp.asarray, batches)
     self.rngs = jax.random.split(jax.random.key(2), n)
-    update = make_clients_update(model, opt, dropout=dropout, donate=True)
+    update = sft_clients_update(model, opt, dropout=dropout, donate=True)
     t0 = time.perf_counter()
     self.fn = update.lower(
         self.base, self.lora, self.state, self.batches, self.rngs,
@@ -90,7 +90,7 @@ class JaxSequential:
     self.batches = [jax.tree.map(lambda x, i=i: jnp.asarray(x[:, i]), batches)
                     for i in range(n)]
     self.rngs = list(jax.random.split(jax.random.key(2), n))
-    fn = jax.jit(make_client_update(
+    fn = jax.jit(sft_client_update(
         model, opt, dropout, num_targets_bucket(batches['loss_mask'])),
                  donate_argnums=(1, 2))
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ and the step). ``delta`` = peak - baseline. The model is a LLaMA whose base is h
 (``--hidden 768 --layers 6``, vocab 32000, q/v LoRA rank 8 as in the paper),
 so the base dominates:
 
-  jax_vmap        ``fl.make_clients_update`` (the base held once, shared by
+  jax_vmap        ``fl.sft_clients_update`` (the base held once, shared by
                   the vmap; adapters and optimizer states donated).
   jax_vmap_remat  the same with ``cfg.remat=True`` (each decoder layer
                   rematerialised: activations of one layer live at a time).
@@ -86,7 +86,7 @@ def child(a) -> dict:
     import jax.numpy as jnp
     import optax
     from fdlora_jax import lora as lora_lib
-    from fdlora_jax.fl import init_opt_states, make_clients_update
+    from fdlora_jax.fl import init_opt_states, sft_clients_update
     from fdlora_jax.lora import LoraConfig
     from fdlora_jax.model import Llama, init_params
     lcfg = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=0.05,
@@ -102,7 +102,7 @@ def child(a) -> dict:
                'loss_mask': jnp.asarray(common.sft_loss_mask((k, n, b, t))),
                'attention_mask': jnp.ones((k, n, b, t), jnp.int32),
                'valid': jnp.ones((k, n, b), jnp.float32)}
-    update = make_clients_update(model, opt, dropout=True, donate=True)
+    update = sft_clients_update(model, opt, dropout=True, donate=True)
     t0 = time.perf_counter()
     lora, state, _, _ = update(base, lora, state, batches,
                                jax.random.split(jax.random.key(2), n),

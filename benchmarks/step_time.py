@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from fdlora_jax import lora as lora_lib
-from fdlora_jax.fl import init_opt_states, make_clients_update
+from fdlora_jax.fl import init_opt_states, sft_clients_update
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params
 
@@ -41,7 +41,7 @@ def measure(preset, n, batch, seq, steps, repeats, remat):
       'attention_mask': jnp.ones((steps, n, batch, seq), jnp.int32),
       'valid': jnp.ones((steps, n, batch), jnp.float32)}
   rngs = jax.random.split(jax.random.key(2), n)
-  update = make_clients_update(model, opt, dropout=False)
+  update = sft_clients_update(model, opt, dropout=False)
   t0 = time.perf_counter()
   compiled = update.lower(base, lora, state, batches, rngs).compile()
   compile_s = time.perf_counter() - t0

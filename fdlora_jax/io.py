@@ -5,7 +5,7 @@ Workdir layout::
 
   workdir/config.json        the resolved config
   workdir/partition.json     per client, per class counts (data module)
-  workdir/metrics.jsonl      one JSON line per stage / round
+  workdir/metrics.jsonl      one JSON line per phase repeat / round
   workdir/events.out.tfevents.*   scalars for TensorBoard
   workdir/results.json       final metrics of every evaluated adapter
   workdir/checkpoints/<step>/     orbax: the whole run state
@@ -34,8 +34,8 @@ PyTree = Any
 class StateCheckpoints:
   """Saves the run state after every round; restores the newest one.
 
-  The state is a pytree of arrays (see :mod:`fdlora_jax.fl.fdlora`); a step
-  number is the number of completed rounds (0 = stage 1 done).
+  The state is a pytree of arrays (see :mod:`fdlora_jax.fl.engine`); a step
+  number is the number of repeats completed over all training phases.
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
@@ -215,22 +215,27 @@ def _parse_event(body: bytes) -> tuple[int, dict[str, float]]:
 # metrics.jsonl and results.json
 # ---------------------------------------------------------------------------
 class MetricsLog:
-  """Appends one JSON object per line. On resume, lines past the restored
-  round are dropped so a resumed run's log equals an uninterrupted one's."""
+  """Appends one JSON object per line. Training lines carry ``step`` (the
+  checkpoint step they lead to). On resume from step ``s``, lines past ``s``
+  and the final lines are dropped, so a resumed run's log equals an
+  uninterrupted one's."""
 
-  def __init__(self, path: str | os.PathLike, resume_round: Optional[int]):
+  def __init__(self, path: str | os.PathLike, resume_step: Optional[int]):
     self.path = Path(path)
-    if resume_round is None:
+    if not resume_step:
       self.path.write_text('')
     elif self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
-              if line and json.loads(line).get('round', 0) <= resume_round
-              and json.loads(line).get('stage') in (1, 2)]
+              if line and 0 < json.loads(line).get('step', 0) <= resume_step]
       self.path.write_text(''.join(line + '\n' for line in kept))
 
   def write(self, record: dict) -> None:
     with open(self.path, 'a') as f:
       f.write(json.dumps(to_jsonable(record)) + '\n')
+
+  def records(self) -> list[dict]:
+    return [json.loads(line) for line in self.path.read_text().splitlines()
+            if line]
 
 
 def to_jsonable(x):

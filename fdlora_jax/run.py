@@ -1,7 +1,13 @@
-"""One FDLoRA experiment from a config: data, model, three stages, outputs.
+"""One experiment from a config: data, model, one method, evaluation, outputs.
 
-``main.py`` calls :func:`run`; tests call it too with tiny configs. Running it
-again on the same workdir resumes from the newest round checkpoint.
+``main.py`` calls :func:`run`; tests call it too with tiny configs. The method
+is ``config.method``, looked up in :data:`fdlora_jax.fl.methods.METHODS`; this
+module knows no method by name. Running again on the same workdir resumes
+from the newest checkpoint.
+
+Order, so that bad input leaves nothing behind: every config field is
+checked, then data, tokenizer and model are loaded and encoded; only then is
+anything written to the workdir.
 """
 
 from __future__ import annotations
@@ -18,64 +24,85 @@ from tqdm.auto import tqdm
 
 from fdlora_jax import data as data_lib
 from fdlora_jax import evaluate as eval_lib
-from fdlora_jax import fusion as fusion_lib
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import sharding
+from fdlora_jax import checkpoint as checkpoint_lib
 from fdlora_jax.checkpoint import load_pretrained
-from fdlora_jax.fl import FDLoRA
+from fdlora_jax.data.tasks import TASKS
+from fdlora_jax.errors import (ConfigError, DataError, MissingFileError,
+                               UserError, need)
+from fdlora_jax.fl import engine as engine_lib
+from fdlora_jax.fl.methods import METHODS
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, PROJECTIONS, Llama, init_params
 from fdlora_jax.tokenizer import embedded_tokenizer, load_tokenizer
 
 
 # ---------------------------------------------------------------------------
-# Config validation: before any compute, naming the field
+# Config validation: every field, before any compute, naming the field
 # ---------------------------------------------------------------------------
 def validate_config(c: ml_collections.ConfigDict) -> None:
-  def need(ok, field, value, what):
-    if not ok:
-      raise ValueError(f'config.{field}={value!r}: {what}')
-
+  """Raises :class:`ConfigError` naming the first bad field."""
+  need(c.method in METHODS, 'method', c.method,
+       f'unknown method; choose from {sorted(METHODS)}')
   fl = c.fl
   need(fl.num_clients >= 1, 'fl.num_clients', fl.num_clients, 'must be >= 1')
   need(fl.inner_steps >= 1, 'fl.inner_steps', fl.inner_steps,
        'K must be >= 1')
   need(fl.rounds >= 0, 'fl.rounds', fl.rounds, 'must be >= 0')
-  need(fl.sync_every >= 1, 'fl.sync_every', fl.sync_every,
-       'H must be >= 1 (inf: never)')
   need(fl.batch_size >= 1, 'fl.batch_size', fl.batch_size, 'must be >= 1')
   need(fl.local_epochs >= 0, 'fl.local_epochs', fl.local_epochs,
        'must be >= 0')
+  need(fl.stage1_chunk >= 1, 'fl.stage1_chunk', fl.stage1_chunk,
+       'must be >= 1')
   need(fl.inner_unit in ('steps', 'epochs'), 'fl.inner_unit', fl.inner_unit,
        "must be 'steps' or 'epochs'")
-  need(fl.weighting in ('uniform', 'examples'), 'fl.weighting', fl.weighting,
-       "must be 'uniform' or 'examples'")
   need(fl.inner_lr > 0, 'fl.inner_lr', fl.inner_lr, 'must be > 0')
-  need(fl.outer_lr > 0, 'fl.outer_lr', fl.outer_lr, 'must be > 0')
-  need(0 <= fl.outer_momentum < 1, 'fl.outer_momentum', fl.outer_momentum,
-       'must be in [0, 1)')
+  need(fl.inner_warmup_steps >= 0, 'fl.inner_warmup_steps',
+       fl.inner_warmup_steps, 'must be >= 0')
+  need(fl.inner_schedule in engine_lib.INNER_SCHEDULES, 'fl.inner_schedule',
+       fl.inner_schedule, f'choose from {engine_lib.INNER_SCHEDULES}')
+  need(fl.inner_optimizer in engine_lib.INNER_OPTIMIZERS, 'fl.inner_optimizer',
+       fl.inner_optimizer, f'choose from {engine_lib.INNER_OPTIMIZERS}')
   need(c.data.dirichlet_alpha > 0, 'data.dirichlet_alpha',
        c.data.dirichlet_alpha, 'the Dirichlet alpha must be > 0')
+  need(c.data.task in TASKS, 'data.task', c.data.task,
+       f'choose from {TASKS}')
+  need(c.data.max_length >= 8, 'data.max_length', c.data.max_length,
+       'must be >= 8')
   need(c.lora.rank > 0, 'lora.rank', c.lora.rank, 'must be > 0')
   need(c.lora.alpha > 0, 'lora.alpha', c.lora.alpha, 'must be > 0')
   bad = [t for t in c.lora.targets if t not in PROJECTIONS]
   need(not bad, 'lora.targets', tuple(c.lora.targets),
        f'{bad} are not projections of a LLaMA model; choose from '
        f'{PROJECTIONS}')
-  need(c.model.checkpoint or c.model.preset in PRESETS, 'model.preset',
-       c.model.preset, f'unknown; choose from {sorted(PRESETS)}')
+  need(c.model.checkpoint or c.model.name or c.model.preset in PRESETS,
+       'model.preset', c.model.preset,
+       f'unknown; choose from {sorted(PRESETS)}')
+  if c.model.name and not c.model.checkpoint:
+    need(c.model.name in checkpoint_lib.NAMED_MODELS, 'model.name',
+         c.model.name, f'choose from {sorted(checkpoint_lib.NAMED_MODELS)}, '
+         f'or set model.checkpoint to a local directory or .gguf file')
+    checkpoint_lib.resolve_model_name(c.model.name)  # installed? (pip hint)
+  if c.model.checkpoint:
+    path = Path(c.model.checkpoint).expanduser()
+    if not path.exists():
+      raise MissingFileError(f'config.model.checkpoint: {path} does not '
+                             f'exist')
   need(c.eval.every >= 0, 'eval.every', c.eval.every, 'must be >= 0')
+  need(c.eval.chunk >= 1, 'eval.chunk', c.eval.chunk, 'must be >= 1')
   need(c.eval.mode in ('score', 'generate'), 'eval.mode', c.eval.mode,
        "must be 'score' (option log-likelihood) or 'generate' (greedy)")
-  fusion_lib.validate_config(c.fusion)
-  for kind in c.fusion.baselines:
-    need(kind in fusion_lib.BASELINES, 'fusion.baselines', kind,
-         f'choose from {fusion_lib.BASELINES}')
+  need(c.eval.normalize in ('sum', 'mean'), 'eval.normalize',
+       c.eval.normalize, "must be 'sum' or 'mean'")
+  for name, module in METHODS.items():
+    if name == c.method:
+      module.validate(c)
 
 
 # Fields a resumed run may change: they do not shape the saved state.
-RESUMABLE_CHANGES = ('fl.rounds', 'eval.', 'fusion.')
+RESUMABLE_CHANGES = ('fl.rounds', 'eval.', 'fdlora.fusion.')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -91,7 +118,7 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir under a config that changes its state."""
   if not saved_path.is_file():
-    raise ValueError(f'{saved_path.parent} has checkpoints but no '
+    raise ConfigError(f'{saved_path.parent} has checkpoints but no '
                      f'config.json; cannot check it is the same experiment')
   saved = _flatten(json.loads(saved_path.read_text()))
   now = _flatten(json.loads(c.to_json_best_effort()))
@@ -101,7 +128,7 @@ def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
   if changed:
     details = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
                         for k in changed[:6])
-    raise ValueError(
+    raise ConfigError(
         f'{saved_path.parent} holds a run with a different config ({details}'
         f'{" ..." if len(changed) > 6 else ""}); use a new --workdir, or '
         f'change only {", ".join(RESUMABLE_CHANGES)} when resuming')
@@ -115,14 +142,23 @@ def build_model(c, task):
   execution = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                    remat=c.model.remat, attention=c.model.attention)
   lcfg = LoraConfig.from_config(c.lora)
-  if c.model.checkpoint:
-    path = Path(c.model.checkpoint).expanduser()
-    tokenizer = load_tokenizer(str(path))
+  if c.model.checkpoint or c.model.name:
+    path = (Path(c.model.checkpoint).expanduser() if c.model.checkpoint
+            else checkpoint_lib.resolve_model_name(c.model.name))
     cfg, base = load_pretrained(path, **execution)
+    try:
+      tokenizer = load_tokenizer(str(path))
+    except (OSError, ValueError, TypeError) as e:
+      if isinstance(e, UserError):
+        raise
+      raise DataError(f'{path}: no usable tokenizer files '
+                      f'({str(e).splitlines()[0] if str(e) else type(e)})'
+                      ) from e
     if len(tokenizer) > cfg.vocab_size:
-      raise ValueError(f'{path}: tokenizer has {len(tokenizer)} tokens but '
+      raise ConfigError(f'{path}: tokenizer has {len(tokenizer)} tokens but '
                        f'config.json vocab_size is {cfg.vocab_size}')
-    described = f'checkpoint {path.resolve()}'
+    described = (f'{c.model.name} ({path.resolve()})' if not
+                 c.model.checkpoint else f'checkpoint {path.resolve()}')
   else:
     texts = data_lib.tokenizer_texts(task, c.data)
     tokenizer = embedded_tokenizer(
@@ -145,21 +181,13 @@ def device_mesh(num_clients: int, model_shards: int):
   """
   devices = jax.device_count()
   if model_shards < 1 or devices % model_shards:
-    raise ValueError(f'config.model.shards={model_shards} must be >= 1 and '
+    raise ConfigError(f'config.model.shards={model_shards} must be >= 1 and '
                      f'divide the {devices} devices')
   client_shards = max(d for d in range(1, devices // model_shards + 1)
                       if num_clients % d == 0)
   if client_shards * model_shards == 1:
     return None
   return sharding.make_mesh(client_shards, model_shards)
-
-
-def client_steps(counts: np.ndarray, amount: float, unit: str,
-                 batch_size: int) -> np.ndarray:
-  """Real optimizer steps per client: ``amount`` steps, or epochs of data."""
-  if unit == 'steps':
-    return np.where(counts > 0, int(amount), 0).astype(np.int32)
-  return np.ceil(amount * counts / batch_size).astype(np.int32)
 
 
 def evaluate(model, base, lora_n, options, task, c, tokenizer) -> dict:
@@ -178,167 +206,197 @@ def evaluate(model, base, lora_n, options, task, c, tokenizer) -> dict:
                                          task.metric, positive)
 
 
-def _headline(metrics: dict, task) -> float:
-  return metrics['mean'][task.metric]
-
-
 # ---------------------------------------------------------------------------
 # The experiment
 # ---------------------------------------------------------------------------
+def _label_counts(task, indices) -> np.ndarray:
+  labels = task.labels()
+  return np.stack([np.bincount(labels[np.asarray(ix, np.int64)],
+                               minlength=len(task.options))
+                   for ix in indices]).astype(np.int64)
+
+
+def _communication(records: list[dict], n: int) -> dict:
+  """Totals of the bytes each client downloaded and uploaded, from the
+  engine's per-repeat counts in ``metrics.jsonl``."""
+  per_round = [{'phase': r['phase'], 'round': r['round'],
+                'bytes_down_per_client': r['bytes_down_per_client'],
+                'bytes_up_per_client': r['bytes_up_per_client']}
+               for r in records if 'bytes_up_per_client' in r]
+  down = np.sum([r['bytes_down_per_client'] for r in per_round], 0) \
+      if per_round else np.zeros(n, np.int64)
+  up = np.sum([r['bytes_up_per_client'] for r in per_round], 0) \
+      if per_round else np.zeros(n, np.int64)
+  return {'bytes_down_per_client': down.tolist(),
+          'bytes_up_per_client': up.tolist(),
+          'bytes_total': int(down.sum() + up.sum()),
+          'per_round': per_round}
+
+
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) an FDLoRA experiment; returns the results dict."""
+  """Runs (or resumes) ``c.method`` on ``c``'s data; returns the results."""
   validate_config(c)
+  method_module = METHODS[c.method]
   t_start = time.time()
   work = Path(workdir).expanduser()
-  work.mkdir(parents=True, exist_ok=True)
   timing: dict[str, float] = {}
 
-  # ---- data ----------------------------------------------------------------
+  # ---- data and model (nothing written yet) --------------------------------
   t0 = time.time()
   task = data_lib.load_task(c.data, c.seed)
   n = c.fl.num_clients
   part = data_lib.partition(task, n, c.data, c.seed)
-  data_lib.write_partition(work / 'partition.json', part, task)
-  print(part.table(task))
   model, base, tokenizer, model_desc = build_model(c, task)
   train = data_lib.encode_clients(tokenizer, task, part.train, c.data)
   shots = data_lib.encode_clients(tokenizer, task, part.few_shot, c.data)
-  tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
+  setup = engine_lib.Setup(
+      model=model, base=base, config=c, num_clients=n,
+      train_counts=train.counts.astype(np.int64),
+      label_counts=_label_counts(task, part.train),
+      few_shot={'tokens': shots.tokens, 'loss_mask': shots.loss_mask,
+                'attention_mask': shots.attention_mask},
+      lora_init=lambda key: lora_lib.init(model, key))
+  method = method_module.build(setup)
+  demos = (data_lib.demonstrations(part.train, method.context_shots, c.seed)
+           if method.context_shots else None)
+  tests = data_lib.encode_options(tokenizer, task, part.test, c.data,
+                                  demos=demos)
   timing['data_s'] = time.time() - t0
 
   mesh = device_mesh(n, c.model.shards)
   if mesh is not None:
     base = sharding.shard_base(base, mesh)
     logging.info('Mesh %s over %d devices', dict(mesh.shape), mesh.size)
-  counts = train.counts.astype(np.int64)
-  weights = (np.ones(n) if c.fl.weighting == 'uniform'
-             else counts / max(counts.sum(), 1))
-  alg = FDLoRA(
-      model=model, base=base, fl_cfg=c.fl, num_clients=n,
+  engine = engine_lib.Engine(
+      method=method, model=model, base=base, fl_cfg=c.fl, num_clients=n,
       sample=lambda s0, k: data_lib.sample_steps(
           train, s0, k, c.fl.batch_size, c.seed, c.data.length_buckets),
-      steps_per_round=client_steps(counts, c.fl.inner_steps, c.fl.inner_unit,
-                                   c.fl.batch_size),
-      stage1_steps=client_steps(counts, c.fl.local_epochs, 'epochs',
-                                c.fl.batch_size),
-      client_weights=weights, seed=c.seed, mesh=mesh)
-  fresh = lora_lib.init(model, jax.random.key(c.seed + 1))
-  logging.info('Model: %s; LoRA %d params (%d bytes) per adapter',
-               model_desc, lora_lib.num_params(fresh),
-               lora_lib.num_bytes(fresh))
+      seed=c.seed, mesh=mesh)
+  schedule = engine.schedule()
 
-  # ---- resume or stage 1 ---------------------------------------------------
+  # ---- outputs start here ----------------------------------------------------
+  work.mkdir(parents=True, exist_ok=True)
   ckpts = io_lib.StateCheckpoints(work / 'checkpoints')
   resume = ckpts.latest_step()
   if resume is not None:
     check_resumable(work / 'config.json', c)
   (work / 'config.json').write_text(c.to_json_best_effort(indent=2))
+  data_lib.write_partition(work / 'partition.json', part, task)
+  print(part.table(task))
+  print(f'method {c.method}: '
+        f'{" -> ".join(p.name for p in method.phases) or "no training"}; '
+        f'model: {model_desc}')
   log = io_lib.MetricsLog(work / 'metrics.jsonl', resume)
   events = io_lib.EventWriter(work)
-  t0 = time.time()
-  if resume is None:
-    bar = tqdm(total=int(alg.stage1_steps.max()), desc='stage 1 (local)',
-               unit='step', disable=None)
-    state, m1 = alg.stage1(fresh, progress=lambda i, _: bar.update(
-        i - bar.n))
-    bar.close()
-    m1['wall_s'] = time.time() - t0
-    ckpts.save(0, state)
-    log.write(m1)
-    events.scalars(0, {'train/loss': float(np.mean(m1['train_loss']))})
-  else:
-    state = ckpts.restore(alg.initial_state(fresh), resume)
-    logging.info('Resumed from %s at round %d', ckpts.directory, resume)
-  timing['stage1_s'] = time.time() - t0
+  state = engine.initial_state(jax.random.key(c.seed + 1))
+  if resume:
+    state = ckpts.restore(state, resume)
+    logging.info('Resumed from %s at step %d of %d', ckpts.directory, resume,
+                 len(schedule))
 
-  # ---- stage 2: federated rounds -------------------------------------------
+  # ---- training phases -------------------------------------------------------
   t0 = time.time()
-  start = int(state['round'])
-  for _ in tqdm(range(start, c.fl.rounds), desc='stage 2 (federated)',
-                unit='round', initial=start, total=c.fl.rounds, disable=None):
-    t_round = time.time()
-    state, m = alg.fl_round(state)
-    t = m['round']
-    if c.eval.every and (t % c.eval.every == 0 or t == c.fl.rounds):
-      g = lora_lib.replicate(state['global'], n)
-      m['eval_global'] = evaluate(model, base, g, tests, task, c,
-                                   tokenizer)['mean']
-    m['stage'] = 2
-    m['wall_s'] = time.time() - t_round
-    ckpts.save(t, state)
+  bar, bar_phase = None, None
+  for index in range(int(state['done']), len(schedule)):
+    phase, repeat, t, _ = schedule[index]
+    if bar_phase is not phase:
+      if bar is not None:
+        bar.close()
+      bar, bar_phase = _phase_bar(phase, repeat), phase
+    t_repeat = time.time()
+    step_bar = bar if phase.repeats == 1 else None
+    state, m = engine.run_repeat(
+        state, index, progress=(lambda i, _: step_bar.update(i - step_bar.n))
+        if step_bar is not None else None)
+    if phase.repeats > 1:
+      bar.update(1)
+    bar.set_postfix(loss=f'{m["train_loss_mean"]:.3f}')
+    last = index + 1 == len(schedule) or schedule[index + 1][0] is not phase
+    if (method.progress_rows and phase.repeats > 1 and c.eval.every and
+        (t % c.eval.every == 0 or last)):
+      for name, adapters in method.progress_rows(state['server'],
+                                                 state['client']).items():
+        m[f'eval_{name}'] = evaluate(model, base, adapters, tests, task, c,
+                                     tokenizer)['mean']
+    m['step'] = index + 1
+    m['wall_s'] = time.time() - t_repeat
+    # The metrics line first, then the checkpoint: a run killed in between
+    # resumes from the previous checkpoint and drops this line.
     log.write(m)
-    scalars = {'train/loss': m['train_loss_mean'],
-               'server/delta_norm': m['delta_norm']}
-    for k, v in m.get('eval_global', {}).items():
-      scalars[f'eval_global/{k}'] = v
-    events.scalars(t, scalars)
-  timing['stage2_s'] = time.time() - t0
+    ckpts.save(index + 1, state)
+    scalars = {'train/loss': m['train_loss_mean']}
+    for k, v in m.items():
+      if k.startswith('eval_'):
+        scalars.update({f'{k}/{name}': x for name, x in v.items()})
+      elif k == 'delta_norm':
+        scalars['server/delta_norm'] = v
+    events.scalars(index + 1, scalars)
+  if bar is not None:
+    bar.close()
+  timing['train_s'] = time.time() - t0
 
-  # ---- stage 3: AdaFusion --------------------------------------------------
+  # ---- search phases (e.g. AdaFusion) ------------------------------------------
   t0 = time.time()
-  personal = state['personal']
-  global_n = lora_lib.replicate(state['global'], n)
-  # Padded rows of clients with fewer shots carry no loss tokens.
-  shot_batch = {'tokens': shots.tokens, 'loss_mask': shots.loss_mask,
-                'attention_mask': shots.attention_mask}
-  fitness = fusion_lib.make_fitness_fn(model, base, personal, global_n,
-                                       shot_batch, lam=c.fusion.lam)
-  w, history = fusion_lib.adafusion(fitness, n, c.fusion,
-                                    jax.random.key(c.seed + 2))
-  timing['fusion_s'] = time.time() - t0
+  state, searched = engine.run_searches(state)
+  timing['search_s'] = time.time() - t0
 
   # ---- evaluation ------------------------------------------------------------
   t0 = time.time()
-  adapters = {'personalized': personal, 'global': global_n,
-              'fused': fusion_lib.fuse(personal, global_n, w)}
-  for kind in c.fusion.baselines:
-    wb = fusion_lib.baseline_weights(kind, n, jax.random.key(c.seed + 3),
-                                     bounds=tuple(c.fusion.bounds))
-    adapters[f'fusion_{kind}'] = fusion_lib.fuse(personal, global_n, wb)
-  evaluated = {name: evaluate(model, base, lo, tests, task, c, tokenizer)
-               for name, lo in tqdm(adapters.items(), desc='evaluation',
-                                    disable=None)}
+  rows = method.rows(state['server'], state['client'])
+  evaluated = {name: evaluate(model, base, adapters, tests, task, c,
+                              tokenizer)
+               for name, adapters in tqdm(rows.items(), desc='evaluation',
+                                          unit='row', disable=None)}
   timing['eval_s'] = time.time() - t0
   timing['total_s'] = time.time() - t_start
 
-  rounds = c.fl.rounds
-  size = lora_lib.num_bytes(state['global'])
-  up1 = size if c.fl.global_init == 'mean_personal' else 0
+  headline = method.headline or next(iter(rows))
+  records = log.records()
   results = {
+      'method': c.method,
+      'headline': headline,
       'data_source': task.data_source,
       'is_synthetic': task.is_synthetic,
+      'skipped_lines': dict(task.skipped_by_file),
       'task': task.name, 'metric': task.metric,
       'model': model_desc,
       'seed': c.seed,
       'num_clients': n,
       'partition': part.method,
-      'fusion_weights': np.asarray(w).tolist(),
-      'fusion_best_fitness': np.asarray(history['best_fitness']).tolist(),
+      'phases': [p.name for p in method.phases],
       'models': evaluated,
-      'communication': {
-          'adapter_bytes': size,
-          'bytes_up_per_client': up1 + rounds * size,
-          'bytes_down_per_client': rounds * size,
-          'bytes_total': n * (up1 + 2 * rounds * size),
-          'note': 'global adapters only; personalized adapters and data '
-                  'never leave a client',
-      },
+      'search': searched,
+      'context_shots': {
+          'k': method.context_shots,
+          'used_mean': float(np.asarray(tests.demos_used)[
+              np.asarray(tests.valid)].mean()) if method.context_shots
+          and np.asarray(tests.valid).any() else 0.0},
+      'communication': _communication(records, n),
       'timing': timing,
       'config': json.loads(c.to_json_best_effort()),
   }
   io_lib.write_json(work / 'results.json', results)
-  log.write({'stage': 3, 'round': rounds, 'fusion_weights': results[
-      'fusion_weights'], **{f'{k}_{task.metric}': _headline(v, task)
-                            for k, v in evaluated.items()}})
-  events.scalars(rounds, {f'final/{k}': _headline(v, task)
-                          for k, v in evaluated.items()})
+  final = {'phase': 'final', 'round': c.fl.rounds,
+           **{f'{k}_{task.metric}': v['mean'][task.metric]
+              for k, v in evaluated.items()}}
+  log.write(final)
+  events.scalars(len(schedule), {f'final/{k}': v['mean'][task.metric]
+                                 for k, v in evaluated.items()})
   events.close()
   ckpts.close()
   table = eval_lib.format_table(evaluated, _metric_names(task))
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
-  print(f'\n{task.name} ({banner}: {task.data_source})\nmodel: {model_desc}\n'
-        f'{table}\nresults: {work / "results.json"}')
+  print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
+        f'\nmodel: {model_desc}\n{table}\nresults: {work / "results.json"}')
   return results
+
+
+def _phase_bar(phase, repeat: int):
+  if phase.repeats > 1:
+    return tqdm(total=phase.repeats, initial=repeat, desc=phase.name,
+                unit='round', disable=None)
+  return tqdm(total=engine_lib.Engine.max_steps(phase), desc=phase.name,
+              unit='step', disable=None)
 
 
 def _metric_names(task) -> tuple[str, ...]:

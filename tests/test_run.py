@@ -1,17 +1,25 @@
-"""End to end on a tiny config: outputs, kill and resume, bad configs."""
+"""End to end on a tiny config: outputs, kill and resume, bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from configs import logs
 from fdlora_jax import io as io_lib
 from fdlora_jax import run as run_lib
-from fdlora_jax.fl.fdlora import FDLoRA
+from fdlora_jax.errors import ConfigError
+from fdlora_jax.fl.engine import Engine
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(tmp_path, **fl):
+def tiny_config(tmp_path, method='fdlora', **fl):
   c = logs.get_config()
+  c.model.name = ''   # the tiny random preset, not the default pretrained model
+  c.method = method
   c.data.synthetic_windows = 60
   c.data.min_examples_per_client = 3
   c.data.few_shot = 2
@@ -21,8 +29,8 @@ def tiny_config(tmp_path, **fl):
   c.fl.inner_lr = 1e-2
   c.fl.local_epochs = 0.5
   c.eval.every = 1
-  c.fusion.steps = 2
-  c.fusion.population_size = 4
+  c.fdlora.fusion.steps = 2
+  c.fdlora.fusion.population_size = 4
   c.model.tokenizer_cache = str(tmp_path / 'tok')
   for k, v in fl.items():
     c.fl[k] = v
@@ -35,101 +43,145 @@ def strip_timing(results):
   return results
 
 
-def test_kill_and_resume_gives_identical_results(tmp_path, monkeypatch):
-  c = tiny_config(tmp_path)
+def metrics_lines(work):
+  return [{k: v for k, v in json.loads(l).items() if k != 'wall_s'}
+          for l in (work / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.parametrize('method', ['fdlora', 'fedavg'])
+def test_kill_and_resume_gives_identical_results(tmp_path, monkeypatch,
+                                                 method):
+  c = tiny_config(tmp_path, method)
   straight = run_lib.run(c, str(tmp_path / 'a'))
 
-  real_round = FDLoRA.fl_round
+  real = Engine.run_repeat
   calls = {'n': 0}
 
-  def crash_in_round_3(self, state):
+  def crash_in_round_2(self, state, index, progress=None):
     calls['n'] += 1
     if calls['n'] == 3:
-      raise KeyboardInterrupt('simulated kill during round 3')
-    return real_round(self, state)
+      raise KeyboardInterrupt('simulated kill during round 2')
+    return real(self, state, index, progress)
 
-  monkeypatch.setattr(FDLoRA, 'fl_round', crash_in_round_3)
+  monkeypatch.setattr(Engine, 'run_repeat', crash_in_round_2)
   with pytest.raises(KeyboardInterrupt):
     run_lib.run(c, str(tmp_path / 'b'))
   assert io_lib.StateCheckpoints(tmp_path / 'b' / 'checkpoints'
                                  ).latest_step() == 2
   assert not (tmp_path / 'b' / 'results.json').exists()
-  monkeypatch.setattr(FDLoRA, 'fl_round', real_round)
+  monkeypatch.setattr(Engine, 'run_repeat', real)
   resumed = run_lib.run(c, str(tmp_path / 'b'))
 
   assert strip_timing(resumed) == strip_timing(straight)
-  lines_a = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl')
-             .read_text().splitlines()]
-  lines_b = [json.loads(l) for l in (tmp_path / 'b' / 'metrics.jsonl')
-             .read_text().splitlines()]
-  drop = lambda ls: [{k: v for k, v in l.items() if k != 'wall_s'}
-                     for l in ls]
-  assert drop(lines_a) == drop(lines_b)
-  assert [l['round'] for l in lines_a] == [0, 1, 2, 3, 3]
+  lines = metrics_lines(tmp_path / 'a')
+  assert lines == metrics_lines(tmp_path / 'b')
+  assert [l['round'] for l in lines] == [0, 1, 2, 3, 3]
+  assert [l.get('step') for l in lines] == [1, 2, 3, 4, None]
 
 
-def test_outputs_name_their_source_and_count_bytes(tmp_path):
+def test_kill_between_metrics_line_and_checkpoint(tmp_path, monkeypatch):
+  """The round's metrics line is written, its checkpoint is not: the resumed
+  run redoes that round and its metrics.jsonl equals an uninterrupted one."""
   c = tiny_config(tmp_path)
+  run_lib.run(c, str(tmp_path / 'a'))
+  real = io_lib.StateCheckpoints.save
+
+  def die_saving_step_3(self, step, state):
+    if step == 3:
+      raise KeyboardInterrupt('killed before the checkpoint landed')
+    return real(self, step, state)
+  monkeypatch.setattr(io_lib.StateCheckpoints, 'save', die_saving_step_3)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.run(c, str(tmp_path / 'b'))
+  assert [l['step'] for l in metrics_lines(tmp_path / 'b')] == [1, 2, 3]
+  monkeypatch.setattr(io_lib.StateCheckpoints, 'save', real)
+  run_lib.run(c, str(tmp_path / 'b'))
+  assert metrics_lines(tmp_path / 'a') == metrics_lines(tmp_path / 'b')
+
+
+def test_outputs_name_their_source_and_are_consistent(tmp_path):
+  c = tiny_config(tmp_path)
+  # (1, 0) and (0, 1) fusion weights must reproduce the two adapters exactly.
+  c.fdlora.fusion.baselines = ('personal', 'global', 'average')
   r = run_lib.run(c, str(tmp_path / 'w'))
   saved = json.loads((tmp_path / 'w' / 'results.json').read_text())
-  assert saved['is_synthetic'] is True
+  assert saved['is_synthetic'] is True and saved['method'] == 'fdlora'
   assert 'synthetic' in saved['data_source']
   assert saved['seed'] == 0 and 'tiny' in saved['model']
   assert saved['config']['fl']['rounds'] == 3
-  for name in ('personalized', 'global', 'fused', 'fusion_average'):
-    m = saved['models'][name]
-    assert len(m['per_client']) == 3
-    assert 0.0 <= m['mean']['f1'] <= 1.0
-  size = saved['communication']['adapter_bytes']
-  # mean_personal init: one upload after stage 1, then one up + one down per
-  # round, per client.
-  assert saved['communication']['bytes_up_per_client'] == 4 * size
-  assert saved['communication']['bytes_total'] == 3 * 7 * size
-  lines = [json.loads(l) for l in (tmp_path / 'w' / 'metrics.jsonl')
-           .read_text().splitlines()]
+  assert saved['headline'] == 'fused'
+  assert saved['models']['fusion_personal'] == saved['models']['personalized']
+  assert saved['models']['fusion_global'] == saved['models']['global']
+  # Per-client counts are the clients' test splits.
+  partition = json.loads((tmp_path / 'w' / 'partition.json').read_text())
+  tests = [cl['num_test'] for cl in partition['clients']]
+  assert [pc['n'] for pc in saved['models']['fused']['per_client']] == tests
+  # F1 from precision and recall, per client.
+  for pc in saved['models']['personalized']['per_client']:
+    p, rec = pc['precision'], pc['recall']
+    assert pc['f1'] == pytest.approx(2 * p * rec / (p + rec) if p + rec
+                                     else 0.0)
+  comm = saved['communication']
+  size = comm['per_round'][1]['bytes_up_per_client'][0]
+  assert size > 0
+  # mean_personal init: one upload after the local phase, then one up + one
+  # down per round, per client.
+  assert comm['bytes_up_per_client'] == [4 * size] * 3
+  assert comm['bytes_down_per_client'] == [3 * size] * 3
+  assert comm['bytes_total'] == 3 * 7 * size
+  lines = metrics_lines(tmp_path / 'w')
   assert all(l['bytes_up_per_client'] == [size] * 3 for l in lines[1:4])
   assert 'f1' in lines[1]['eval_global']
   events = list((tmp_path / 'w').glob('events.out.tfevents.*'))
   steps = [s for s, _ in io_lib.read_events(events[0])]
-  assert steps[:4] == [0, 1, 2, 3]
-  partition = json.loads((tmp_path / 'w' / 'partition.json').read_text())
-  assert partition['num_clients'] == 3
-  assert r['fusion_weights'] and len(r['fusion_weights']) == 3
+  assert steps[:4] == [1, 2, 3, 4]
+  assert r['search']['fusion']['fusion_weights'] and len(
+      r['search']['fusion']['fusion_weights']) == 3
 
 
-@pytest.mark.parametrize('field,value,message', [
-    ('fl.num_clients', 0, 'fl.num_clients'),
-    ('fl.inner_steps', 0, 'fl.inner_steps'),
-    ('fl.sync_every', 0.0, 'fl.sync_every'),
-    ('data.dirichlet_alpha', 0.0, 'data.dirichlet_alpha'),
-    ('lora.rank', 0, 'lora.rank'),
-    ('lora.targets', ('q_proj', 'attn'), 'lora.targets'),
+@pytest.mark.parametrize('field,value', [
+    ('method', 'fedsgd'),
+    ('fl.num_clients', 0),
+    ('fl.inner_steps', 0),
+    ('fl.inner_schedule', 'cosnie'),
+    ('fl.inner_optimizer', 'adam'),
+    ('data.dirichlet_alpha', 0.0),
+    ('lora.rank', 0),
+    ('lora.targets', ('q_proj', 'attn')),
+    ('eval.normalize', 'avg'),
+    ('fdlora.sync_every', 0.0),
+    ('fdlora.global_init', 'zeros'),
+    ('model.checkpoint', '/nonexistent/llama'),
 ])
 def test_bad_config_rejected_before_compute(tmp_path, monkeypatch, field,
-                                            value, message):
+                                            value):
   c = tiny_config(tmp_path)
-  section, name = field.split('.')
-  c[section][name] = value
+  section, name = field.split('.') if '.' in field else (None, field)
+  if section:
+    c[section][name] = value
+  else:
+    c[name] = value
 
   def no_data(*a, **k):
     raise AssertionError('data was loaded before the config was checked')
   monkeypatch.setattr(run_lib.data_lib, 'load_task', no_data)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=field.replace('.', r'\.')):
     run_lib.run(c, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
 
 
 def test_resume_refuses_a_different_experiment(tmp_path):
   c = tiny_config(tmp_path)
   run_lib.run(c, str(tmp_path / 'w'))
   c.seed = 7
-  with pytest.raises(ValueError, match=r'seed: 0 -> 7'):
+  with pytest.raises(ConfigError, match=r'seed: 0 -> 7'):
     run_lib.run(c, str(tmp_path / 'w'))
   # More rounds is a legitimate continuation.
   c.seed = 0
   c.fl.rounds = 4
   r = run_lib.run(c, str(tmp_path / 'w'))
-  assert r['communication']['bytes_down_per_client'] == 4 * r[
-      'communication']['adapter_bytes']
+  size = r['communication']['per_round'][1]['bytes_down_per_client'][0]
+  assert r['communication']['bytes_down_per_client'] == [4 * size] * 3
 
 
 def test_generate_mode_runs_and_reads_answers(tmp_path):
@@ -141,3 +193,60 @@ def test_generate_mode_runs_and_reads_answers(tmp_path):
     m = r['models'][name]['mean']
     assert 0.0 <= m['f1'] <= 1.0 and 0.0 <= m['accuracy'] <= 1.0
   assert r['config']['eval']['mode'] == 'generate'
+
+
+# ---------------------------------------------------------------------------
+# main.py: one clear line and exit status 2 for bad input, no partial results
+# ---------------------------------------------------------------------------
+def main_py(tmp_path, *flags):
+  work = tmp_path / 'w'
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/logs.py',
+       f'--workdir={work}', f'--config.model.tokenizer_cache={tmp_path}/tok',
+       '--config.model.name=',
+       *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  return proc, work
+
+
+def _bin_only(tmp_path):
+  d = tmp_path / 'ckpt'
+  d.mkdir()
+  (d / 'config.json').write_text(json.dumps(dict(
+      model_type='llama', vocab_size=96, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=2, num_attention_heads=4)))
+  (d / 'pytorch_model.bin').write_bytes(b'\x80\x02' + bytes(64))
+  return d
+
+
+def _file(tmp_path, name, data):
+  d = tmp_path / 'logs'
+  d.mkdir(exist_ok=True)
+  (d / name).write_bytes(data)
+  return d
+
+
+@pytest.mark.parametrize('case', ['bad_value', 'missing_dir', 'empty_log',
+                                  'binary_log', 'bin_checkpoint'])
+def test_main_reports_bad_input_in_one_line(tmp_path, case):
+  flags = {
+      'bad_value': lambda: ['--config.fl.inner_schedule=cosnie'],
+      'missing_dir': lambda: [f'--config.data.dir={tmp_path}/nothing'],
+      'empty_log': lambda: [
+          f'--config.data.dir={_file(tmp_path, "BGL_empty.log", b"")}'],
+      'binary_log': lambda: [
+          f'--config.data.dir='
+          f'{_file(tmp_path, "BGL_bin.log", bytes(range(256)) * 64)}'],
+      'bin_checkpoint': lambda: [
+          f'--config.model.checkpoint={_bin_only(tmp_path)}'],
+  }[case]()
+  proc, work = main_py(tmp_path, *flags)
+  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-3000:])
+  err = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(err) == 1, proc.stderr[-3000:]
+  assert proc.stderr.rstrip().endswith(err[0])
+  assert 'Traceback' not in proc.stderr
+  named = {'bad_value': 'fl.inner_schedule', 'missing_dir': 'nothing',
+           'empty_log': 'BGL_empty.log', 'binary_log': 'BGL_bin.log',
+           'bin_checkpoint': 'ckpt'}[case]
+  assert named in err[0]
+  assert not work.exists()

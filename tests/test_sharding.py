@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
   import json
   import jax, jax.numpy as jnp, numpy as np, optax
   from fdlora_jax import lora as lora_lib, sharding
-  from fdlora_jax.fl import init_opt_states, make_clients_update
+  from fdlora_jax.fl import init_opt_states, sft_clients_update
   from fdlora_jax.lora import LoraConfig
   from fdlora_jax.model import PRESETS, Llama, init_params
 
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
   batches['attention_mask'][:, 1, 0, :5] = 0          # some padding
   batches['valid'][1, 2] = 0                          # an empty example
   rngs = jax.random.split(jax.random.key(7), n)
-  update = make_clients_update(model, opt, dropout=True, donate=False)
+  update = sft_clients_update(model, opt, dropout=True, donate=False)
   ref = update(base, lora, state, batches, rngs)
 
   out = {}
@@ -82,18 +82,25 @@ def test_sharded_step_equals_unsharded():
 
 ROUND_SCRIPT = textwrap.dedent('''
   import json, sys
-  import jax, jax.numpy as jnp, ml_collections, numpy as np
+  import jax, jax.numpy as jnp, numpy as np
   sys.path.insert(0, 'tests')
-  from test_fl import CFG, LCFG, fl_cfg
+  from test_engine import CFG, LCFG
+  from configs import logs
   from fdlora_jax import lora as lora_lib
-  from fdlora_jax.fl import FDLoRA
+  from fdlora_jax.fl.engine import Engine, Setup
+  from fdlora_jax.fl.methods import fdlora
   from fdlora_jax.model import Llama, init_params
   from fdlora_jax.run import device_mesh
 
   n, k, b, t = 4, 2, 1, 12
   model = Llama(CFG, LCFG)
   base = init_params(CFG, jax.random.key(0))
-  fresh = lora_lib.init(model, jax.random.key(1))
+  c = logs.get_config()
+  c.model.name = ''
+  c.fl.num_clients, c.fl.inner_steps, c.fl.batch_size = n, k, b
+  c.fl.inner_lr, c.fl.local_epochs, c.fl.rounds, c.fl.dropout = (
+      1e-2, 1.0, 2, False)
+  c.fdlora.outer_lr, c.fdlora.sync_every = 0.7, 2.0
 
   def sample(step0, num_steps):
     rng = np.random.default_rng(step0)
@@ -105,22 +112,22 @@ ROUND_SCRIPT = textwrap.dedent('''
             'valid': np.ones((num_steps, n, b), np.float32)}
 
   def two_rounds(mesh):
-    alg = FDLoRA(model=model, base=base,
-                 fl_cfg=fl_cfg(inner_optimizer='adamw', inner_lr=1e-2,
-                               outer_lr=0.7, outer_momentum=0.5, sync_every=2.0),
-                 num_clients=n, sample=sample, steps_per_round=np.full(n, k),
-                 stage1_steps=np.array([3, 2, 3, 1]),
-                 client_weights=np.ones(n), mesh=mesh)
-    state, _ = alg.stage1(fresh)
-    for _ in range(2):
-      state, _ = alg.fl_round(state)
+    setup = Setup(model=model, base=base, config=c, num_clients=n,
+                  train_counts=np.array([3, 2, 3, 1]),
+                  label_counts=np.ones((n, 2), np.int64), few_shot={},
+                  lora_init=lambda key: lora_lib.init(model, key))
+    eng = Engine(fdlora.build(setup), model, base, c.fl, n, sample,
+                 mesh=mesh)
+    state = eng.initial_state(jax.random.key(1))
+    for i in range(len(eng.schedule())):
+      state, _ = eng.run_repeat(state, i)
     return state
 
   mesh = device_mesh(n, 1)
   sharded, single = two_rounds(mesh), two_rounds(None)
   diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in
              zip(jax.tree.leaves(sharded), jax.tree.leaves(single)))
-  leaf = sharded['personal']['layers']['self_attn']['q_proj']['a']
+  leaf = sharded['client']['personal']['layers']['self_attn']['q_proj']['a']
   print('RESULT ' + json.dumps({
       'mesh': dict(mesh.shape), 'diff': diff,
       'devices': len(leaf.sharding.device_set),

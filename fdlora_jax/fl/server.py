@@ -1,7 +1,7 @@
 """Server side: the outer optimizer step on the mean pseudo-gradient.
 
-The server sees only the global adapters the clients upload; its functions
-take nothing else, so a personalized adapter cannot reach it.
+Shared by the methods whose server averages uploads. Every function takes the
+uploads (``[N, ...]``) and weights, never a client's private state.
 
     delta    = sum_i w_i (theta - theta_i) / sum_i w_i
     theta'   = theta - outer_opt(delta)
@@ -12,18 +12,13 @@ nesterov=True)`` it is DiLoCo's outer step, which FDLoRA uses.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 PyTree = Any
-
-
-class ServerMetrics(NamedTuple):
-  delta_norm: jax.Array     # L2 norm of the pseudo-gradient
-  participants: jax.Array   # clients with non-zero weight
 
 
 def outer_optimizer(lr: float, momentum: float, nesterov: bool = True
@@ -46,18 +41,32 @@ def pseudo_gradient(global_lora: PyTree, uploads: PyTree,
   return jax.tree.map(mean_delta, global_lora, uploads)
 
 
-def make_server_update(outer: optax.GradientTransformation):
-  """``server_update(global_lora, outer_state, uploads[N], weights[N])``.
+def weighted_mean(uploads: PyTree, weights: jax.Array) -> PyTree:
+  """``sum_i w_i u_i / sum_i w_i`` leafwise; a zero-weight upload (even a
+  NaN one) never enters the sum."""
+  total = jnp.sum(weights)
+  norm = jnp.where(total > 0, weights / jnp.maximum(total, 1e-30), 0.0)
 
-  Returns ``(global_lora, outer_state, ServerMetrics)``; jitted.
+  def mean(u):
+    w = norm.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+    return jnp.sum(jnp.where(w > 0, u * w, 0.0), axis=0)
+  return jax.tree.map(mean, uploads)
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2)
+                      for x in jax.tree.leaves(tree)))
+
+
+def outer_step(outer: optax.GradientTransformation, global_lora: PyTree,
+               outer_state: PyTree, uploads: PyTree, weights: jax.Array
+               ) -> tuple[PyTree, PyTree, dict]:
+  """One outer step on the mean pseudo-gradient of ``uploads [N, ...]``.
+
+  Returns ``(global_lora, outer_state, {'delta_norm', 'participants'})``.
   """
-
-  def server_update(global_lora, outer_state, uploads, weights):
-    delta = pseudo_gradient(global_lora, uploads, weights)
-    updates, outer_state = outer.update(delta, outer_state, global_lora)
-    new_global = optax.apply_updates(global_lora, updates)
-    norm = jnp.sqrt(sum(jnp.sum(d.astype(jnp.float32) ** 2)
-                        for d in jax.tree.leaves(delta)))
-    return new_global, outer_state, ServerMetrics(norm, jnp.sum(weights > 0))
-
-  return jax.jit(server_update)
+  delta = pseudo_gradient(global_lora, uploads, weights)
+  updates, outer_state = outer.update(delta, outer_state, global_lora)
+  new_global = optax.apply_updates(global_lora, updates)
+  return new_global, outer_state, {'delta_norm': tree_norm(delta),
+                                   'participants': jnp.sum(weights > 0)}

@@ -1,0 +1,514 @@
+"""The one engine every federated method runs on.
+
+A method (``fdlora_jax/fl/methods/*.py``) is pure functions over pytrees: what
+the server broadcasts, what a client trains and with which loss, what it
+uploads, how the server combines uploads, and which adapters to evaluate. It
+holds no ``jit``, ``vmap``, masks, RNG or placement. Those live here, and only
+here:
+
+* ``jit`` of one compiled client step per phase: a ``vmap`` over clients of a
+  ``lax.scan`` over the K local steps, the base shared (``in_axes=None``),
+  the trained tree and its optimizer state donated;
+* step masks (a client with fewer examples, or past its own number of steps,
+  changes nothing), the non-finite guard (a client whose loss or gradient
+  turns NaN/inf stops for the round, keeps its previous state and gets server
+  weight 0), elementwise ``trainable`` masks (frozen entries stay
+  bit-identical);
+* RNG folding (phase, round, chunk) and mesh placement of the client axis;
+* communication bytes, counted from the arrays actually broadcast to and
+  uploaded by each client, per round.
+
+Run state (one pytree; :class:`fdlora_jax.io.StateCheckpoints` saves it
+whole)::
+
+  {'done':   int32 []       repeats completed over all phases (checkpoint step)
+   'server': method's server state, no client axis
+   'client': method's client state, every leaf [N, ...], never given to the
+             server function
+   'opt':    {phase name: optax state [N, ...] of the tree that phase trains}}
+
+Data flow of one repeat (round ``t``) of a training phase::
+
+  download[N] = replicate(phase.broadcast(server, t))   (or per client)
+  train[N]    = vmap(phase.start)(client, download)
+  train[N]    = K masked steps of grad(phase.loss) w.r.t. train
+  client, upload[N] = vmap(phase.finish)(client, train, download, t)
+  server      = phase.server(server, upload, weights * healthy, t)
+
+The server function's arguments are the server state, the uploads and the
+weights; the client state cannot reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax import sharding
+from fdlora_jax.model import num_targets_bucket, target_log_probs
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# What a method declares
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One phase of a method: ``repeats`` repeats of local training, or a
+  gradient-free ``search`` run once.
+
+  Training phases (all functions are pure and see one client: the engine
+  vmaps them):
+    start(client, download) -> train: the tree the K steps optimise.
+    loss(fwd, train, download, batch, rng) -> (mean loss, target count):
+      ``fwd`` is a :class:`Forward` (the frozen base applied with an adapter).
+    trainable(train) -> mask tree (bool, broadcastable to each leaf) or None:
+      entries outside the mask stay bit-identical.
+    finish(client, train, download, t) -> (client, upload). ``upload`` is
+      what leaves the client (``None``: nothing).
+    broadcast(server, t) -> download, shared by all clients (``None``:
+      nothing). With ``personal_download`` it returns ``[N, ...]`` leaves,
+      one download per client.
+    server(server, uploads[N], weights[N], t) -> (server, metrics dict).
+  Search phases:
+    search(server, client, key) -> (client, metrics dict); runs once, after
+      the training phases (e.g. AdaFusion), not vmapped by the engine.
+
+  ``steps`` is ``[N]`` real local steps per client per repeat (the engine
+  masks the rest); ``first_round`` numbers the repeats (0 for a stage before
+  the federated rounds, 1 for the first round); ``chunk`` caps the steps per
+  compiled call (progress, memory).
+  """
+  name: str
+  repeats: int = 1
+  steps: Optional[np.ndarray] = None
+  first_round: int = 1
+  chunk: int = 0
+  start: Optional[Callable] = None
+  loss: Optional[Callable] = None
+  trainable: Optional[Callable] = None
+  finish: Optional[Callable] = None
+  broadcast: Optional[Callable] = None
+  personal_download: bool = False
+  server: Optional[Callable] = None
+  reset_opt: bool = False
+  search: Optional[Callable] = None
+
+  @property
+  def is_search(self) -> bool:
+    return self.search is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A federated method, as the engine and ``run()`` see it.
+
+  init(key) -> (server state, client state [N, ...]).
+  rows(server, client) -> {name: adapters [N, ...] or None (the base)}: what
+    the final evaluation scores, in order.
+  headline: the row that stands for the method in comparisons (default: the
+    first row).
+  progress_rows(server, client) -> rows evaluated every ``eval.every``
+    rounds (default: none).
+  info(server, client) -> extra JSON-able results (e.g. fusion weights).
+  client_weights: ``[N]`` server weights before the health mask.
+  context_shots: k in-context examples of the client's own training split
+    put in every evaluation prompt (k-shot); 0 for none.
+  """
+  name: str
+  init: Callable
+  phases: tuple[Phase, ...]
+  rows: Callable
+  headline: str = ''
+  progress_rows: Optional[Callable] = None
+  info: Optional[Callable] = None
+  client_weights: Optional[np.ndarray] = None
+  context_shots: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a method may read of the run when it is built."""
+  model: Any                    # Llama with the run's LoraConfig
+  base: PyTree                  # frozen base weights
+  config: Any                   # the whole run config (c.fl, c.<method>)
+  num_clients: int
+  train_counts: np.ndarray      # [N] training examples per client
+  label_counts: np.ndarray      # [N, O] training examples per answer option
+  few_shot: dict                # tokens/loss_mask/attention_mask [N, F, L]
+  lora_init: Callable           # key -> a fresh adapter (no client axis)
+
+  def steps(self, amount: float, unit: str) -> np.ndarray:
+    """``[N]`` real steps per client: ``amount`` steps, or epochs of data."""
+    return client_steps(self.train_counts, amount, unit,
+                        self.config.fl.batch_size)
+
+
+def client_steps(counts: np.ndarray, amount: float, unit: str,
+                 batch_size: int) -> np.ndarray:
+  """Real optimizer steps per client: ``amount`` steps, or epochs of data."""
+  counts = np.asarray(counts)
+  if unit == 'steps':
+    return np.where(counts > 0, int(amount), 0).astype(np.int32)
+  return np.ceil(amount * counts / batch_size).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# The model as a loss sees it
+# ---------------------------------------------------------------------------
+class Forward(NamedTuple):
+  """The frozen base applied with an adapter, inside the compiled step."""
+  model: Any
+  base: PyTree
+  num_targets: Optional[int]
+  dropout: bool
+
+  def target_log_probs(self, lora, batch, rng=None):
+    """``(logp [B, A], mask [B, A])`` at the ``loss_mask`` targets; padded
+    rows (``valid`` 0) are masked."""
+    logp, mask = target_log_probs(
+        self.model, {'params': self.base, 'lora': lora}, batch['tokens'],
+        batch['loss_mask'], batch['attention_mask'], self.num_targets,
+        rngs={'dropout': rng} if (self.dropout and rng is not None) else None)
+    if 'valid' in batch:
+      mask = mask * batch['valid'][:, None].astype(jnp.float32)
+    return logp, mask
+
+  def nll(self, lora, batch, rng=None):
+    """Mean next-token NLL over the targets, and their count."""
+    logp, mask = self.target_log_probs(lora, batch, rng)
+    count = jnp.sum(mask)
+    return -jnp.sum(logp * mask) / jnp.maximum(count, 1.0), count
+
+
+class StepMetrics(NamedTuple):
+  loss: jax.Array        # mean loss of this step's batch
+  tokens: jax.Array      # target tokens in the batch (0: nothing to learn)
+  applied: jax.Array     # the update was applied
+  nonfinite: jax.Array   # loss or gradient was NaN/inf
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
+                       trainable: Optional[Callable] = None) -> Callable:
+  """``update(fwd, train, opt_state, download, batches[K], rng)`` for one
+  client: K optimizer steps in ``lax.scan``.
+
+  Returns ``(train, opt_state, healthy, StepMetrics[K])``. A step with no
+  target token changes nothing; a non-finite step stops the client.
+  """
+
+  def step(fwd, download, carry, inputs):
+    train, opt_state, healthy = carry
+    batch, rng = inputs
+    (value, count), grads = jax.value_and_grad(
+        lambda t: loss(fwd, t, download, batch, rng), has_aux=True)(train)
+    finite = jnp.isfinite(value) & _all_finite(grads)
+    apply = healthy & finite & (count > 0)
+    mask = None if trainable is None else trainable(train)
+    if mask is not None:
+      grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0.0), grads, mask)
+    updates, new_opt = optimizer.update(grads, opt_state, train)
+    new_train = optax.apply_updates(train, updates)
+    if mask is not None:   # frozen entries stay bit-identical
+      new_train = jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_train,
+                               train, mask)
+    keep = lambda new, old: jnp.where(apply, new, old)
+    train = jax.tree.map(keep, new_train, train)
+    opt_state = jax.tree.map(keep, new_opt, opt_state)
+    healthy = healthy & (finite | (count == 0))
+    return (train, opt_state, healthy), StepMetrics(
+        jnp.where(count > 0, value, 0.0), count, apply, ~finite & (count > 0))
+
+  def update(fwd, train, opt_state, download, batches, rng):
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+    rngs = jax.random.split(rng, num_steps)
+    (train, opt_state, healthy), metrics = jax.lax.scan(
+        lambda c, x: step(fwd, download, c, x),
+        (train, opt_state, jnp.array(True)), (batches, rngs))
+    return train, opt_state, healthy, metrics
+
+  return update
+
+
+def make_clients_update(model, loss: Callable,
+                        optimizer: optax.GradientTransformation,
+                        trainable: Optional[Callable] = None,
+                        dropout: bool = False, donate: bool = True
+                        ) -> Callable:
+  """All clients in one compiled step.
+
+  ``(base, train[N], opt[N], download[N], batches[K, N, ...], rng[N],
+  num_targets=None) -> (train[N], opt[N], healthy[N], StepMetrics[N, K])``.
+  """
+  one = make_client_update(loss, optimizer, trainable)
+
+  def many(base, train, opt_state, download, batches, rngs, num_targets=None):
+    fwd = Forward(model, base, num_targets, dropout)
+    return jax.vmap(lambda *a: one(fwd, *a), in_axes=(0, 0, 0, 1, 0))(
+        train, opt_state, download, batches, rngs)
+
+  return jax.jit(many, static_argnames=('num_targets',),
+                 donate_argnums=(1, 2) if donate else ())
+
+
+# ---------------------------------------------------------------------------
+# Optimizer of the local steps (c.fl)
+# ---------------------------------------------------------------------------
+INNER_SCHEDULES = ('constant', 'cosine', 'linear')
+INNER_OPTIMIZERS = ('adamw', 'sgd')
+
+
+def inner_optimizer(fl_cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (or plain SGD) with the configured learning-rate schedule."""
+  lr = fl_cfg.inner_lr
+  warmup = int(fl_cfg.inner_warmup_steps)
+  kind = fl_cfg.inner_schedule
+  if kind == 'constant':
+    schedule = optax.constant_schedule(lr)
+    if warmup:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup])
+  else:
+    decay = max(total_steps - warmup, 1)
+    tail = (optax.cosine_decay_schedule(lr, decay) if kind == 'cosine'
+            else optax.linear_schedule(lr, 0.0, decay))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), tail],
+        [max(warmup, 1)]) if warmup else tail
+  if fl_cfg.inner_optimizer == 'sgd':
+    return optax.sgd(schedule)
+  return optax.adamw(schedule, b1=fl_cfg.inner_b1, b2=fl_cfg.inner_b2,
+                     weight_decay=fl_cfg.inner_weight_decay)
+
+
+# ---------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------
+def per_client_bytes(tree: PyTree, n: int) -> list[int]:
+  """Bytes of each client's slice of a ``[N, ...]`` tree (0 for None)."""
+  if tree is None:
+    return [0] * n
+  return [lora_lib.num_bytes(tree) // n] * n if jax.tree.leaves(tree) else (
+      [0] * n)
+
+
+@dataclasses.dataclass
+class Engine:
+  """Runs a :class:`Method`'s training phases over all clients at once.
+
+  ``sample(step0, num_steps) -> batches [K, N, B, T]`` supplies training data
+  as a pure function of the global step, so a resumed run sees the same order.
+  """
+  method: Method
+  model: Any
+  base: PyTree
+  fl_cfg: Any
+  num_clients: int
+  sample: Callable[[int, int], dict]
+  seed: int = 0
+  mesh: Any = None
+
+  def __post_init__(self):
+    self.training = [p for p in self.method.phases if not p.is_search]
+    self.searches = [p for p in self.method.phases if p.is_search]
+    total = sum(p.repeats * self.max_steps(p) for p in self.training)
+    self.optimizer = inner_optimizer(self.fl_cfg, total)
+    self.key = jax.random.key(self.seed)
+    self._updates = {
+        p.name: make_clients_update(self.model, p.loss, self.optimizer,
+                                    p.trainable, dropout=self.fl_cfg.dropout)
+        for p in self.training}
+    self._servers = {p.name: jax.jit(p.server) for p in self.training
+                     if p.server is not None}
+    self._starts = {p.name: jax.jit(jax.vmap(p.start)) for p in self.training}
+    self._finishes = {
+        p.name: jax.jit(jax.vmap(p.finish, in_axes=(0, 0, 0, None)))
+        for p in self.training}
+    n = self.num_clients
+    w = self.method.client_weights
+    self.client_weights = np.ones(n) if w is None else np.asarray(w, float)
+
+  # -- the schedule ------------------------------------------------------------
+  @staticmethod
+  def max_steps(phase: Phase) -> int:
+    return int(np.max(phase.steps, initial=0))
+
+  def schedule(self) -> list[tuple[Phase, int, int, int]]:
+    """``(phase, repeat, round number, first global data step)`` of every
+    repeat of every training phase, in order; index = checkpoint step - 1."""
+    out, cursor = [], 0
+    for p in self.training:
+      k = self.max_steps(p)
+      for r in range(p.repeats):
+        out.append((p, r, p.first_round + r, cursor))
+        cursor += k
+    return out
+
+  # -- state -----------------------------------------------------------------
+  def _place(self, tree: PyTree, axis: int = 0) -> PyTree:
+    """On a mesh: split the client axis over 'clients'; else unchanged."""
+    if self.mesh is None or tree is None:
+      return tree
+    return sharding.shard_clients(tree, self.mesh, axis)
+
+  def _download(self, phase: Phase, server: PyTree, t: int) -> PyTree:
+    if phase.broadcast is None:
+      return None
+    d = phase.broadcast(server, jnp.int32(t))
+    if not phase.personal_download:
+      d = lora_lib.replicate(d, self.num_clients)
+    return self._place(d)
+
+  def initial_state(self, key: jax.Array) -> dict:
+    """The state before any training (also the structure to restore into)."""
+    server, client = self.method.init(key)
+    opt = {}
+    for p in self.training:
+      download = self._download(p, server, p.first_round)
+      opt[p.name] = jax.jit(jax.vmap(self.optimizer.init))(
+          self._starts[p.name](client, download))
+    return {'done': jnp.array(0, jnp.int32), 'server': server,
+            'client': client, 'opt': opt}
+
+  def _rngs(self, phase_index: int, index: int) -> jax.Array:
+    k = jax.random.fold_in(jax.random.fold_in(self.key, phase_index), index)
+    return self._place(jax.random.split(k, self.num_clients))
+
+  def _batches(self, step0: int, num_steps: int, real: np.ndarray):
+    b = dict(self.sample(step0, num_steps))
+    active = np.arange(num_steps)[:, None] < real[None, :]       # [K, N]
+    b['valid'] = b['valid'] * active[:, :, None]
+    num_targets = num_targets_bucket(b['loss_mask'])
+    return self._place(jax.tree.map(jnp.asarray, b), axis=1), num_targets
+
+  # -- one repeat ----------------------------------------------------------------
+  def run_repeat(self, state: dict, index: int, progress=None
+                 ) -> tuple[dict, dict]:
+    """Runs repeat ``index`` of :meth:`schedule`; returns the new state and
+    its metrics (per-client loss, health, bytes, server metrics).
+
+    The phase's optimizer state in ``state`` is donated: pass a copy to run
+    the same state twice."""
+    phase, _, t, cursor = self.schedule()[index]
+    n = self.num_clients
+    p_index = self.method.phases.index(phase) + 1
+    server, client = state['server'], self._place(state['client'])
+    download = self._download(phase, server, t)
+    train = self._starts[phase.name](client, download)
+    opt = self._place(state['opt'][phase.name])
+    if phase.reset_opt:
+      opt = jax.jit(jax.vmap(self.optimizer.init))(train)
+    steps = np.asarray(phase.steps)
+    k = self.max_steps(phase)
+    chunk = max(1, min(phase.chunk or k, k)) if k else 0
+    healthy = jnp.ones(n, bool)
+    losses, tokens, nonfinite = [], [], np.zeros(n, np.int64)
+    for c, s0 in enumerate(range(0, k, chunk or 1)):
+      real = np.clip(steps - s0, 0, chunk)
+      batches, num_targets = self._batches(cursor + s0, chunk, real)
+      train, opt, ok, m = self._updates[phase.name](
+          self.base, train, opt, download, batches, self._rngs(p_index, t + c),
+          num_targets=num_targets)
+      train, opt = self._place((train, opt))
+      healthy = healthy & ok
+      losses.append(np.asarray(m.loss * m.tokens).sum(1))
+      tokens.append(np.asarray(m.tokens).sum(1))
+      nonfinite += np.asarray(m.nonfinite).sum(1)
+      if progress is not None:
+        progress(min(s0 + chunk, k), k)
+    new_client, upload = self._finishes[phase.name](client, train, download,
+                                                    jnp.int32(t))
+    # A client that went non-finite keeps its previous state and is left out
+    # of the server's mean.
+    new_client = jax.tree.map(
+        lambda new, old: jnp.where(
+            healthy.reshape((n,) + (1,) * (new.ndim - 1)), new, old),
+        new_client, client)
+    weights = jnp.asarray(self.client_weights, jnp.float32) * healthy
+    server_metrics = {}
+    if phase.server is not None:
+      server, sm = self._servers[phase.name](server, upload, weights,
+                                             jnp.int32(t))
+      server_metrics = {k: np.asarray(v).tolist() for k, v in sm.items()}
+    tok = np.sum(tokens, 0) if tokens else np.zeros(n)
+    loss = (np.sum(losses, 0) / np.maximum(tok, 1)) if losses else np.zeros(n)
+    new_state = {'done': jnp.array(index + 1, jnp.int32), 'server': server,
+                 'client': new_client,
+                 'opt': dict(state['opt'], **{phase.name: opt})}
+    metrics = {
+        'phase': phase.name, 'round': t,
+        'train_loss': loss.tolist(),
+        'train_loss_mean': float(loss.mean()) if n else 0.0,
+        'healthy': np.asarray(healthy).tolist(),
+        'nonfinite_steps': nonfinite.tolist(),
+        'bytes_down_per_client': per_client_bytes(download, n),
+        'bytes_up_per_client': per_client_bytes(upload, n),
+        **server_metrics,
+    }
+    return new_state, metrics
+
+  def run_searches(self, state: dict) -> tuple[dict, dict]:
+    """The method's search phases (after training), in order; search ``i``
+    gets the key ``key(seed + 2 + i)``."""
+    metrics = {}
+    client = state['client']
+    for i, p in enumerate(self.searches):
+      client, m = p.search(state['server'], client,
+                           jax.random.key(self.seed + 2 + i))
+      metrics[p.name] = {k: np.asarray(v).tolist() for k, v in m.items()}
+    return dict(state, client=client), metrics
+
+
+# ---------------------------------------------------------------------------
+# The plain case: one adapter, token NLL (tests and benchmarks)
+# ---------------------------------------------------------------------------
+def _sft_loss(fwd, lora, download, batch, rng):
+  del download
+  return fwd.nll(lora, batch, rng)
+
+
+def sft_clients_update(model, optimizer: optax.GradientTransformation,
+                       dropout: bool = False, donate: bool = True
+                       ) -> Callable:
+  """``(base, lora[N], opt[N], batches[K, N, ...], rng[N], num_targets=None)
+  -> (lora[N], opt[N], healthy[N], StepMetrics[N, K])``: every client trains
+  its whole adapter on the token NLL."""
+  many = make_clients_update(model, _sft_loss, optimizer, dropout=dropout,
+                             donate=donate)
+
+  def update(base, lora, opt_state, batches, rngs, num_targets=None):
+    return many(base, lora, opt_state, None, batches, rngs,
+                num_targets=num_targets)
+  return update
+
+
+def sft_client_update(model, optimizer: optax.GradientTransformation,
+                      dropout: bool = False,
+                      num_targets: Optional[int] = None) -> Callable:
+  """One client's ``(base, lora, opt, batches[K], rng)`` (not jitted)."""
+  one = make_client_update(_sft_loss, optimizer)
+
+  def update(base, lora, opt_state, batches, rng):
+    return one(Forward(model, base, num_targets, dropout), lora, opt_state,
+               None, batches, rng)
+  return update
+
+
+def init_opt_states(optimizer: optax.GradientTransformation,
+                    lora: PyTree) -> PyTree:
+  """Optimizer states for stacked trees ``[N, ...]``."""
+  return jax.jit(jax.vmap(optimizer.init))(lora)

@@ -1,0 +1,74 @@
+"""FedAvg (McMahan et al., AISTATS 2017) on one LoRA adapter.
+
+One adapter is shared by all clients. Each round every client downloads it,
+trains its copy for K local steps and uploads it; the server takes the
+example-weighted mean of the uploads (``weighting='examples'``) and moves
+``server_lr`` of the way to it (1: plain FedAvg). To use the same number of
+local steps as FDLoRA, a first ``local`` phase trains the copies for
+FDLoRA's stage-1 steps (``fl.local_epochs``) before the T rounds. Evaluated:
+the global adapter on every client.
+
+Server state ``{'global'}``; no client state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.errors import need
+from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.server import pseudo_gradient, tree_norm
+
+NAME = 'fedavg'
+
+
+def config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.weighting = 'examples'  # FedAvg: weight by training examples
+  c.server_lr = 1.0         # 1: the new global adapter is the weighted mean
+  return c
+
+
+def validate(c) -> None:
+  need(c.fedavg.weighting in ('uniform', 'examples'), 'fedavg.weighting',
+       c.fedavg.weighting, "must be 'uniform' or 'examples'")
+  need(c.fedavg.server_lr > 0, 'fedavg.server_lr', c.fedavg.server_lr,
+       'must be > 0')
+
+
+def build(s: Setup) -> Method:
+  c, n = s.config, s.num_clients
+  lr = float(c.fedavg.server_lr)
+
+  def init(key):
+    return {'global': s.lora_init(key)}, {}
+
+  def server(state, uploads, weights, t):
+    # theta - lr * sum_i w_i (theta - theta_i) / sum_i w_i: the weighted mean
+    # when lr = 1.
+    delta = pseudo_gradient(state['global'], uploads, weights)
+    g = jax.tree.map(lambda x, d: x - lr * d, state['global'], delta)
+    return {'global': g}, {'delta_norm': tree_norm(delta),
+                           'participants': jnp.sum(weights > 0)}
+
+  common = dict(broadcast=lambda state, t: state['global'],
+                start=lambda client, download: download,
+                loss=lambda fwd, train, download, batch, rng: fwd.nll(
+                    train, batch, rng),
+                finish=lambda client, train, download, t: (client, train),
+                server=server)
+  phases = (
+      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+            first_round=0, chunk=c.fl.stage1_chunk, **common),
+      Phase('rounds', repeats=c.fl.rounds,
+            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
+  )
+  rows = lambda state, client: {
+      'global': lora_lib.replicate(state['global'], n)}
+  weights = (s.train_counts / max(s.train_counts.sum(), 1)
+             if c.fedavg.weighting == 'examples' else None)
+  return Method(NAME, init, phases, rows, progress_rows=rows,
+                client_weights=weights)
