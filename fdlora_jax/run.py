@@ -216,6 +216,14 @@ def _label_counts(task, indices) -> np.ndarray:
                    for ix in indices]).astype(np.int64)
 
 
+def _option_ids(tokenizer, task, data_cfg):
+  """First token of each answer option, or None if two options share it."""
+  first = [tokenizer(data_cfg.answer_prefix + o, add_special_tokens=False)[
+      'input_ids'][0] for o in task.options]
+  return np.asarray(first, np.int32) if len(set(first)) == len(first) \
+      else None
+
+
 def _communication(records: list[dict], n: int) -> dict:
   """Totals of the bytes each client downloaded and uploaded, from the
   engine's per-repeat counts in ``metrics.jsonl``."""
@@ -255,7 +263,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       label_counts=_label_counts(task, part.train),
       few_shot={'tokens': shots.tokens, 'loss_mask': shots.loss_mask,
                 'attention_mask': shots.attention_mask},
-      lora_init=lambda key: lora_lib.init(model, key))
+      lora_init=lambda key: lora_lib.init(model, key),
+      option_ids=_option_ids(tokenizer, task, c.data))
   method = method_module.build(setup)
   demos = (data_lib.demonstrations(part.train, method.context_shots, c.seed)
            if method.context_shots else None)

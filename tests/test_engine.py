@@ -265,3 +265,20 @@ def test_client_steps_in_epochs_and_steps():
       engine_lib.client_steps(counts, 1.5, 'epochs', 2), [8, 3, 0])
   np.testing.assert_array_equal(
       engine_lib.client_steps(counts, 3, 'steps', 2), [3, 3, 0])
+
+
+def test_option_logits_are_the_logits_before_the_answer(setup):
+  model, base, fresh = setup
+  tok = jnp.array([[5, 6, 7, 8, 30, 2, 0], [5, 6, 9, 31, 2, 0, 0]])
+  am = (tok > 0).astype(jnp.int32)
+  lm = jnp.array([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]], jnp.float32)
+  fwd = engine_lib.Forward(model, base, None, False)
+  logits, label = fwd.option_logits(
+      fresh, {'tokens': tok, 'loss_mask': lm, 'attention_mask': am},
+      np.array([31, 30]))
+  full = model.apply({'params': base, 'lora': fresh}, tok, am)
+  np.testing.assert_allclose(logits[0], full[0, 3, jnp.array([31, 30])],
+                             atol=1e-5)
+  np.testing.assert_allclose(logits[1], full[1, 2, jnp.array([31, 30])],
+                             atol=1e-5)
+  np.testing.assert_array_equal(label, [1, 0])

@@ -51,7 +51,8 @@ import optax
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import sharding
-from fdlora_jax.model import num_targets_bucket, target_log_probs
+from fdlora_jax.model import (num_targets_bucket, positions_from_mask,
+                              target_log_probs)
 
 PyTree = Any
 
@@ -144,6 +145,9 @@ class Setup:
   label_counts: np.ndarray      # [N, O] training examples per answer option
   few_shot: dict                # tokens/loss_mask/attention_mask [N, F, L]
   lora_init: Callable           # key -> a fresh adapter (no client axis)
+  # [O] token id that starts each answer option (None when two options
+  # start with the same token): class logits for option-level losses.
+  option_ids: Optional[np.ndarray] = None
 
   def steps(self, amount: float, unit: str) -> np.ndarray:
     """``[N]`` real steps per client: ``amount`` steps, or epochs of data."""
@@ -180,6 +184,23 @@ class Forward(NamedTuple):
     if 'valid' in batch:
       mask = mask * batch['valid'][:, None].astype(jnp.float32)
     return logp, mask
+
+  def option_logits(self, lora, batch, option_ids, rng=None):
+    """``[B, O]`` logits of each option's first token at the position that
+    predicts the answer's first token (the first ``loss_mask`` token), and
+    ``[B]`` the label: the option whose first token is the answer's."""
+    first = jnp.argmax(batch['loss_mask'] > 0, axis=-1)               # [B]
+    at = jnp.maximum(first - 1, 0)[:, None]                           # [B, 1]
+    kwargs = {}
+    if self.dropout and rng is not None:
+      kwargs = dict(deterministic=False, rngs={'dropout': rng})
+    logits = self.model.apply(
+        {'params': self.base, 'lora': lora}, batch['tokens'],
+        batch['attention_mask'], positions_from_mask(batch['attention_mask']),
+        logits_at=at, **kwargs)[:, 0].astype(jnp.float32)
+    answer = jnp.take_along_axis(batch['tokens'], first[:, None], 1)[:, 0]
+    label = jnp.argmax(answer[:, None] == jnp.asarray(option_ids)[None], -1)
+    return logits[:, jnp.asarray(option_ids)], label
 
   def nll(self, lora, batch, rng=None):
     """Mean next-token NLL over the targets, and their count."""
