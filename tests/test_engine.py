@@ -282,3 +282,16 @@ def test_option_logits_are_the_logits_before_the_answer(setup):
   np.testing.assert_allclose(logits[1], full[1, 2, jnp.array([31, 30])],
                              atol=1e-5)
   np.testing.assert_array_equal(label, [1, 0])
+
+
+def test_wire_bytes_override_the_array_size(setup):
+  _, _, fresh = setup
+  method = averaging_method(fresh)
+  phase = method.phases[0]
+  import dataclasses
+  method = dataclasses.replace(method, phases=(dataclasses.replace(
+      phase, wire_bytes=lambda upload: jnp.int32(7)),))
+  eng = make_engine(setup, method)
+  _, m = eng.run_repeat(eng.initial_state(jax.random.key(0)), 0)
+  assert m['bytes_up_per_client'] == [7] * N
+  assert m['bytes_down_per_client'] == [lora_lib.num_bytes(fresh)] * N

@@ -78,6 +78,10 @@ class Phase:
       nothing). With ``personal_download`` it returns ``[N, ...]`` leaves,
       one download per client.
     server(server, uploads[N], weights[N], t) -> (server, metrics dict).
+    wire_bytes(upload) -> int: the bytes one client's upload puts on the
+      wire, when that is not the size of its arrays (e.g. factors of a
+      rank chosen at run time, padded to a fixed shape). Default: the size
+      of the upload's arrays.
   Search phases:
     search(server, client, key) -> (client, metrics dict); runs once, after
       the training phases (e.g. AdaFusion), not vmapped by the engine.
@@ -101,6 +105,7 @@ class Phase:
   server: Optional[Callable] = None
   reset_opt: bool = False
   search: Optional[Callable] = None
+  wire_bytes: Optional[Callable] = None
 
   @property
   def is_search(self) -> bool:
@@ -477,7 +482,10 @@ class Engine:
         'healthy': np.asarray(healthy).tolist(),
         'nonfinite_steps': nonfinite.tolist(),
         'bytes_down_per_client': per_client_bytes(download, n),
-        'bytes_up_per_client': per_client_bytes(upload, n),
+        'bytes_up_per_client': (
+            per_client_bytes(upload, n) if phase.wire_bytes is None else
+            np.asarray(jax.jit(jax.vmap(phase.wire_bytes))(upload),
+                       np.int64).tolist()),
         **server_metrics,
     }
     return new_state, metrics
