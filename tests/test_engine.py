@@ -209,7 +209,7 @@ def test_trainable_mask_keeps_frozen_entries_bit_identical(setup):
   """Only layer 1 of every leaf trains (a FedRep-style layer split)."""
   _, _, fresh = setup
   fresh = jax.tree.map(lambda x: x + 0.05, fresh)  # non-zero b: real grads
-  top = lambda tree: jax.tree.map(
+  top = lambda tree, i: jax.tree.map(
       lambda x: (jnp.arange(x.shape[0]) == 1).reshape(
           (-1,) + (1,) * (x.ndim - 1)), tree)
   eng = make_engine(setup, averaging_method(fresh, trainable=top))
@@ -218,6 +218,29 @@ def test_trainable_mask_keeps_frozen_entries_bit_identical(setup):
                   jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(a[:, 0], np.broadcast_to(b[0], a[:, 0].shape))
     assert float(jnp.abs(a[:, 1] - b[1]).max()) > 0
+
+
+def test_trainable_mask_can_alternate_within_a_round(setup):
+  """Step 0 trains layer 0 only, step 1 layer 1 only: after step 0 layer 1
+  is untouched, and the final layer 0 equals the step-0 result."""
+  _, _, fresh = setup
+  fresh = jax.tree.map(lambda x: x + 0.05, fresh)
+  by_step = lambda tree, i: jax.tree.map(
+      lambda x: (jnp.arange(x.shape[0]) == i).reshape(
+          (-1,) + (1,) * (x.ndim - 1)), tree)
+  one_step = make_engine(setup, averaging_method(fresh, steps=1,
+                                                 trainable=by_step))
+  after0, _ = one_step.run_repeat(one_step.initial_state(jax.random.key(0)), 0)
+  both = make_engine(setup, averaging_method(fresh, steps=2,
+                                             trainable=by_step))
+  after1, _ = both.run_repeat(both.initial_state(jax.random.key(0)), 0)
+  for a0, a1, f in zip(jax.tree.leaves(after0['client']['last']),
+                       jax.tree.leaves(after1['client']['last']),
+                       jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(a0[:, 1], np.broadcast_to(f[1],
+                                                            a0[:, 1].shape))
+    np.testing.assert_array_equal(a1[:, 0], a0[:, 0])
+    assert float(jnp.abs(a1[:, 1] - f[1]).max()) > 0
 
 
 def test_outer_nesterov_step_matches_hand_computation():

@@ -70,8 +70,10 @@ class Phase:
     start(client, download) -> train: the tree the K steps optimise.
     loss(fwd, train, download, batch, rng) -> (mean loss, target count):
       ``fwd`` is a :class:`Forward` (the frozen base applied with an adapter).
-    trainable(train) -> mask tree (bool, broadcastable to each leaf) or None:
-      entries outside the mask stay bit-identical.
+    trainable(train, i) -> mask tree (bool, broadcastable to each leaf) or
+      None, at local step ``i`` (0-based within the repeat, traced): entries
+      outside the mask stay bit-identical. A mask that depends on ``i``
+      alternates parts within a round (FedRep: head steps, then body).
     finish(client, train, download, t) -> (client, upload). ``upload`` is
       what leaves the client (``None``: nothing).
     broadcast(server, t) -> download, shared by all clients (``None``:
@@ -239,12 +241,12 @@ def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
 
   def step(fwd, download, carry, inputs):
     train, opt_state, healthy = carry
-    batch, rng = inputs
+    batch, rng, i = inputs
     (value, count), grads = jax.value_and_grad(
         lambda t: loss(fwd, t, download, batch, rng), has_aux=True)(train)
     finite = jnp.isfinite(value) & _all_finite(grads)
     apply = healthy & finite & (count > 0)
-    mask = None if trainable is None else trainable(train)
+    mask = None if trainable is None else trainable(train, i)
     if mask is not None:
       grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0.0), grads, mask)
     updates, new_opt = optimizer.update(grads, opt_state, train)
@@ -259,12 +261,13 @@ def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
     return (train, opt_state, healthy), StepMetrics(
         jnp.where(count > 0, value, 0.0), count, apply, ~finite & (count > 0))
 
-  def update(fwd, train, opt_state, download, batches, rng):
+  def update(fwd, train, opt_state, download, batches, rng, step0=0):
     num_steps = jax.tree.leaves(batches)[0].shape[0]
     rngs = jax.random.split(rng, num_steps)
     (train, opt_state, healthy), metrics = jax.lax.scan(
         lambda c, x: step(fwd, download, c, x),
-        (train, opt_state, jnp.array(True)), (batches, rngs))
+        (train, opt_state, jnp.array(True)),
+        (batches, rngs, step0 + jnp.arange(num_steps, dtype=jnp.int32)))
     return train, opt_state, healthy, metrics
 
   return update
@@ -278,14 +281,18 @@ def make_clients_update(model, loss: Callable,
   """All clients in one compiled step.
 
   ``(base, train[N], opt[N], download[N], batches[K, N, ...], rng[N],
-  num_targets=None) -> (train[N], opt[N], healthy[N], StepMetrics[N, K])``.
+  step0=0, num_targets=None) -> (train[N], opt[N], healthy[N],
+  StepMetrics[N, K])``; ``step0`` numbers the first of the K steps within
+  the repeat (for ``trainable``).
   """
   one = make_client_update(loss, optimizer, trainable)
 
-  def many(base, train, opt_state, download, batches, rngs, num_targets=None):
+  def many(base, train, opt_state, download, batches, rngs, step0=0,
+           num_targets=None):
     fwd = Forward(model, base, num_targets, dropout)
-    return jax.vmap(lambda *a: one(fwd, *a), in_axes=(0, 0, 0, 1, 0))(
-        train, opt_state, download, batches, rngs)
+    return jax.vmap(lambda *a: one(fwd, *a, step0=step0),
+                    in_axes=(0, 0, 0, 1, 0))(
+                        train, opt_state, download, batches, rngs)
 
   return jax.jit(many, static_argnames=('num_targets',),
                  donate_argnums=(1, 2) if donate else ())
@@ -448,7 +455,7 @@ class Engine:
       batches, num_targets = self._batches(cursor + s0, chunk, real)
       train, opt, ok, m = self._updates[phase.name](
           self.base, train, opt, download, batches, self._rngs(p_index, t + c),
-          num_targets=num_targets)
+          jnp.int32(s0), num_targets=num_targets)
       train, opt = self._place((train, opt))
       healthy = healthy & ok
       losses.append(np.asarray(m.loss * m.tokens).sum(1))
