@@ -145,18 +145,7 @@ def build_model(c, task):
   if c.model.checkpoint or c.model.name:
     path = (Path(c.model.checkpoint).expanduser() if c.model.checkpoint
             else checkpoint_lib.resolve_model_name(c.model.name))
-    cfg, base = load_pretrained(path, **execution)
-    try:
-      tokenizer = load_tokenizer(str(path))
-    except (OSError, ValueError, TypeError) as e:
-      if isinstance(e, UserError):
-        raise
-      raise DataError(f'{path}: no usable tokenizer files '
-                      f'({str(e).splitlines()[0] if str(e) else type(e)})'
-                      ) from e
-    if len(tokenizer) > cfg.vocab_size:
-      raise ConfigError(f'{path}: tokenizer has {len(tokenizer)} tokens but '
-                       f'config.json vocab_size is {cfg.vocab_size}')
+    cfg, base, tokenizer = _load_pretrained(path, execution)
     described = (f'{c.model.name} ({path.resolve()})' if not
                  c.model.checkpoint else f'checkpoint {path.resolve()}')
   else:
@@ -171,6 +160,31 @@ def build_model(c, task):
     described = (f'preset {c.model.preset!r} with random weights (seed '
                  f'{c.seed}); embedded BPE tokenizer, {len(tokenizer)} tokens')
   return Llama(cfg, lcfg), base, tokenizer, described
+
+
+_PRETRAINED: dict = {}   # one pretrained model per process (suites)
+
+
+def _load_pretrained(path: Path, execution: dict):
+  """(config, base params, tokenizer) of a local checkpoint; the last one
+  loaded is kept, so the points of a suite load it once."""
+  key = (str(path.resolve()), tuple(sorted(execution.items())))
+  if key not in _PRETRAINED:
+    _PRETRAINED.clear()
+    cfg, base = load_pretrained(path, **execution)
+    try:
+      tokenizer = load_tokenizer(str(path))
+    except (OSError, ValueError, TypeError) as e:
+      if isinstance(e, UserError):
+        raise
+      raise DataError(f'{path}: no usable tokenizer files '
+                      f'({str(e).splitlines()[0] if str(e) else type(e)})'
+                      ) from e
+    if len(tokenizer) > cfg.vocab_size:
+      raise ConfigError(f'{path}: tokenizer has {len(tokenizer)} tokens but '
+                        f'config.json vocab_size is {cfg.vocab_size}')
+    _PRETRAINED[key] = (cfg, base, tokenizer)
+  return _PRETRAINED[key]
 
 
 def device_mesh(num_clients: int, model_shards: int):

@@ -1,0 +1,82 @@
+"""The suite runner and the report (fdlora_jax/suite.py, report.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fdlora_jax import report as report_lib
+from fdlora_jax import run as run_lib
+from fdlora_jax import suite as suite_lib
+from fdlora_jax.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_suite(tmp_path):
+  s = suite_lib.load_file(REPO / 'configs/suites/tiny.py', 'get_suite')
+  s['fixed']['model.tokenizer_cache'] = str(tmp_path / 'tok')
+  return s
+
+
+def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
+  suite = tiny_suite(tmp_path)
+  points = suite_lib.expand(suite)
+  assert len(points) == 2 * 2 * 2 + 2 * 2
+  work = tmp_path / 'w'
+
+  # Kill the suite at its 4th point: 3 points finish.
+  real = run_lib.run
+  calls = []
+
+  def dying(c, workdir):
+    calls.append(workdir)
+    if len(calls) == 4:
+      raise KeyboardInterrupt('killed')
+    return real(c, workdir)
+  monkeypatch.setattr(run_lib, 'run', dying)
+  with pytest.raises(KeyboardInterrupt):
+    suite_lib.run_suite(suite, work, REPO)
+  finished = sorted(p.parent for p in work.rglob('results.json'))
+  assert len(finished) == 3
+
+  # Resume: the 3 finished points are not run again.
+  calls.clear()
+  monkeypatch.setattr(run_lib, 'run', lambda c, w: (calls.append(w),
+                                                    real(c, w))[1])
+  out = suite_lib.run_suite(suite, work, REPO)
+  assert out == {'done': len(points), 'ran': len(points) - 3,
+                 'skipped': 3, 'seconds': pytest.approx(out['seconds'])}
+  assert not set(map(str, finished)) & set(calls)
+
+  rep = report_lib.write_report(work)
+  text = rep['tables'].read_text()
+  for title in ('Table 3 (RQ1), tiny', 'Table 6 (RQ7), tiny',
+                'Communication', 'Figure 5 (RQ2), tiny'):
+    assert title in text
+  assert 'seeds: [0, 1]' in text and 'SYNTHETIC' in text
+  assert rep['plots'] and rep['plots'][0].stat().st_size > 1000
+  assert rep['plots'][0].read_bytes()[:4] == b'\x89PNG'
+  # One cell by hand: FedAvg at alpha 0.5, mean over the two seeds of each
+  # seed's headline (global) mean F1.
+  vals = []
+  for seed in (0, 1):
+    r = json.loads((work / 'rq1' / 'method=fedavg,dirichlet_alpha=0.5' /
+                    f'seed{seed}' / 'results.json').read_text())
+    assert r['headline'] == 'global'
+    vals.append(r['models']['global']['mean']['f1'])
+  m, s, n = rep['cells']['rq1'][('fedavg', (0.5,))]
+  assert n == 2 and m == pytest.approx(sum(vals) / 2)
+  assert f'{m * 100:.2f} ± {s * 100:.2f}' in text
+
+
+def test_bad_suite_field_is_rejected_before_any_run(tmp_path):
+  suite = tiny_suite(tmp_path)
+  suite['groups'][0]['grid']['fl.roundz'] = (1,)
+  with pytest.raises(ConfigError, match='fl.roundz'):
+    suite_lib.run_suite(suite, tmp_path / 'w', REPO)
+  suite = tiny_suite(tmp_path)
+  suite['groups'][0]['grid']['method'] = ('fdlora', 'fedsgd')
+  with pytest.raises(ConfigError, match='method'):
+    suite_lib.run_suite(suite, tmp_path / 'w', REPO)
+  assert not (tmp_path / 'w').exists()
