@@ -33,8 +33,11 @@ Phases (same data and number of local steps as FDLoRA):
    adapter; local steps ``i < private_steps`` train the private LoRA (shared
    frozen), the remaining steps the shared adapter (private frozen);
    ``private_steps = -1`` means ``ceil(K / 2)`` (K = 3: two private steps,
-   one shared step). A client with fewer than ``private_steps`` steps in a
-   round (``fl.inner_unit='epochs'``) only trains its private part. Only the
+   one shared step; measured against ``K // 2`` below). With K = 1 the
+   default trains only the private part in the rounds (the shared adapter
+   then stays as initialised): set ``private_steps=0`` there. A client with
+   fewer than ``private_steps`` steps in a round (``fl.inner_unit='epochs'``)
+   only trains its private part. Only the
    shared adapter is uploaded; the server takes its weighted mean
    (``weighting='examples'``, FedAvg's n_i/n, as the paper aggregates the
    adapters; or ``'uniform'``).
