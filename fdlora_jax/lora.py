@@ -149,3 +149,123 @@ def init(model, rng: jax.Array) -> PyTree:
   tokens = jnp.zeros((1, 1), jnp.int32)
   init_fn = jax.jit(lambda r: model.init(r, tokens)['lora'])
   return _as_dict(init_fn(rng))
+
+
+def init_rank(model, rank: int, rng: jax.Array) -> PyTree:
+  """A fresh adapter of rank ``rank`` for ``model`` (its own initialiser:
+  random ``a``, zero ``b``), whatever the model's configured rank."""
+  return init(model.clone(lora=dataclasses.replace(model.lora, rank=int(rank))),
+              rng)
+
+
+# ---------------------------------------------------------------------------
+# The rank axis: masks, padding, two adapters at once
+# ---------------------------------------------------------------------------
+# In every adapter node ``a`` is ``[..., in, r]`` (rank last) and ``b`` is
+# ``[..., r, out]`` (rank second to last). A rank argument may be a scalar or
+# carry leading client axes (``[N]`` for leaves ``[N, L, ...]``).
+def map_adapters(fn, tree: PyTree, *others: PyTree) -> PyTree:
+  """``tree`` with each adapter node (a dict with keys ``a`` and ``b``)
+  replaced by ``fn(node, *same node of others)``."""
+  def visit(node, *rest):
+    if isinstance(node, dict) and set(node) == {'a', 'b'}:
+      return fn(node, *rest)
+    return {k: visit(v, *(r[k] for r in rest)) for k, v in node.items()}
+  return visit(_as_dict(tree), *map(_as_dict, others))
+
+
+def _rank_vector(rank, size: int) -> jax.Array:
+  """``[..., size]`` bool: component ``k`` is below ``rank``."""
+  rank = jnp.asarray(rank)
+  return jnp.arange(size) < rank[..., None]
+
+
+def _lead(mask: jax.Array, ndim: int, tail: int) -> jax.Array:
+  """Reshapes ``mask [lead..., R(, 1)]`` so it broadcasts to a leaf of
+  ``ndim`` dimensions whose last ``tail`` dimensions it already matches."""
+  lead = mask.shape[:mask.ndim - tail]
+  return mask.reshape(lead + (1,) * (ndim - len(lead) - tail) +
+                      mask.shape[mask.ndim - tail:])
+
+
+def rank_mask(lora: PyTree, rank) -> PyTree:
+  """Bool masks broadcastable to every leaf of ``lora``: True on the first
+  ``rank`` rank components (``a``'s columns, ``b``'s rows), False on the rest
+  (padding). ``rank`` may be traced."""
+  def node(n):
+    r = n['a'].shape[-1]
+    v = _rank_vector(rank, r)
+    return {'a': _lead(v, n['a'].ndim, 1),
+            'b': _lead(v[..., None], n['b'].ndim, 2)}
+  return map_adapters(node, lora)
+
+
+def mask_rank(lora: PyTree, rank) -> PyTree:
+  """``lora`` with the rank components from ``rank`` on set to exactly 0."""
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), lora,
+                      rank_mask(lora, rank))
+
+
+def pad_rank(lora: PyTree, rank: int) -> PyTree:
+  """``lora`` padded with zero rank components up to ``rank``."""
+  def node(n):
+    extra = rank - n['a'].shape[-1]
+    if extra < 0:
+      raise ValueError(f'cannot pad rank {n["a"].shape[-1]} down to {rank}')
+    pa = [(0, 0)] * (n['a'].ndim - 1) + [(0, extra)]
+    pb = [(0, 0)] * (n['b'].ndim - 2) + [(0, extra), (0, 0)]
+    return {'a': jnp.pad(n['a'], pa), 'b': jnp.pad(n['b'], pb)}
+  return map_adapters(node, lora)
+
+
+def concat_rank(*loras: PyTree) -> PyTree:
+  """Adapters side by side on the rank axis: ``delta = sum_j a_j b_j`` (at
+  the model's one scale)."""
+  return map_adapters(
+      lambda n, *rest: {
+          'a': jnp.concatenate([n['a']] + [m['a'] for m in rest], -1),
+          'b': jnp.concatenate([n['b']] + [m['b'] for m in rest], -2)},
+      *loras)
+
+
+def scale_b(lora: PyTree, factor) -> PyTree:
+  """``lora`` with ``b`` times ``factor`` (a scalar, or one per leading
+  client axis), so ``delta`` is scaled by it."""
+  factor = jnp.asarray(factor, jnp.float32)
+  return map_adapters(lambda n: {
+      'a': n['a'],
+      'b': n['b'] * _lead(factor[..., None, None], n['b'].ndim, 2)}, lora)
+
+
+# ---------------------------------------------------------------------------
+# Magnitude and direction of each rank component
+# ---------------------------------------------------------------------------
+# ``a [..., in, r]`` = m_a [..., r] * d_a / ||d_a|| column by column (norms
+# over ``in``); ``b [..., r, out]`` = m_b [..., r] * d_b / ||d_b|| row by row
+# (norms over ``out``). A decomposed node is
+# ``{'a': {'m': [..., r], 'd': [..., in, r]}, 'b': {'m': [..., r],
+# 'd': [..., r, out]}}``.
+def unit(x: jax.Array, axis: int) -> jax.Array:
+  """``x / ||x||`` along ``axis``; a zero vector becomes the constant unit
+  vector ``1 / sqrt(size)`` (any direction reproduces a zero magnitude)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  fallback = jnp.asarray(1.0 / np.sqrt(x.shape[axis]), x.dtype)
+  return jnp.where(norm > 0, x / safe, fallback)
+
+
+def decompose(lora: PyTree) -> PyTree:
+  """Each rank component as a magnitude and a unit-norm direction."""
+  def node(n):
+    a, b = n['a'], n['b']
+    return {'a': {'m': jnp.linalg.norm(a, axis=-2), 'd': unit(a, -2)},
+            'b': {'m': jnp.linalg.norm(b, axis=-1), 'd': unit(b, -1)}}
+  return map_adapters(node, lora)
+
+
+def compose(parts: PyTree) -> PyTree:
+  """The plain adapter of :func:`decompose`'s form; directions are
+  normalised here, so their own norm never matters."""
+  return map_adapters(lambda n: {
+      'a': n['a']['m'][..., None, :] * unit(n['a']['d'], -2),
+      'b': n['b']['m'][..., :, None] * unit(n['b']['d'], -1)}, parts)

@@ -6,7 +6,8 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import fdlora, fedavg, k_shot, local, zero_shot
+from fdlora_jax.fl.methods import (fdlora, fedavg, fedlora_opt, k_shot, local,
+                                   pfedlora, zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
@@ -14,4 +15,6 @@ METHODS = {
     'local': local,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
+    'pfedlora': pfedlora,
+    'fedlora_opt': fedlora_opt,
 }

@@ -1,0 +1,179 @@
+"""FedLoRA-Optimizer (Zhao, Zhu, Zhang, Chen and Guo, "FedLoRA-Optimizer:
+Federated LoRA Fine-Tuning with Global and Local Optimization in
+Heterogeneous Data Scenarios", arXiv:2510.11274, 2025).
+
+The paper reparametrizes each LoRA factor into magnitude and direction,
+``A = A_M A_D`` and ``B = B_M B_D``, finds that A's directions carry the
+knowledge shared across clients and B's magnitudes the personal knowledge,
+and runs a pipeline: a global optimizer federates A's directions (FedAvg),
+then a local optimizer tunes B's magnitudes on each client.
+
+On LoRA of a frozen LLaMA (:func:`fdlora_jax.lora.decompose`), for every
+targeted projection and layer, with ``a [in, r]`` and ``b [r, out]``:
+
+* **directions** are the unit vectors ``d_a[:, k]`` (column ``k`` of ``a``,
+  norm over ``in``) and ``d_b[k, :]`` (row ``k`` of ``b``, norm over
+  ``out``), for each rank component ``k``;
+* **magnitudes** are the scalars ``m_a[k]`` and ``m_b[k]``;
+* ``a[:, k] = m_a[k] d_a[:, k] / ||d_a[:, k]||`` and
+  ``b[k, :] = m_b[k] d_b[k, :] / ||d_b[k, :]||``
+  (:func:`fdlora_jax.lora.compose`; the forward normalises, so a direction's
+  own norm never matters), and ``delta_W = a b alpha / r`` as for any LoRA.
+
+A fresh adapter is the library's (random ``a``, so ``m_a`` = its column
+norms), with ``m_b = 0`` (so ``b = 0``: the model is unchanged) and random
+unit ``d_b`` (a zero row has no direction; random ones let the rank
+components of ``b`` grow apart).
+
+Phases (same data and local steps as FDLoRA, plus the local stage):
+
+1. Global stage, ``local`` (``fl.local_epochs`` epochs, one long first
+   round, as in FedAvg) and ``rounds`` (T rounds of K steps): each client
+   downloads A's directions, trains ``global_trains`` (default A's directions
+   and B's directions and magnitudes; A's magnitudes stay at the shared
+   initial value, so ``a`` is the same on every client and only ``b`` is
+   local) and uploads A's directions only, unit-normalised. The server takes
+   their weighted mean (``weighting``) and renormalises every direction to
+   unit norm. B never leaves the client.
+2. Local stage, ``personalize`` (``local_stage_epochs`` epochs; -1: the same
+   as ``fl.local_epochs``): each client downloads the final A directions
+   once and trains B's magnitudes only; every other array is unchanged.
+
+Bytes per round per client: A's directions down and up, each
+``4 * r * sum_targets L * in``; the local stage adds one more download of
+them.
+
+Rows: ``personalized`` (after the local stage, the headline) and ``global``
+(after the global stage: the server's A directions with each client's own
+A magnitudes and B as the global stage left them).
+
+Server state ``{'a_dir'}``; client state ``{'lora': decomposed adapter [N]
+after the global stage, 'personal': the same after the local stage}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.errors import need
+from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.server import tree_norm, weighted_mean
+
+NAME = 'fedlora_opt'
+# Part names: factor ('a' | 'b') and 'dir' (direction) | 'mag' (magnitude).
+PARTS = ('a_dir', 'a_mag', 'b_dir', 'b_mag')
+_KIND = {'d': 'dir', 'm': 'mag'}
+
+
+def config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # What clients train in the global stage (only A's directions are sent).
+  c.global_trains = ('a_dir', 'b_dir', 'b_mag')
+  c.local_stage_epochs = -1.0  # B's magnitudes, after the rounds; -1: fl.local_epochs
+  c.weighting = 'examples'     # server mean: 'examples' (FedAvg) | 'uniform'
+  return c
+
+
+def validate(c) -> None:
+  m = c.fedlora_opt
+  trains = () if isinstance(m.global_trains, str) else tuple(m.global_trains)
+  need(all(p in PARTS for p in trains) and 'a_dir' in trains,
+       'fedlora_opt.global_trains', m.global_trains,
+       f"must name parts from {PARTS} and include 'a_dir'")
+  need(m.local_stage_epochs == -1 or m.local_stage_epochs >= 0,
+       'fedlora_opt.local_stage_epochs', m.local_stage_epochs,
+       'must be >= 0 (-1: the same as fl.local_epochs)')
+  need(m.weighting in ('uniform', 'examples'), 'fedlora_opt.weighting',
+       m.weighting, "must be 'uniform' or 'examples'")
+
+
+def part_mask(parts, names) -> dict:
+  """Bool per leaf of a decomposed adapter: is it one of ``names``."""
+  return lora_lib.map_adapters(lambda node: {
+      f: {k: jnp.array(f'{f}_{_KIND[k]}' in names) for k in node[f]}
+      for f in ('a', 'b')}, parts)
+
+
+def a_directions(parts):
+  return lora_lib.map_adapters(lambda node: node['a']['d'], parts)
+
+
+def with_a_directions(parts, a_dir):
+  return lora_lib.map_adapters(
+      lambda node, d: {'a': {'m': node['a']['m'], 'd': d}, 'b': node['b']},
+      parts, a_dir)
+
+
+def build(s: Setup) -> Method:
+  c, m, n = s.config, s.config.fedlora_opt, s.num_clients
+  stage_epochs = (c.fl.local_epochs if m.local_stage_epochs == -1
+                  else m.local_stage_epochs)
+  unit_a = lambda tree: jax.tree.map(lambda d: lora_lib.unit(d, -2), tree)
+
+  def init(key):
+    k_lora, k_dir = jax.random.split(key)
+    parts = lora_lib.decompose(s.lora_init(k_lora))
+    b_dir = lora_lib.map_adapters(lambda node: node['b']['d'], parts)
+    leaves, tree = jax.tree.flatten(b_dir)
+    keys = jax.random.split(k_dir, len(leaves))
+    b_dir = tree.unflatten([lora_lib.unit(jax.random.normal(k, x.shape), -1)
+                            for k, x in zip(keys, leaves)])
+    parts = lora_lib.map_adapters(
+        lambda node, d: {'a': node['a'], 'b': {'m': node['b']['m'], 'd': d}},
+        parts, b_dir)
+    clients = lora_lib.replicate(parts, n)
+    return {'a_dir': a_directions(parts)}, {'lora': clients,
+                                            'personal': clients}
+
+  start = lambda client, download: with_a_directions(client['lora'], download)
+  loss = lambda fwd, train, download, batch, rng: fwd.nll(
+      lora_lib.compose(train), batch, rng)
+  broadcast = lambda state, t: state['a_dir']
+
+  # -- global stage ----------------------------------------------------------------
+  def global_finish(client, train, download, t):
+    return dict(client, lora=train), unit_a(a_directions(train))
+
+  def server(state, uploads, weights, t):
+    mean = unit_a(weighted_mean(uploads, weights))
+    a_dir = jax.tree.map(lambda new, old: jnp.where(jnp.sum(weights) > 0,
+                                                    new, old),
+                         mean, state['a_dir'])
+    delta = jax.tree.map(lambda x, y: x - y, state['a_dir'], a_dir)
+    return {'a_dir': a_dir}, {'delta_norm': tree_norm(delta),
+                              'participants': jnp.sum(weights > 0)}
+
+  stage = dict(broadcast=broadcast, start=start, loss=loss,
+               trainable=lambda train, i: part_mask(train, m.global_trains),
+               finish=global_finish, server=server)
+
+  # -- local stage: B's magnitudes -------------------------------------------------
+  def local_finish(client, train, download, t):
+    return dict(client, personal=train), None
+
+  def rows(state, client):
+    a_dir = lora_lib.replicate(state['a_dir'], n)
+    return {'personalized': lora_lib.compose(client['personal']),
+            'global': lora_lib.compose(with_a_directions(client['lora'],
+                                                         a_dir))}
+
+  phases = (
+      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+            first_round=0, chunk=c.fl.stage1_chunk, **stage),
+      Phase('rounds', repeats=c.fl.rounds,
+            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **stage),
+      Phase('personalize', steps=s.steps(stage_epochs, 'epochs'),
+            first_round=c.fl.rounds + 1, chunk=c.fl.stage1_chunk,
+            broadcast=broadcast, start=start, loss=loss,
+            trainable=lambda train, i: part_mask(train, ('b_mag',)),
+            finish=local_finish),
+  )
+  weights = (s.train_counts / max(s.train_counts.sum(), 1)
+             if m.weighting == 'examples' else None)
+  return Method(NAME, init, phases, rows, headline='personalized',
+                progress_rows=lambda state, client: {
+                    'global': rows(state, client)['global']},
+                client_weights=weights)

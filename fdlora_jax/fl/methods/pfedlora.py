@@ -1,0 +1,202 @@
+"""pFedLoRA (Yi, Yu, Wang, Liu and Li, "pFedLoRA: Model-Heterogeneous
+Personalized Federated Learning with LoRA Tuning", arXiv:2310.13283, 2023).
+
+In the paper every client owns a heterogeneous local model (its own
+architecture); a small homogeneous adapter is inserted into each, and only
+that adapter is uploaded and FedAvg-aggregated into a global adapter. Each
+round alternates, by the paper's iterative training, (1) training the local
+model with the adapter frozen (global knowledge flows into the local model)
+and (2) training the adapter with the local model frozen (local knowledge
+flows into the adapter).
+
+On a frozen LLaMA the heterogeneous local model is a **private LoRA whose
+rank differs per client** (``private_ranks``, cycled over the clients: model
+heterogeneity is capacity heterogeneity here) and the homogeneous adapter is
+a **shared LoRA of rank** ``shared_rank``. The model applies both at once,
+concatenated on the rank axis (``delta = a_p b_p + a_s b_s``). All private
+LoRAs are padded to the largest rank ``R`` and masked
+(:func:`fdlora_jax.lora.rank_mask`): client ``i``'s rank components
+``r_i..R-1`` start at exactly 0, are zeroed in the forward and are outside
+the trainable mask, so they stay exactly 0 and every client has its own
+rank in one vmapped program. With ``scale_per_rank`` (default) each part is
+scaled like a PEFT LoRA of its own rank, ``alpha / r_i`` and
+``alpha / shared_rank`` (its ``b`` is multiplied by ``r_config / r`` before
+the model's ``alpha / r_config``), so a rank-64 client is not 8x louder than
+a rank-8 one; off, every part gets the model's ``alpha / r_config``.
+
+Phases (same data and number of local steps as FDLoRA):
+
+1. ``local`` (``fl.local_epochs`` epochs): each client trains its private
+   LoRA alone. The shared adapter is still fresh (``b = 0``), so it adds
+   nothing; nothing is sent.
+2. ``rounds``: T rounds of K steps. Each client downloads the shared
+   adapter; local steps ``i < private_steps`` train the private LoRA (shared
+   frozen), the remaining steps the shared adapter (private frozen);
+   ``private_steps = -1`` means ``ceil(K / 2)`` (K = 3: two private steps,
+   one shared step; measured against ``K // 2`` below). With K = 1 the
+   default trains only the private part in the rounds (the shared adapter
+   then stays as initialised): set ``private_steps=0`` there. A client with
+   fewer than ``private_steps`` steps in a round (``fl.inner_unit='epochs'``)
+   only trains its private part. Only the
+   shared adapter is uploaded; the server takes its weighted mean
+   (``weighting='examples'``, FedAvg's n_i/n, as the paper aggregates the
+   adapters; or ``'uniform'``).
+
+Bytes per round per client: the shared adapter down and up, each
+``4 * shared_rank * sum_targets L (in + out)``.
+
+Rows: ``personalized`` (private + shared, the headline) and ``shared`` (the
+global adapter alone, at its own scale).
+
+Server state ``{'shared'}``; client state ``{'private' [N] (rank R),
+'rank' [N]}``. The trained tree carries the client's rank as a frozen
+scalar, so that ``trainable`` (which sees only that tree) can build the
+rank mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.errors import need
+from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.server import tree_norm, weighted_mean
+
+NAME = 'pfedlora'
+
+
+def config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.private_ranks = (4, 8, 16, 32, 64)  # client i: private_ranks[i % len]
+  c.shared_rank = 4          # the homogeneous adapter's rank
+  c.private_steps = -1       # steps per round on the private part; -1: ceil(K/2)
+  c.scale_per_rank = True    # each part scaled alpha / its own rank (PEFT)
+  c.weighting = 'examples'   # server mean: 'examples' (FedAvg) | 'uniform'
+  return c
+
+
+def validate(c) -> None:
+  m = c.pfedlora
+  ranks = tuple(m.private_ranks) if not isinstance(m.private_ranks, str) \
+      else ()
+  need(len(ranks) > 0 and all(isinstance(r, (int, np.integer)) and r > 0
+                              for r in ranks),
+       'pfedlora.private_ranks', m.private_ranks,
+       'must be a non-empty sequence of positive integers')
+  need(isinstance(m.shared_rank, (int, np.integer)) and m.shared_rank > 0,
+       'pfedlora.shared_rank', m.shared_rank, 'must be a positive integer')
+  need(isinstance(m.private_steps, (int, np.integer)) and m.private_steps >= -1,
+       'pfedlora.private_steps', m.private_steps,
+       'must be an integer >= 0 (-1: ceil(K / 2))')
+  need(isinstance(m.scale_per_rank, bool), 'pfedlora.scale_per_rank',
+       m.scale_per_rank, 'must be true or false')
+  need(m.weighting in ('uniform', 'examples'), 'pfedlora.weighting',
+       m.weighting, "must be 'uniform' or 'examples'")
+
+
+def client_ranks(c, n: int) -> np.ndarray:
+  """``[N]`` private rank of each client: ``private_ranks`` cycled."""
+  ranks = tuple(c.pfedlora.private_ranks)
+  return np.asarray([ranks[i % len(ranks)] for i in range(n)], np.int32)
+
+
+def build(s: Setup) -> Method:
+  c, m, n = s.config, s.config.pfedlora, s.num_clients
+  ranks = client_ranks(c, n)
+  width = int(ranks.max())
+  shared_rank = int(m.shared_rank)
+  r_config = float(s.model.lora.rank)
+  round_steps = s.steps(c.fl.inner_steps, c.fl.inner_unit)
+  k = int(np.max(round_steps, initial=0))
+  private_steps = math.ceil(k / 2) if m.private_steps < 0 else int(
+      m.private_steps)
+
+  def scaled(lora, rank):
+    """Part of rank ``rank`` at ``alpha / rank`` (scale_per_rank)."""
+    return lora_lib.scale_b(lora, r_config / rank) if m.scale_per_rank \
+        else lora
+
+  def private_part(private, rank):
+    return scaled(lora_lib.mask_rank(private, rank), rank)
+
+  def adapter(private, shared, rank):
+    """What the model applies: private (masked) and shared on one rank axis."""
+    return lora_lib.concat_rank(private_part(private, rank),
+                                scaled(shared, shared_rank))
+
+  def init(key):
+    k_private, k_shared = jax.random.split(key)
+    private = lora_lib.init_rank(s.model, width, k_private)
+    private = lora_lib.mask_rank(lora_lib.replicate(private, n),
+                                 jnp.asarray(ranks))
+    shared = lora_lib.init_rank(s.model, shared_rank, k_shared)
+    return {'shared': shared}, {'private': private,
+                                'rank': jnp.asarray(ranks)}
+
+  # -- phase 1: the private LoRA alone ------------------------------------------
+  def local_start(client, download):
+    return {'private': client['private'],
+            'rank': client['rank'].astype(jnp.float32)}
+
+  def local_loss(fwd, train, download, batch, rng):
+    return fwd.nll(private_part(train['private'], train['rank']), batch, rng)
+
+  def local_trainable(train, i):
+    return {'private': lora_lib.rank_mask(train['private'], train['rank']),
+            'rank': jnp.array(False)}
+
+  def local_finish(client, train, download, t):
+    return dict(client, private=train['private']), None
+
+  # -- phase 2: rounds, private steps then shared steps --------------------------
+  def round_start(client, download):
+    return dict(local_start(client, download), shared=download)
+
+  def round_loss(fwd, train, download, batch, rng):
+    return fwd.nll(adapter(train['private'], train['shared'], train['rank']),
+                   batch, rng)
+
+  def round_trainable(train, i):
+    on_private = i < private_steps
+    return {'private': jax.tree.map(
+                lambda mk: mk & on_private,
+                lora_lib.rank_mask(train['private'], train['rank'])),
+            'shared': jax.tree.map(lambda x: ~on_private, train['shared']),
+            'rank': jnp.array(False)}
+
+  def round_finish(client, train, download, t):
+    return dict(client, private=train['private']), train['shared']
+
+  def server(state, uploads, weights, t):
+    shared = weighted_mean(uploads, weights)
+    delta = jax.tree.map(lambda a, b: a - b, state['shared'], shared)
+    return {'shared': shared}, {'delta_norm': tree_norm(delta),
+                                'participants': jnp.sum(weights > 0)}
+
+  def rows(state, client):
+    shared = lora_lib.replicate(state['shared'], n)
+    return {'personalized': adapter(client['private'], shared,
+                                    client['rank']),
+            'shared': scaled(shared, shared_rank)}
+
+  phases = (
+      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+            first_round=0, chunk=c.fl.stage1_chunk, start=local_start,
+            loss=local_loss, trainable=local_trainable, finish=local_finish),
+      Phase('rounds', repeats=c.fl.rounds, steps=round_steps,
+            broadcast=lambda state, t: state['shared'], start=round_start,
+            loss=round_loss, trainable=round_trainable, finish=round_finish,
+            server=server),
+  )
+  weights = (s.train_counts / max(s.train_counts.sum(), 1)
+             if m.weighting == 'examples' else None)
+  return Method(NAME, init, phases, rows, headline='personalized',
+                progress_rows=lambda state, client: {
+                    'personalized': rows(state, client)['personalized']},
+                client_weights=weights)
