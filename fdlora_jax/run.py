@@ -30,6 +30,7 @@ from fdlora_jax import sharding
 from fdlora_jax import checkpoint as checkpoint_lib
 from fdlora_jax.checkpoint import load_pretrained
 from fdlora_jax.data.tasks import TASKS
+from fdlora_jax.data.tokenize import CHAT_TEMPLATE_MODES
 from fdlora_jax.errors import (ConfigError, DataError, MissingFileError,
                                UserError, need)
 from fdlora_jax.fl import engine as engine_lib
@@ -71,6 +72,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f'choose from {TASKS}')
   need(c.data.max_length >= 8, 'data.max_length', c.data.max_length,
        'must be >= 8')
+  need(c.data.chat_template in CHAT_TEMPLATE_MODES, 'data.chat_template',
+       c.data.chat_template, f'choose from {CHAT_TEMPLATE_MODES}')
   need(c.lora.rank > 0, 'lora.rank', c.lora.rank, 'must be > 0')
   need(c.lora.alpha > 0, 'lora.alpha', c.lora.alpha, 'must be > 0')
   bad = [t for t in c.lora.targets if t not in PROJECTIONS]

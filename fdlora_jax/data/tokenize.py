@@ -115,17 +115,32 @@ def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
   return tokenizer(texts, add_special_tokens=special)['input_ids']
 
 
+CHAT_TEMPLATE_MODES = ('auto', 'on', 'off')
+
+
+def uses_chat_template(tokenizer, data_cfg: ml_collections.ConfigDict) -> bool:
+  """``data.chat_template``: 'auto' (the tokenizer's template when it has
+  one), 'on' (required) or 'off'."""
+  mode = data_cfg.get('chat_template', 'off')
+  mode = {True: 'on', False: 'off'}.get(mode, mode)
+  if mode not in CHAT_TEMPLATE_MODES:
+    raise ConfigError(f'config.data.chat_template={mode!r}: choose from '
+                      f'{CHAT_TEMPLATE_MODES}')
+  has = bool(getattr(tokenizer, 'chat_template', None))
+  if mode == 'on' and not has:
+    raise ConfigError("config.data.chat_template='on': the tokenizer has no "
+                      'chat template')
+  return has and mode != 'off'
+
+
 def _prompt_ids(tokenizer, texts: list[str],
                 data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
   """Token ids of prompts: as plain text with the tokenizer's special tokens
-  (bos), or, with ``data.chat_template``, as one user turn of the tokenizer's
-  chat template followed by the assistant's turn (the template adds its own
+  (bos), or, with the chat template (:func:`uses_chat_template`), as one
+  user turn followed by the assistant's turn (the template adds its own
   special tokens)."""
-  if not data_cfg.get('chat_template', False):
+  if not uses_chat_template(tokenizer, data_cfg):
     return _ids(tokenizer, texts, True)
-  if not getattr(tokenizer, 'chat_template', None):
-    raise ConfigError('config.data.chat_template=True: the tokenizer has no '
-                      'chat template')
   chats = [tokenizer.apply_chat_template(
       [{'role': 'user', 'content': t}], tokenize=False,
       add_generation_prompt=True) for t in texts]
