@@ -105,7 +105,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
 
 # Fields a resumed run may change: they do not shape the saved state.
-RESUMABLE_CHANGES = ('fl.rounds', 'eval.', 'fdlora.fusion.')
+RESUMABLE_CHANGES = ('fl.rounds', 'eval.')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -125,16 +125,20 @@ def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
                      f'config.json; cannot check it is the same experiment')
   saved = _flatten(json.loads(saved_path.read_text()))
   now = _flatten(json.loads(c.to_json_best_effort()))
+  # A method may name fields of its own that do not shape the saved state
+  # (FDLoRA: its search phase's settings).
+  allowed = RESUMABLE_CHANGES + tuple(
+      getattr(METHODS.get(c.method), 'RESUMABLE', ()))
   changed = sorted(k for k in set(saved) | set(now)
                    if saved.get(k) != now.get(k)
-                   and not k.startswith(RESUMABLE_CHANGES))
+                   and not k.startswith(allowed))
   if changed:
     details = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
                         for k in changed[:6])
     raise ConfigError(
         f'{saved_path.parent} holds a run with a different config ({details}'
         f'{" ..." if len(changed) > 6 else ""}); use a new --workdir, or '
-        f'change only {", ".join(RESUMABLE_CHANGES)} when resuming')
+        f'change only {", ".join(allowed)} when resuming')
 
 
 # ---------------------------------------------------------------------------

@@ -250,3 +250,16 @@ def test_main_reports_bad_input_in_one_line(tmp_path, case):
            'bin_checkpoint': 'ckpt'}[case]
   assert named in err[0]
   assert not work.exists()
+
+
+def test_resume_may_change_only_fields_that_do_not_shape_the_state(tmp_path):
+  c = tiny_config(tmp_path)
+  saved = tmp_path / 'config.json'
+  saved.write_text(c.to_json_best_effort())
+  c.fl.rounds = 9
+  c.eval.every = 3
+  c.fdlora.fusion.steps = 9        # FDLoRA's own RESUMABLE fields
+  run_lib.check_resumable(saved, c)
+  c.fdlora.outer_lr = 0.5
+  with pytest.raises(ConfigError, match=r'fdlora\.outer_lr'):
+    run_lib.check_resumable(saved, c)

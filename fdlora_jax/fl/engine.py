@@ -125,7 +125,6 @@ class Method:
     first row).
   progress_rows(server, client) -> rows evaluated every ``eval.every``
     rounds (default: none).
-  info(server, client) -> extra JSON-able results (e.g. fusion weights).
   client_weights: ``[N]`` server weights before the health mask.
   context_shots: k in-context examples of the client's own training split
     put in every evaluation prompt (k-shot); 0 for none.
@@ -136,7 +135,6 @@ class Method:
   rows: Callable
   headline: str = ''
   progress_rows: Optional[Callable] = None
-  info: Optional[Callable] = None
   client_weights: Optional[np.ndarray] = None
   context_shots: int = 0
 

@@ -38,6 +38,9 @@ from fdlora_jax.fl.engine import Method, Phase, Setup
 from fdlora_jax.fl.server import outer_optimizer, outer_step, weighted_mean
 
 NAME = 'fdlora'
+# Fields a resumed run may change: the fusion search runs after the last
+# checkpoint, so its settings do not shape the saved state.
+RESUMABLE = ('fdlora.fusion.',)
 GLOBAL_INITS = ('mean_personal', 'fresh')
 
 
