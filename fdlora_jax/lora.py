@@ -119,6 +119,31 @@ def replicate(lora: PyTree, n: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), lora)
 
 
+def split_layers(lora: PyTree, at: int) -> tuple[PyTree, PyTree]:
+  """``(layers [0, at), layers [at, L))`` of one adapter (layer axis 0, no
+  client axis): e.g. FedRep's shared body and personal head."""
+  return (jax.tree.map(lambda x: x[:at], lora),
+          jax.tree.map(lambda x: x[at:], lora))
+
+
+def join_layers(lower: PyTree, upper: PyTree) -> PyTree:
+  """The inverse of :func:`split_layers`: ``lower`` layers, then ``upper``."""
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), lower,
+                      upper)
+
+
+def concat_rank(first: PyTree, second: PyTree) -> PyTree:
+  """One adapter of rank ``r1 + r2`` whose ``delta_W`` is the sum of both:
+  ``[a1 a2] @ [b1; b2] = a1 b1 + a2 b2`` (the model's scale is alpha / r of
+  its config, not of the array's rank, so it applies to both unchanged).
+  ``a`` is joined along its last axis, ``b`` along its second last; works
+  with or without a client axis."""
+  def cat(path, x, y):
+    axis = -1 if path[-1].key == 'a' else -2
+    return jnp.concatenate([x, y], axis=axis)
+  return jax.tree_util.tree_map_with_path(cat, first, second)
+
+
 def delta_weights(lora: PyTree, scale: float) -> dict:
   """``{path: a @ b * scale}`` in kernel layout ``[..., in, out]``."""
   return {p: jnp.einsum('...ir,...ro->...io', _get(lora, p)['a'],

@@ -6,11 +6,14 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import fdlora, fedavg, k_shot, local, zero_shot
+from fdlora_jax.fl.methods import (fdlora, fedavg, fedrep, fedrod, k_shot,
+                                   local, zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
     'fedavg': fedavg,
+    'fedrep': fedrep,
+    'fedrod': fedrod,
     'local': local,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
