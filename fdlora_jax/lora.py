@@ -119,6 +119,13 @@ def replicate(lora: PyTree, n: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), lora)
 
 
+def head_start(head_layers: int, num_layers: int) -> int:
+  """The first layer of a head of the top ``head_layers`` layers (0: the top
+  quarter, at least one), i.e. the number of body layers below it; <= 0 when
+  the head would take every layer."""
+  return num_layers - (int(head_layers) or max(1, num_layers // 4))
+
+
 def split_layers(lora: PyTree, at: int) -> tuple[PyTree, PyTree]:
   """``(layers [0, at), layers [at, L))`` of one adapter (layer axis 0, no
   client axis): e.g. FedRep's shared body and personal head."""

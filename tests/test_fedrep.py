@@ -15,7 +15,8 @@ from fdlora_jax.fl.methods import fedrep
 from fdlora_jax.model import Llama, PRESETS
 from fdlora_jax.lora import LoraConfig
 from test_engine import CFG, N
-from test_methods import close, config, copy, engine, run_scenario, tiny  # noqa: F401
+from test_methods import (close, config, copy, engine, fedavg_keys,
+                          run_scenario, tiny)  # noqa: F401 (tiny: fixture)
 
 L = CFG.num_hidden_layers
 BODY = L - max(1, L // 4)   # head_layers=0: the top quarter, at least one
@@ -58,8 +59,15 @@ def noisy_state(eng):
               client={'head': noisy(state['client']['head'], 4, 0.05)})
 
 
-def test_server_gets_only_the_body_layers(tiny):
-  eng = engine(tiny, fedrep, rounds_config(2))
+@pytest.fixture(scope='module')
+def engines(tiny):
+  """``{K: engine}`` for K = 1 (= head_steps: head only) and K = 2 (one head
+  step, then one body step); shared, each compiles once."""
+  return {k: engine(tiny, fedrep, rounds_config(k)) for k in (1, 2)}
+
+
+def test_server_gets_only_the_body_layers(engines):
+  eng = engines[2]
   state, i = first_round(eng, noisy_state(eng))
   marker = jax.tree.map(lambda x: jnp.full_like(x, MARKER),
                         state['client']['head'])
@@ -83,20 +91,17 @@ def test_server_gets_only_the_body_layers(tiny):
     assert h.shape[1] == L - BODY and not np.all(np.asarray(h) == MARKER)
   # Bytes: the body down and up, nothing of the head.
   size = lora_lib.num_bytes(body)
-  full = lora_lib.num_bytes(jax.tree.map(lambda x: x[0],
-                                         eng.method.rows(new['server'], new[
-                                             'client'])['personalized']))
-  assert size == full * BODY // L
+  head = lora_lib.num_bytes(state['client']['head']) // N
+  assert size * (L - BODY) == head * BODY    # the layers' share of the bytes
   assert m['bytes_up_per_client'] == [size] * N
   assert m['bytes_down_per_client'] == [size] * N
 
 
-def test_head_steps_freeze_the_body_and_body_steps_the_head(tiny):
+def test_head_steps_freeze_the_body_and_body_steps_the_head(engines):
   """K = head_steps = 1: only the head trains, the upload is the download
   bit for bit, so the new global body is the old one whatever the heads are.
   K = 2: step 0 is that same head step, step 1 trains the body only."""
-  one = engine(tiny, fedrep, rounds_config(1))
-  two = engine(tiny, fedrep, rounds_config(2))
+  one, two = engines[1], engines[2]
   state, i = first_round(one, noisy_state(one))
   body0 = state['server']['body']
 
@@ -131,16 +136,21 @@ def test_config_checks():
   c = config(fl__inner_steps=1)
   c.fl.inner_unit = 'epochs'   # steps vary per client: no static check
   fedrep.validate(c)
-  assert fedrep.body_layer_count(0, 2, 'f') == 1
-  assert fedrep.body_layer_count(0, 32, 'f') == 24
-  assert fedrep.body_layer_count(3, 32, 'f') == 29
+  assert lora_lib.head_start(0, 2) == 1      # the top quarter, at least 1
+  assert lora_lib.head_start(0, 32) == 24
+  assert lora_lib.head_start(3, 32) == 29
+
+
+def test_head_needs_a_body_below_it(tiny):
   with pytest.raises(ConfigError, match='fedrep.head_layers'):
-    fedrep.body_layer_count(2, 2, 'fedrep.head_layers')
+    engine(tiny, fedrep, config(fedrep__head_layers=L))
 
 
 @pytest.mark.parametrize('scenario', ['logs', 'medical'])
-def test_main_py(tmp_path, scenario):
+def test_main_py(tmp_path, tmp_path_factory, scenario):
   r = run_scenario('fedrep', scenario, tmp_path, '--config.fl.inner_steps=2')
+  assert set(r) == fedavg_keys(tmp_path_factory)   # the common schema
+  assert r['method'] == 'fedrep' and r['phases'] == ['local', 'rounds']
   assert r['headline'] == 'personalized' and list(r['models']) == [
       'personalized']
   score = r['models']['personalized']['mean'][r['metric']]

@@ -14,12 +14,13 @@ from conftest import noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl import losses
-from fdlora_jax.fl.engine import Engine, Setup
+from fdlora_jax.fl.engine import Engine, Forward, Setup
 from fdlora_jax.fl.methods import fedrod
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama
 from test_engine import CFG, LCFG, N, T, random_batches
-from test_methods import close, config, copy, run_scenario, tiny  # noqa: F401
+from test_methods import (close, config, copy, fedavg_keys,
+                          run_scenario, tiny)  # noqa: F401 (tiny: fixture)
 
 L = CFG.num_hidden_layers
 BODY = L - max(1, L // 4)
@@ -118,13 +119,18 @@ def answer_batches(step0, num_steps):
   return b
 
 
-def make_engine(tiny, c, option_ids=OPTIONS):
+def make_method(tiny, c, option_ids=OPTIONS):
   model, base = tiny
-  setup = Setup(model=model, base=base, config=c, num_clients=N,
-                train_counts=COUNTS.sum(1), label_counts=COUNTS, few_shot={},
-                lora_init=lambda key: lora_lib.init(model, key),
-                option_ids=option_ids)
-  return Engine(fedrod.build(setup), model, base, c.fl, N, answer_batches)
+  return fedrod.build(Setup(
+      model=model, base=base, config=c, num_clients=N,
+      train_counts=COUNTS.sum(1), label_counts=COUNTS, few_shot={},
+      lora_init=lambda key: lora_lib.init(model, key),
+      option_ids=option_ids))
+
+
+def make_engine(tiny, c):
+  model, base = tiny
+  return Engine(make_method(tiny, c), model, base, c.fl, N, answer_batches)
 
 
 def test_personal_head_never_reaches_the_server(tiny):
@@ -170,14 +176,59 @@ def test_personal_head_never_reaches_the_server(tiny):
   assert m['participants'] == N
 
 
+def test_loss_is_balanced_generic_plus_personal_ce(tiny):
+  """A client's loss: the balanced softmax of the generic model's option
+  logits with that client's own label counts, plus the plain CE of the
+  personalized model's; padded rows count for nothing."""
+  model, base = tiny
+  method = make_method(tiny, config())
+  phase = method.phases[1]
+  server, client = method.init(jax.random.key(1))
+  server = noisy(server, 3, 0.05)
+  client = dict(client, personal=noisy(client['personal'], 4, 0.05))
+  batch = jax.tree.map(lambda x: jnp.asarray(x[0, 2]), answer_batches(0, 1))
+  batch['valid'] = batch['valid'].at[1].set(0.0)      # one padded row
+  fwd = Forward(model, base, None, False)
+  me = 2                                               # counts (0, 2)
+
+  @jax.jit
+  def by_method(client, server):
+    train = jax.tree.map(lambda x: x[me], jax.vmap(phase.start, in_axes=(
+        0, None))(client, server))
+    return phase.loss(fwd, train, server, batch, None)
+
+  @jax.jit
+  def by_hand(client, server):
+    generic = lora_lib.join_layers(server['body'], server['generic'])
+    logits, label = fwd.option_logits(generic, batch, OPTIONS)
+    mine = jax.tree.map(lambda x: x[me], client['personal'])
+    logits_p, _ = fwd.option_logits(
+        fedrod.personalized(server['body'], server['generic'], mine), batch,
+        OPTIONS)
+    return (losses.balanced_softmax_ce(logits, label, batch['valid'],
+                                       COUNTS[me]),
+            losses.option_ce(logits, label, batch['valid']),
+            losses.option_ce(logits_p, label, batch['valid']), label)
+
+  got, count = by_method(client, server)
+  (balanced, _), (plain, _), (personal, n), label = by_hand(client, server)
+  assert float(count) == float(n) == 1.0
+  np.testing.assert_allclose(got, balanced + personal, rtol=1e-5)
+  assert abs(float(balanced) - float(plain)) > 1e-2  # the prior matters
+  np.testing.assert_array_equal(label, [batch['tokens'][0, T // 2] == 20,
+                                        batch['tokens'][1, T // 2] == 20])
+
+
 def test_needs_distinct_option_tokens(tiny):
   with pytest.raises(ConfigError, match='fedrod'):
-    make_engine(tiny, config(), option_ids=None)
+    make_method(tiny, config(), option_ids=None)
 
 
 @pytest.mark.parametrize('scenario', ['logs', 'medical'])
-def test_main_py(tmp_path, scenario):
+def test_main_py(tmp_path, tmp_path_factory, scenario):
   r = run_scenario('fedrod', scenario, tmp_path)
+  assert set(r) == fedavg_keys(tmp_path_factory)   # the common schema
+  assert r['method'] == 'fedrod' and r['phases'] == ['local', 'rounds']
   assert r['headline'] == 'personalized'
   assert list(r['models']) == ['personalized', 'generic']
   for row in r['models'].values():

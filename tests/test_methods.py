@@ -273,10 +273,15 @@ def test_every_method_runs_from_main_py_with_one_schema(tmp_path):
 # ---------------------------------------------------------------------------
 MEDICAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / \
     'medical'
+# Config file and flags per scenario, after TINY_FLAGS: no stage-1 steps and
+# no progress evaluation, one length bucket (fewer compilations).
+FAST = ['--config.fl.local_epochs=0', '--config.eval.every=0']
 SCENARIOS = {
-    'logs': ('configs/logs.py', []),   # built-in synthetic logs
+    'logs': ('configs/logs.py', [   # built-in synthetic logs
+        *FAST, '--config.data.length_buckets=(256,)']),
     'medical': ('configs/medical.py', [   # PubMedQA sample, 60 examples
-        f'--config.data.dir={MEDICAL}', '--config.data.max_examples=60']),
+        *FAST, f'--config.data.dir={MEDICAL}', '--config.data.max_examples=60',
+        '--config.data.max_length=512', '--config.data.length_buckets=(512,)']),
 }
 
 
@@ -291,3 +296,13 @@ def run_scenario(method, scenario, tmp, *flags):
                  config=config)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads((work / 'results.json').read_text())
+
+
+def fedavg_keys(tmp_path_factory):
+  """The top-level keys of a FedAvg ``results.json`` (the common schema),
+  from one untrained FedAvg run shared by the whole test session."""
+  root = tmp_path_factory.getbasetemp()
+  path = root / 'fedavg_logs' / 'results.json'
+  if not path.is_file():
+    run_scenario('fedavg', 'logs', root, '--config.fl.rounds=0')
+  return set(json.loads(path.read_text()))

@@ -4,7 +4,10 @@ Personalized Federated Learning", Algorithm 1) on one LoRA adapter.
 The adapter is split along its layer axis: the LoRA of the lower layers is
 the shared representation (the *body*), the LoRA of the top ``head_layers``
 layers is each client's personal *head* (0: the top quarter, at least one
-layer; at least one layer is always left to the body).
+layer; at least one layer is always left to the body). In the paper the head
+is the last layer(s) of a small network; here the base model, LM head
+included, is frozen, so the trainable part closest to the output, the LoRA
+of the top decoder layers, plays the head.
 
 Every repeat (the stage-1 ``local`` phase and each of the T ``rounds``), a
 client downloads the body and takes its K local steps on the token NLL of
@@ -64,20 +67,12 @@ def validate(c) -> None:
        m.weighting, "must be 'uniform' or 'examples'")
 
 
-def body_layer_count(requested: int, total: int, field: str) -> int:
-  """Layers of the shared body: ``total`` minus the head's ``requested``
-  top layers (0: ``max(1, total // 4)``); the body keeps at least one."""
-  head = int(requested) or max(1, total // 4)
-  need(head < total, field, requested,
-       f'the model has {total} layers and the shared body needs at least '
-       f'one; choose 1..{total - 1}')
-  return total - head
-
-
 def build(s: Setup) -> Method:
   c, m, n = s.config, s.config.fedrep, s.num_clients
-  nb = body_layer_count(m.head_layers, s.model.cfg.num_hidden_layers,
-                        'fedrep.head_layers')
+  num_layers = s.model.cfg.num_hidden_layers
+  nb = lora_lib.head_start(m.head_layers, num_layers)   # body layers
+  need(nb >= 1, 'fedrep.head_layers', m.head_layers,
+       f'the model has {num_layers} layers and the body needs at least one')
   head_steps = int(m.head_steps)
 
   def init(key):

@@ -2,10 +2,10 @@
 Federated Learning for Image Classification") on LoRA adapters.
 
 The adapter is split along its layer axis as in FedRep
-(:func:`fdlora_jax.fl.methods.fedrep.body_layer_count`): the LoRA of the
-lower layers is the shared *body*, the LoRA of the top ``head_layers`` layers
-the shared *generic head*. Each client also holds a *personal head*: a
-private LoRA of the same top layers. Its prediction is the generic and the
+(:func:`fdlora_jax.lora.head_start`): the LoRA of the lower layers is the
+shared *body*, the LoRA of the top ``head_layers`` layers (0: the top
+quarter, at least one) the shared *generic head*. Each client also holds a
+*personal head*: a private LoRA of the same top layers. Its prediction is the generic and the
 personal head together: the two adapters applied at once, concatenated along
 the rank axis, so ``delta_W = generic + personal`` in every head layer
 (:func:`fdlora_jax.lora.concat_rank`; body layers get zeros in the personal
@@ -59,7 +59,6 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError, need
 from fdlora_jax.fl import losses
 from fdlora_jax.fl.engine import Method, Phase, Setup
-from fdlora_jax.fl.methods.fedrep import body_layer_count
 from fdlora_jax.fl.server import pseudo_gradient, tree_norm
 
 NAME = 'fedrod'
@@ -96,8 +95,10 @@ def build(s: Setup) -> Method:
         f'per answer option, but two options of data.task={c.data.task!r} '
         f'start with the same token; choose another method or '
         f'data.answer_prefix')
-  nb = body_layer_count(m.head_layers, s.model.cfg.num_hidden_layers,
-                        'fedrod.head_layers')
+  num_layers = s.model.cfg.num_hidden_layers
+  nb = lora_lib.head_start(m.head_layers, num_layers)   # body layers
+  need(nb >= 1, 'fedrod.head_layers', m.head_layers,
+       f'the model has {num_layers} layers and the body needs at least one')
   option_ids = np.asarray(s.option_ids)
   log_prior = losses.label_log_prior(np.asarray(s.label_counts))    # [N, O]
 
