@@ -119,6 +119,26 @@ def replicate(lora: PyTree, n: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), lora)
 
 
+def head_start(head_layers: int, num_layers: int) -> int:
+  """The first layer of a head of the top ``head_layers`` layers (0: the top
+  quarter, at least one), i.e. the number of body layers below it; <= 0 when
+  the head would take every layer."""
+  return num_layers - (int(head_layers) or max(1, num_layers // 4))
+
+
+def split_layers(lora: PyTree, at: int) -> tuple[PyTree, PyTree]:
+  """``(layers [0, at), layers [at, L))`` of one adapter (layer axis 0, no
+  client axis): e.g. FedRep's shared body and personal head."""
+  return (jax.tree.map(lambda x: x[:at], lora),
+          jax.tree.map(lambda x: x[at:], lora))
+
+
+def join_layers(lower: PyTree, upper: PyTree) -> PyTree:
+  """The inverse of :func:`split_layers`: ``lower`` layers, then ``upper``."""
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), lower,
+                      upper)
+
+
 def delta_weights(lora: PyTree, scale: float) -> dict:
   """``{path: a @ b * scale}`` in kernel layout ``[..., in, out]``."""
   return {p: jnp.einsum('...ir,...ro->...io', _get(lora, p)['a'],
@@ -219,8 +239,10 @@ def pad_rank(lora: PyTree, rank: int) -> PyTree:
 
 
 def concat_rank(*loras: PyTree) -> PyTree:
-  """Adapters side by side on the rank axis: ``delta = sum_j a_j b_j`` (at
-  the model's one scale)."""
+  """One adapter whose ``delta_W`` is the sum of the given ones: ``a`` joined
+  along its last (rank) axis, ``b`` along its second last, so ``[a1 a2] @
+  [b1; b2] = a1 b1 + a2 b2`` (at the model's one scale, alpha / r of its
+  config). Works with or without a client axis."""
   return map_adapters(
       lambda n, *rest: {
           'a': jnp.concatenate([n['a']] + [m['a'] for m in rest], -1),

@@ -236,9 +236,9 @@ TINY_FLAGS = ['--config.model.name=', '--config.data.synthetic_windows=40',
               '--config.k_shot.shots=2']
 
 
-def main_py(workdir, *flags, tmp):
+def main_py(workdir, *flags, tmp, config='configs/logs.py'):
   return subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/logs.py',
+      [sys.executable, 'main.py', f'--config={config}',
        f'--workdir={workdir}',
        f'--config.model.tokenizer_cache={tmp / "tok"}', *TINY_FLAGS, *flags],
       cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -248,9 +248,10 @@ def test_every_method_runs_from_main_py_with_one_schema(tmp_path):
   keys = None
   for name in METHODS:
     work = tmp_path / name
-    extra = ([] if name != 'k_shot' else  # room for 2 demonstrations
-             ['--config.data.max_length=768',
-              '--config.data.length_buckets=(256,768)'])
+    extra = {'k_shot': ['--config.data.max_length=768',  # 2 demonstrations
+                        '--config.data.length_buckets=(256,768)'],
+             'fedrep': ['--config.fl.inner_steps=2'],  # head, then body
+             }.get(name, [])
     proc = main_py(work, f'--config.method={name}', *extra, tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((work / 'results.json').read_text())
@@ -265,3 +266,43 @@ def test_every_method_runs_from_main_py_with_one_schema(tmp_path):
     if name == 'k_shot':
       assert r['context_shots']['k'] == 2
       assert r['context_shots']['used_mean'] > 0
+
+
+# ---------------------------------------------------------------------------
+# One method from main.py on each scenario (used by the per-method test files)
+# ---------------------------------------------------------------------------
+MEDICAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / \
+    'medical'
+# Config file and flags per scenario, after TINY_FLAGS: no stage-1 steps and
+# no progress evaluation, one length bucket (fewer compilations).
+FAST = ['--config.fl.local_epochs=0', '--config.eval.every=0']
+SCENARIOS = {
+    'logs': ('configs/logs.py', [   # built-in synthetic logs
+        *FAST, '--config.data.length_buckets=(256,)']),
+    'medical': ('configs/medical.py', [   # PubMedQA sample, 60 examples
+        *FAST, f'--config.data.dir={MEDICAL}', '--config.data.max_examples=60',
+        '--config.data.max_length=512', '--config.data.length_buckets=(512,)']),
+}
+
+
+def run_scenario(method, scenario, tmp, *flags):
+  """``main.py`` with ``method`` on the tiny config of ``scenario``; returns
+  ``results.json`` (skips the medical scenario without ../shared/data)."""
+  config, extra = SCENARIOS[scenario]
+  if scenario == 'medical' and not MEDICAL.is_dir():
+    pytest.skip(f'{MEDICAL} is absent')
+  work = tmp / f'{method}_{scenario}'
+  proc = main_py(work, f'--config.method={method}', *extra, *flags, tmp=tmp,
+                 config=config)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads((work / 'results.json').read_text())
+
+
+def fedavg_keys(tmp_path_factory):
+  """The top-level keys of a FedAvg ``results.json`` (the common schema),
+  from one untrained FedAvg run shared by the whole test session."""
+  root = tmp_path_factory.getbasetemp()
+  path = root / 'fedavg_logs' / 'results.json'
+  if not path.is_file():
+    run_scenario('fedavg', 'logs', root, '--config.fl.rounds=0')
+  return set(json.loads(path.read_text()))

@@ -1,4 +1,5 @@
-"""Loss terms shared by methods: token NLL, proximal pull, distillation.
+"""Loss terms shared by methods: token NLL, proximal pull, distillation,
+option-level cross-entropy and its class-balanced (balanced softmax) form.
 
 A method's ``loss(fwd, train, download, batch, rng)`` returns ``(mean loss,
 target count)``; ``fwd`` (:class:`fdlora_jax.fl.engine.Forward`) applies the
@@ -29,3 +30,47 @@ def squared_distance(a: PyTree, b: PyTree) -> jax.Array:
 def proximal(lora: PyTree, anchor: PyTree, lam: float) -> jax.Array:
   """``lam / 2 * ||lora - anchor||^2`` (FedProx, FedAMP)."""
   return 0.5 * lam * squared_distance(lora, jax.lax.stop_gradient(anchor))
+
+
+# ---------------------------------------------------------------------------
+# Option-level (class) losses over Forward.option_logits
+# ---------------------------------------------------------------------------
+# Added to every label count before the prior is taken: an option a client
+# never saw gets prior ~1e-6 / n, i.e. its logit is shifted by about
+# -14 - log(n) and it drops out of the softmax (as log(0) = -inf would in the
+# reference implementation), while every number stays finite.
+PRIOR_EPS = 1e-6
+
+
+def label_log_prior(counts, eps: float = PRIOR_EPS) -> jax.Array:
+  """``log p_o`` with ``p_o = (n_o + eps) / sum_o' (n_o' + eps)`` for label
+  counts ``n [..., O]`` (float32)."""
+  c = jnp.asarray(counts, jnp.float32) + eps
+  return jnp.log(c) - jnp.log(jnp.sum(c, axis=-1, keepdims=True))
+
+
+def option_ce(logits: jax.Array, labels: jax.Array, valid: jax.Array,
+              log_prior=None):
+  """Mean cross-entropy of ``labels [B]`` under ``logits [B, O]`` over the
+  rows with ``valid [B]`` > 0, and the count of those rows.
+
+  With ``log_prior [O]`` it is the balanced softmax (Ren et al., NeurIPS
+  2020; FedRoD's generic-head loss): ``-log softmax(logits + log_prior)_y``.
+  Training the logits through the prior-shifted softmax leaves the raw
+  ``logits`` fit to a class-balanced distribution.
+  """
+  logits = logits.astype(jnp.float32)
+  if log_prior is not None:
+    logits = logits + log_prior
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  valid = valid.astype(jnp.float32)
+  count = jnp.sum(valid)
+  return jnp.sum(jnp.where(valid > 0, nll, 0.0)) / jnp.maximum(count, 1.0), \
+      count
+
+
+def balanced_softmax_ce(logits: jax.Array, labels: jax.Array,
+                        valid: jax.Array, counts, eps: float = PRIOR_EPS):
+  """:func:`option_ce` with the prior of the label ``counts [O]``."""
+  return option_ce(logits, labels, valid, label_log_prior(counts, eps))

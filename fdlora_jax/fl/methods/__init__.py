@@ -6,8 +6,8 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import (fdlora, fedavg, fedlora_opt, k_shot, local,
-                                   pfedlora, zero_shot)
+from fdlora_jax.fl.methods import (fdlora, fedavg, fedlora_opt, fedrep, fedrod,
+                                   k_shot, local, pfedlora, zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
@@ -15,6 +15,8 @@ METHODS = {
     'local': local,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
+    'fedrep': fedrep,
+    'fedrod': fedrod,
     'pfedlora': pfedlora,
     'fedlora_opt': fedlora_opt,
 }
