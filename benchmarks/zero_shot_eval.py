@@ -1,7 +1,7 @@
 """Zero-shot and majority-class baselines of a config, without padding waste.
 
   python benchmarks/zero_shot_eval.py --config=configs/logs.py \\
-      --set data.dir=/work/shared/data/loghub --set data.chat_template=True
+      --set data.dir=../shared/data/loghub --set data.chat_template=on
 
 The same numbers as ``main.py --config.method=zero_shot`` (same data, same
 partition, same tokens, same option scoring with ``evaluate.option_scores``),
