@@ -6,12 +6,14 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import fdlora, fedavg, k_shot, local, zero_shot
+from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, k_shot, local,
+                                   zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
     'fedavg': fedavg,
     'local': local,
+    'fedamp': fedamp,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
 }
