@@ -6,14 +6,15 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, k_shot, local,
-                                   zero_shot)
+from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedkd, k_shot,
+                                   local, zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
     'fedavg': fedavg,
     'local': local,
     'fedamp': fedamp,
+    'fedkd': fedkd,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
 }
