@@ -291,3 +291,63 @@ def compose(parts: PyTree) -> PyTree:
   return map_adapters(lambda n: {
       'a': n['a']['m'][..., None, :] * unit(n['a']['d'], -2),
       'b': n['b']['m'][..., :, None] * unit(n['b']['d'], -1)}, parts)
+
+
+def rank_of(lora: PyTree) -> int:
+  """The rank ``r`` of an adapter (the last axis of its ``a`` leaves)."""
+  return int(_get(_as_dict(lora), adapted_paths(lora)[0])['a'].shape[-1])
+
+
+# ---------------------------------------------------------------------------
+# SVD compression of an adapter update (FedKD)
+# ---------------------------------------------------------------------------
+def energy_rank(s: jax.Array, threshold) -> jax.Array:
+  """The smallest ``k`` with ``sum(s[:k]**2) >= threshold * sum(s**2)``
+  (``s`` descending on its last axis); 0 for an all-zero ``s``."""
+  energy = s.astype(jnp.float32) ** 2
+  cum = jnp.cumsum(energy, axis=-1)
+  total = cum[..., -1:]
+  # k = 1 + the number of prefixes still short of the threshold.
+  k = jnp.sum(cum < threshold * total, axis=-1) + 1
+  return jnp.where(total[..., 0] > 0, jnp.minimum(k, s.shape[-1]), 0)
+
+
+def svd_compress(tree: PyTree, threshold) -> PyTree:
+  """Each leaf ``[..., m, n]`` (e.g. an update of ``a [L, in, r]``) as its
+  truncated SVD, one per matrix: ``{'u': [..., m, q], 's': [..., q],
+  'v': [..., q, n]}`` with ``q = min(m, n)`` (static shapes), of which only
+  the first :func:`energy_rank` ``k`` triplets are kept; the others are zero.
+
+  The kept singular values are all > 0 (a zero one adds no energy, so the
+  threshold was met before it), so ``k = count(s > 0)``.
+  """
+  def one(x):
+    x = x.astype(jnp.float32)
+    u, s, v = jnp.linalg.svd(x, full_matrices=False)
+    k = energy_rank(s, threshold)
+    keep = jnp.arange(s.shape[-1]) < k[..., None]                 # [..., q]
+    return {'u': jnp.where(keep[..., None, :], u, 0.0),
+            's': jnp.where(keep, s, 0.0),
+            'v': jnp.where(keep[..., :, None], v, 0.0)}
+  return jax.tree.map(one, tree)
+
+
+def _is_svd(node) -> bool:
+  return isinstance(node, dict) and set(node) == {'u', 's', 'v'}
+
+
+def svd_decompress(compressed: PyTree) -> PyTree:
+  """``u diag(s) v`` for every compressed leaf of :func:`svd_compress`."""
+  return jax.tree.map(
+      lambda c: jnp.einsum('...mq,...q,...qn->...mn', c['u'], c['s'], c['v']),
+      compressed, is_leaf=_is_svd)
+
+
+def svd_wire_bytes(compressed: PyTree) -> jax.Array:
+  """Bytes of the kept triplets: ``k (m + n + 1)`` floats per matrix."""
+  total = jnp.int32(0)
+  for c in jax.tree.leaves(compressed, is_leaf=_is_svd):
+    m, n = c['u'].shape[-2], c['v'].shape[-1]
+    k = jnp.sum(c['s'] > 0)
+    total = total + k.astype(jnp.int32) * (m + n + 1) * c['s'].dtype.itemsize
+  return total

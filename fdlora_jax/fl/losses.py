@@ -1,5 +1,6 @@
-"""Loss terms shared by methods: token NLL, proximal pull, distillation,
-option-level cross-entropy and its class-balanced (balanced softmax) form.
+"""Loss terms shared by methods: token NLL, proximal pull, distillation
+(KL divergences between two models' predictions), option-level
+cross-entropy and its class-balanced (balanced softmax) form.
 
 A method's ``loss(fwd, train, download, batch, rng)`` returns ``(mean loss,
 target count)``; ``fwd`` (:class:`fdlora_jax.fl.engine.Forward`) applies the
@@ -74,3 +75,33 @@ def balanced_softmax_ce(logits: jax.Array, labels: jax.Array,
                         valid: jax.Array, counts, eps: float = PRIOR_EPS):
   """:func:`option_ce` with the prior of the label ``counts [O]``."""
   return option_ce(logits, labels, valid, label_log_prior(counts, eps))
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+  """``log(1 - exp(x))`` for ``x < 0``, stable at both ends."""
+  return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)),
+                   jnp.log1p(-jnp.exp(x)))
+
+
+def bernoulli_kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
+  """``KL(Bern(p) || Bern(q))`` elementwise, from ``log p`` and ``log q``.
+
+  With ``p``, ``q`` two models' probabilities of the same target token, this
+  is the KL between their next-token distributions coarsened to {the target,
+  any other token}: a lower bound of the full-vocabulary KL that needs only
+  the target log-probabilities. Probabilities are clipped to
+  ``[0, 1 - 1e-6]`` so that both terms stay finite.
+  """
+  cap = jnp.log1p(-1e-6)
+  logp = jnp.minimum(logp.astype(jnp.float32), cap)
+  logq = jnp.minimum(logq.astype(jnp.float32), cap)
+  p = jnp.exp(logp)
+  return (p * (logp - logq)
+          + (1.0 - p) * (_log1mexp(logp) - _log1mexp(logq)))
+
+
+def categorical_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+  """``KL(softmax(logits_p) || softmax(logits_q))`` over the last axis."""
+  logp = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)

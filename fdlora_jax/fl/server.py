@@ -70,3 +70,32 @@ def outer_step(outer: optax.GradientTransformation, global_lora: PyTree,
   new_global = optax.apply_updates(global_lora, updates)
   return new_global, outer_state, {'delta_norm': tree_norm(delta),
                                    'participants': jnp.sum(weights > 0)}
+
+
+def flatten_clients(uploads: PyTree) -> jax.Array:
+  """``[N, D]``: each client's upload as one float32 vector (all leaves)."""
+  return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32)
+                          for x in jax.tree.leaves(uploads)], axis=1)
+
+
+def pairwise_cosine(flat: jax.Array) -> jax.Array:
+  """``[N, N]`` cosine similarities of the rows of ``flat [N, D]`` (0 for a
+  zero row; a non-finite row is treated as zero)."""
+  flat = jnp.where(jnp.isfinite(flat), flat, 0.0)
+  norm = jnp.sqrt(jnp.sum(flat * flat, axis=1, keepdims=True))
+  unit = flat / jnp.maximum(norm, 1e-30)
+  return unit @ unit.T
+
+
+def mix(uploads: PyTree, matrix: jax.Array) -> PyTree:
+  """``out_i = sum_j matrix[i, j] upload_j`` leafwise (``[N, ...]`` ->
+  ``[M, ...]``); an upload whose column is all zero (even a NaN one) never
+  enters a sum."""
+  used = jnp.any(matrix != 0, axis=0)                              # [N]
+
+  def one(u):
+    keep = used.reshape((-1,) + (1,) * (u.ndim - 1))
+    clean = jnp.where(keep, u, 0.0).astype(jnp.float32)
+    return jnp.einsum('ij,j...->i...', matrix.astype(jnp.float32),
+                      clean).astype(u.dtype)
+  return jax.tree.map(one, uploads)

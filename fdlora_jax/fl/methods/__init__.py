@@ -6,13 +6,16 @@ Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 and add it to ``METHODS``.
 """
 
-from fdlora_jax.fl.methods import (fdlora, fedavg, fedlora_opt, fedrep, fedrod,
-                                   k_shot, local, pfedlora, zero_shot)
+from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedkd, fedlora_opt,
+                                   fedrep, fedrod, k_shot, local, pfedlora,
+                                   zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
     'fedavg': fedavg,
     'local': local,
+    'fedamp': fedamp,
+    'fedkd': fedkd,
     'zero_shot': zero_shot,
     'k_shot': k_shot,
     'fedrep': fedrep,

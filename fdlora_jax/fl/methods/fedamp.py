@@ -1,0 +1,124 @@
+"""FedAMP (Huang, Chu, Zhou, Wang, Liu, Pei and Zhang, "Personalized
+Cross-Silo Federated Learning on Non-IID Data", AAAI 2021), on LoRA adapters
+of a frozen LLaMA.
+
+Every client owns one adapter ``w_i`` (its whole LoRA: the only trainable
+weights here, so they play the paper's model parameters). Attentive message
+passing runs on the server: for each client it builds a personalized cloud
+adapter ``u_i = sum_j xi_ij w_j`` and sends it to that client only. The
+attention weights are the paper's heuristic form (HeurFedAMP, Sec. 5), not
+its attention-inducing function ``A(||w_i - w_j||^2)``:
+
+  xi_ij = (1 - xi_ii) exp(sigma cos(w_i, w_j)) / sum_{h != i} exp(sigma
+          cos(w_i, w_h))     for j != i,       xi_ii = ``self_weight``,
+
+with ``cos`` the cosine similarity of the flattened adapters (every ``a``
+and ``b``). We use the heuristic because the distance-based ``A'`` needs a
+scale per model size, while the cosine is scale-free. A client with server
+weight 0 (non-finite this round) is no one's neighbour and keeps its
+previous ``u_i``; a client without neighbours gets ``u_i = w_i``.
+
+Each client then takes the paper's proximal step ``argmin_w F_i(w) +
+lam/2 ||w - u_i||^2`` (``lam`` stands for the paper's ``lambda / alpha_k``;
+fixed here) by K AdamW steps on the token NLL plus the proximal term,
+*starting from* ``u_i``, the centre of the proximal step (the paper does
+not name the starting point; starting from ``w_i`` would make the message
+only a regulariser). Phases:
+
+1. ``local``: ``fl.local_epochs`` epochs of plain NLL on ``w_i`` from a
+   fresh adapter (the paper's initial models ``w_i^0``); each uploads
+   ``w_i``, and the server computes the first ``u``.
+2. ``rounds``: T rounds; client i downloads ``u_i``, trains from it with the
+   proximal term, uploads the result as its new ``w_i``.
+
+Bytes per round per client: ``|w|`` up and ``|w|`` down (its own ``u_i``).
+Evaluated: ``personalized``, the clients' own adapters ``w_i``.
+
+Server state ``{'u' [N]}``; client state ``{'lora' [N]}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.errors import need
+from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.losses import proximal
+from fdlora_jax.fl.server import flatten_clients, mix, pairwise_cosine
+
+NAME = 'fedamp'
+
+
+def config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.sigma = 10.0        # sharpness of exp(sigma * cos) over the neighbours
+  c.self_weight = 0.5   # xi_ii: the share of u_i that is w_i itself
+  c.lam = 1.0           # proximal pull lam/2 ||w - u_i||^2 (lambda/alpha_k)
+  return c
+
+
+def validate(c) -> None:
+  m = c.fedamp
+  need(m.sigma >= 0, 'fedamp.sigma', m.sigma, 'must be >= 0')
+  need(0 <= m.self_weight <= 1, 'fedamp.self_weight', m.self_weight,
+       'must be in [0, 1]')
+  need(m.lam >= 0, 'fedamp.lam', m.lam, 'must be >= 0')
+
+
+def attention_weights(cos: jax.Array, weights: jax.Array, sigma: float,
+                      self_weight: float) -> jax.Array:
+  """``xi [N, N]`` from the cosine similarities ``cos [N, N]``: row i puts
+  ``self_weight`` on i and shares ``1 - self_weight`` over its neighbours
+  (``weights > 0``, j != i) in proportion to ``exp(sigma cos_ij)``. Every
+  row sums to 1; a row without neighbours is ``e_i``."""
+  n = cos.shape[0]
+  eye = jnp.eye(n, dtype=bool)
+  neighbour = (weights[None, :] > 0) & ~eye
+  logits = jnp.where(neighbour, sigma * cos, -jnp.inf)
+  has = jnp.any(neighbour, axis=1, keepdims=True)
+  soft = jax.nn.softmax(jnp.where(has, logits, 0.0), axis=1)
+  off = jnp.where(neighbour, soft * (1.0 - self_weight), 0.0)
+  return off + jnp.where(eye, jnp.where(has, self_weight, 1.0), 0.0)
+
+
+def build(s: Setup) -> Method:
+  c, m, n = s.config, s.config.fedamp, s.num_clients
+
+  def init(key):
+    fresh = lora_lib.replicate(s.lora_init(key), n)
+    return {'u': fresh}, {'lora': fresh}
+
+  def server(state, uploads, weights, t):
+    xi = attention_weights(pairwise_cosine(flatten_clients(uploads)),
+                           weights, m.sigma, m.self_weight)
+    ok = weights > 0
+    u = mix(uploads, jnp.where(ok[:, None], xi, 0.0))
+    u = jax.tree.map(
+        lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)),
+                                   new, old), u, state['u'])
+    return {'u': u}, {'attention': xi, 'participants': jnp.sum(ok)}
+
+  def nll(fwd, train, download, batch, rng):
+    return fwd.nll(train, batch, rng)
+
+  def prox_nll(fwd, train, download, batch, rng):
+    value, count = fwd.nll(train, batch, rng)
+    return value + proximal(train, download, m.lam), count
+
+  finish = lambda client, train, download, t: (dict(client, lora=train), train)
+  phases = (
+      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+            first_round=0, chunk=c.fl.stage1_chunk,
+            start=lambda client, download: client['lora'], loss=nll,
+            finish=finish, server=server),
+      Phase('rounds', repeats=c.fl.rounds,
+            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit),
+            broadcast=lambda state, t: state['u'], personal_download=True,
+            start=lambda client, download: download, loss=prox_nll,
+            finish=finish, server=server),
+  )
+  rows = lambda state, client: {'personalized': client['lora']}
+  return Method(NAME, init, phases, rows, progress_rows=rows)
