@@ -15,7 +15,8 @@ from conftest import SHARED_DATA, noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.engine import Engine, Forward
 from fdlora_jax.fl.methods import fdlora, fedamp
-from fdlora_jax.fl.server import flatten_clients, mix, pairwise_cosine
+from fdlora_jax.fl.server import (delta_cosine, flatten_clients, mix,
+                                  pairwise_cosine)
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import Llama, init_params
 from test_engine import CFG, LCFG, B, N, T, random_batches
@@ -69,17 +70,36 @@ def test_zero_weight_clients_are_no_ones_neighbour():
   np.testing.assert_allclose(xi, [[1.0, 0.0], [1 - SELF, SELF]])
 
 
-def test_server_mixes_uploads_and_keeps_u_of_a_failed_client(tiny):
+def test_delta_cosine_is_the_cosine_of_a_times_b(tiny):
+  model, _ = tiny
+  fresh = lora_lib.init(model, jax.random.key(0))
+  uploads = lora_lib.stack([noisy(fresh, i) for i in range(N)])
+  is_ab = lambda n: isinstance(n, dict) and set(n) == {'a', 'b'}
+  flat = jnp.concatenate([
+      jnp.einsum('nlir,nlro->nlio', ab['a'], ab['b']).reshape(N, -1)
+      for ab in jax.tree.leaves(uploads, is_leaf=is_ab)], axis=1)
+  close(delta_cosine(uploads), pairwise_cosine(flat), atol=1e-5)
+  # Not the cosine of the raw parameters.
+  assert float(jnp.abs(delta_cosine(uploads) - pairwise_cosine(
+      flatten_clients(uploads))).max()) > 1e-2
+
+
+@pytest.mark.parametrize('similarity', ['delta', 'adapter'])
+def test_server_mixes_uploads_and_keeps_u_of_a_failed_client(tiny,
+                                                             similarity):
   eng = engine(tiny, fedamp, config(fedamp__sigma=SIGMA,
-                                    fedamp__self_weight=SELF))
+                                    fedamp__self_weight=SELF,
+                                    fedamp__similarity=similarity))
   server = eng.training[1].server
   model, _ = tiny
   fresh = lora_lib.init(model, jax.random.key(0))
   uploads = lora_lib.stack([noisy(fresh, i) for i in range(N)])
   prev = lora_lib.stack([noisy(fresh, 10 + i) for i in range(N)])
   state, m = jax.jit(server)({'u': prev}, uploads, jnp.ones(N), 1)
-  xi = fedamp.attention_weights(pairwise_cosine(flatten_clients(uploads)),
-                                jnp.ones(N), SIGMA, SELF)
+  cos = (delta_cosine(uploads) if similarity == 'delta'
+         else pairwise_cosine(flatten_clients(uploads)))
+  xi = fedamp.attention_weights(cos, jnp.ones(N), SIGMA, SELF)
+  close(m['cosine'], cos, atol=1e-5)
   close(m['attention'], xi, atol=1e-6)
   for i in range(N):   # u_i = sum_j xi_ij w_j, by hand
     expect = jax.tree.map(lambda x: sum(xi[i, j] * x[j] for j in range(N)),
@@ -144,9 +164,8 @@ def test_round_downloads_u_i_per_client_and_starts_from_it(tiny):
   assert m0['bytes_down_per_client'] == [0] * N   # local phase: no download
   assert m0['bytes_up_per_client'] == [size] * N
   # The first u comes from the local adapters' attention.
-  xi = fedamp.attention_weights(
-      pairwise_cosine(flatten_clients(state['client']['lora'])),
-      jnp.ones(N), SIGMA, SELF)
+  xi = fedamp.attention_weights(delta_cosine(state['client']['lora']),
+                                jnp.ones(N), SIGMA, SELF)
   close(u, mix(state['client']['lora'], xi), atol=1e-6)
   # Every client gets its own u_i.
   for i in range(N):
@@ -163,9 +182,8 @@ def test_round_downloads_u_i_per_client_and_starts_from_it(tiny):
   # Clients 0, 1 moved away from their u_i; the new u mixes the uploads.
   assert max(float(jnp.abs(x[0] - y[0]).max()) for x, y in zip(
       jax.tree.leaves(new['client']['lora']), jax.tree.leaves(u))) > 1e-4
-  xi = fedamp.attention_weights(
-      pairwise_cosine(flatten_clients(new['client']['lora'])),
-      jnp.ones(N), SIGMA, SELF)
+  xi = fedamp.attention_weights(delta_cosine(new['client']['lora']),
+                                jnp.ones(N), SIGMA, SELF)
   close(new['server']['u'], mix(new['client']['lora'], xi), atol=1e-6)
   np.testing.assert_allclose(np.sum(m1['attention'], 1), 1.0, rtol=1e-6)
   # Same local steps in total as an FDLoRA client.

@@ -99,3 +99,22 @@ def mix(uploads: PyTree, matrix: jax.Array) -> PyTree:
     return jnp.einsum('ij,j...->i...', matrix.astype(jnp.float32),
                       clean).astype(u.dtype)
   return jax.tree.map(one, uploads)
+
+
+def delta_cosine(uploads: PyTree) -> jax.Array:
+  """``[N, N]`` cosine similarities of the clients' weight deltas
+  ``delta_W = a b`` (all adapted matrices, all layers, as one vector), from
+  the ``r x r`` Gram matrices: ``<a_i b_i, a_j b_j> = sum((a_i^T a_j) *
+  (b_i b_j^T))``, never forming an ``[in, out]`` matrix. The LoRA scale
+  cancels. A non-finite adapter is treated as zero."""
+  clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0).astype(jnp.float32)
+  inner = 0.0
+  nodes = jax.tree.leaves(uploads, is_leaf=lambda n: isinstance(n, dict)
+                          and set(n) == {'a', 'b'})
+  for node in nodes:
+    a, b = clean(node['a']), clean(node['b'])        # [N, L, in, r], [N, L, r, out]
+    ga = jnp.einsum('ilmr,jlms->ijlrs', a, a)
+    gb = jnp.einsum('ilrn,jlsn->ijlrs', b, b)
+    inner = inner + jnp.sum(ga * gb, axis=(2, 3, 4))
+  norm = jnp.sqrt(jnp.maximum(jnp.diagonal(inner), 0.0))
+  return inner / jnp.maximum(norm[:, None] * norm[None, :], 1e-30)
