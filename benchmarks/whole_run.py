@@ -5,9 +5,9 @@
 
 Runs ``python main.py --config=<config> --workdir=<tmp>`` in a subprocess and
 prints the stage breakdown that ``fdlora_jax/run.py`` stores in
-``results.json`` under ``timing`` (data_s, stage1_s, stage2_s, fusion_s,
-eval_s, total_s), next to the subprocess's own wall time (which adds Python
-and JAX start-up). Writes ``benchmarks/results/whole_run.json``.
+``results.json`` under ``timing`` (data_s; train_s, every training phase;
+search_s, e.g. AdaFusion; eval_s; total_s), next to the subprocess's own
+wall time (which adds Python and JAX start-up). Writes ``benchmarks/results/whole_run.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import common
 
-STAGES = ('data_s', 'stage1_s', 'stage2_s', 'fusion_s', 'eval_s', 'total_s')
+STAGES = ('data_s', 'train_s', 'search_s', 'eval_s', 'total_s')
 
 
 def find_results(workdir: Path) -> Path:
