@@ -38,13 +38,16 @@ def test_event_file_round_trip(tmp_path):
 
 def test_metrics_log_truncates_on_resume(tmp_path):
   log = io_lib.MetricsLog(tmp_path / 'm.jsonl', None)
-  for r in range(4):
-    log.write({'stage': 1 if r == 0 else 2, 'round': r, 'x': np.float32(r)})
-  log.write({'stage': 3, 'round': 3})
+  for s in range(1, 5):
+    log.write({'step': s, 'round': s - 1, 'x': np.float32(s)})
+  log.write({'final': True, 'f1': 0.5})  # no step: a final line
   io_lib.MetricsLog(tmp_path / 'm.jsonl', 2)
   lines = [json.loads(l) for l in (tmp_path / 'm.jsonl').read_text().split(
       '\n') if l]
-  assert [l['round'] for l in lines] == [0, 1, 2]
+  assert [l['step'] for l in lines] == [1, 2]
+  assert lines[1]['x'] == 2.0
+  io_lib.MetricsLog(tmp_path / 'm.jsonl', None)  # a fresh run empties it
+  assert (tmp_path / 'm.jsonl').read_text() == ''
 
 
 def test_state_checkpoint_round_trip(tmp_path):
