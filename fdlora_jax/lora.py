@@ -247,11 +247,13 @@ def scale_b(lora: PyTree, factor) -> PyTree:
 # 'd': [..., r, out]}}``.
 def unit(x: jax.Array, axis: int) -> jax.Array:
   """``x / ||x||`` along ``axis``; a zero vector becomes the constant unit
-  vector ``1 / sqrt(size)`` (any direction reproduces a zero magnitude)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  safe = jnp.where(norm > 0, norm, 1.0)
+  vector ``1 / sqrt(size)`` (any direction reproduces a zero magnitude).
+  The gradient is finite everywhere (0 at a zero vector)."""
+  squares = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.sqrt(jnp.where(nonzero, squares, 1.0))
   fallback = jnp.asarray(1.0 / np.sqrt(x.shape[axis]), x.dtype)
-  return jnp.where(norm > 0, x / safe, fallback)
+  return jnp.where(nonzero, x / norm, fallback)
 
 
 def decompose(lora: PyTree, factors: Sequence[str] = ('a', 'b')) -> PyTree:

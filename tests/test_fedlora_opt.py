@@ -60,6 +60,10 @@ def test_decompose_then_compose_is_the_same_adapter(tiny):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(
       back['layers']['self_attn']['q_proj']['b'][:, 1], 0.0)
+  # unit(): finite gradient at a zero vector (a zero row of b).
+  g = jax.grad(lambda x: jnp.sum(lora_lib.unit(x, -1) * 2.0))(
+      jnp.zeros((2, 3)).at[0].set(1.0))
+  assert bool(jnp.all(jnp.isfinite(g))) and not np.any(np.asarray(g[1]))
   # A direction's own norm does not matter.
   scaled = jax.tree.map(lambda x: x, parts)
   for p in lora_lib.adapted_paths(parts):
