@@ -269,28 +269,39 @@ def scale_b(lora: PyTree, factor) -> PyTree:
 # 'd': [..., r, out]}}``.
 def unit(x: jax.Array, axis: int) -> jax.Array:
   """``x / ||x||`` along ``axis``; a zero vector becomes the constant unit
-  vector ``1 / sqrt(size)`` (any direction reproduces a zero magnitude)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  safe = jnp.where(norm > 0, norm, 1.0)
+  vector ``1 / sqrt(size)`` (any direction reproduces a zero magnitude).
+  The gradient is finite everywhere (0 at a zero vector)."""
+  squares = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.sqrt(jnp.where(nonzero, squares, 1.0))
   fallback = jnp.asarray(1.0 / np.sqrt(x.shape[axis]), x.dtype)
-  return jnp.where(norm > 0, x / safe, fallback)
+  return jnp.where(nonzero, x / norm, fallback)
 
 
-def decompose(lora: PyTree) -> PyTree:
-  """Each rank component as a magnitude and a unit-norm direction."""
-  def node(n):
-    a, b = n['a'], n['b']
-    return {'a': {'m': jnp.linalg.norm(a, axis=-2), 'd': unit(a, -2)},
-            'b': {'m': jnp.linalg.norm(b, axis=-1), 'd': unit(b, -1)}}
-  return map_adapters(node, lora)
+def decompose(lora: PyTree, factors: Sequence[str] = ('a', 'b')) -> PyTree:
+  """Each rank component of the named factors (``'a'``, ``'b'``) as a
+  magnitude and a unit-norm direction; other factors stay as they are."""
+  def factor(x, name):
+    if name not in factors or isinstance(x, dict):
+      return x
+    axis = -2 if name == 'a' else -1
+    return {'m': jnp.linalg.norm(x, axis=axis), 'd': unit(x, axis)}
+  return map_adapters(lambda n: {'a': factor(n['a'], 'a'),
+                                 'b': factor(n['b'], 'b')}, lora)
 
 
 def compose(parts: PyTree) -> PyTree:
-  """The plain adapter of :func:`decompose`'s form; directions are
-  normalised here, so their own norm never matters."""
-  return map_adapters(lambda n: {
-      'a': n['a']['m'][..., None, :] * unit(n['a']['d'], -2),
-      'b': n['b']['m'][..., :, None] * unit(n['b']['d'], -1)}, parts)
+  """The plain adapter of :func:`decompose`'s form (a factor that is already
+  plain passes through); directions are normalised here, so their own norm
+  never matters."""
+  def factor(x, name):
+    if not isinstance(x, dict):
+      return x
+    if name == 'a':
+      return x['m'][..., None, :] * unit(x['d'], -2)
+    return x['m'][..., :, None] * unit(x['d'], -1)
+  return map_adapters(lambda n: {'a': factor(n['a'], 'a'),
+                                 'b': factor(n['b'], 'b')}, parts)
 
 
 def rank_of(lora: PyTree) -> int:

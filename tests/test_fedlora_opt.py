@@ -48,10 +48,22 @@ def test_decompose_then_compose_is_the_same_adapter(tiny):
     assert node['a']['m'].shape == plain['a'].shape[:-2] + (
         plain['a'].shape[-1],)
   back = lora_lib.compose(parts)
+  # Only A decomposed: B stays the same array, and composing gives lora.
+  half = lora_lib.decompose(lora, ('a',))
+  for p in lora_lib.adapted_paths(lora):
+    assert lora_lib._get(half, p)['b'] is lora_lib._get(lora, p)['b']
+    np.testing.assert_array_equal(lora_lib._get(half, p)['a']['d'],
+                                  lora_lib._get(parts, p)['a']['d'])
+  for x, y in zip(leaves(lora_lib.compose(half)), leaves(lora), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   for x, y in zip(leaves(back), leaves(lora), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(
       back['layers']['self_attn']['q_proj']['b'][:, 1], 0.0)
+  # unit(): finite gradient at a zero vector (a zero row of b).
+  g = jax.grad(lambda x: jnp.sum(lora_lib.unit(x, -1) * 2.0))(
+      jnp.zeros((2, 3)).at[0].set(1.0))
+  assert bool(jnp.all(jnp.isfinite(g))) and not np.any(np.asarray(g[1]))
   # A direction's own norm does not matter.
   scaled = jax.tree.map(lambda x: x, parts)
   for p in lora_lib.adapted_paths(parts):
@@ -87,21 +99,21 @@ def index_of(eng, name):
   return [i for i, s in enumerate(eng.schedule()) if s[0].name == name]
 
 
-def test_fresh_adapter_changes_nothing_and_a_is_shared(trained):
+def test_fresh_adapter_changes_nothing_and_a_is_the_servers(trained):
   eng, states, _ = trained
   names = [p.name for p in eng.method.phases]
   assert names == ['local', 'rounds', 'personalize']
   state0 = states[0]
-  plain = lora_lib.compose(state0['client']['lora'])
-  for p in lora_lib.adapted_paths(plain):
-    np.testing.assert_array_equal(lora_lib._get(plain, p)['b'], 0.0)
-    d = np.asarray(lora_lib._get(state0['client']['lora'], p)['b']['d'])
-    np.testing.assert_allclose(norms(d, -1), 1.0, atol=1e-6)
-    assert np.abs(d[0, 0, 0] - d[0, 0, 1]).max() > 1e-3   # random directions
-    a = lora_lib._get(state0['client']['lora'], p)['a']['d']
+  lora = state0['client']['lora']
+  for p in lora_lib.adapted_paths(lora):
+    node = lora_lib._get(lora, p)
+    np.testing.assert_array_equal(node['b'], 0.0)          # B plain, zero
+    np.testing.assert_allclose(norms(node['a']['d'], -2), 1.0, atol=1e-6)
     np.testing.assert_array_equal(
-        a, lora_lib.replicate(lora_lib._get(state0['server']['a_dir'], p),
-                              N))
+        node['a']['d'],
+        lora_lib.replicate(lora_lib._get(state0['server']['a_dir'], p), N))
+    m_a = np.asarray(node['a']['m'])
+    np.testing.assert_array_equal(m_a, np.broadcast_to(m_a[0], m_a.shape))
 
 
 def test_server_sees_only_unit_a_directions_and_renormalises(trained):
@@ -159,17 +171,20 @@ def test_server_sees_only_unit_a_directions_and_renormalises(trained):
 
 def test_global_stage_trains_the_chosen_parts_only(trained):
   """Default global_trains: A's magnitudes stay the shared initial value on
-  every client, A's directions are the server's, B is each client's own."""
+  every client; A's directions and the plain B train, B per client."""
   eng, states, _ = trained
   last_round = index_of(eng, 'rounds')[-1] + 1
   before, after = states[0]['client']['lora'], states[last_round]['client'][
       'lora']
-  pick = lambda t, f, k: lora_lib.map_adapters(lambda n: n[f][k], t)
-  assert_same(pick(after, 'a', 'm'), pick(before, 'a', 'm'))
-  for f, k in (('a', 'd'), ('b', 'd'), ('b', 'm')):
-    assert differs(pick(after, f, k), pick(before, f, k)) > 1e-4, (f, k)
-  for b in leaves(pick(after, 'b', 'm')):
+  a_part = lambda t, k: lora_lib.map_adapters(lambda n: n['a'][k], t)
+  b_part = lambda t: lora_lib.map_adapters(lambda n: n['b'], t)
+  assert_same(a_part(after, 'm'), a_part(before, 'm'))
+  assert differs(a_part(after, 'd'), a_part(before, 'd')) > 1e-4
+  assert differs(b_part(after), b_part(before)) > 1e-4
+  for b in leaves(b_part(after)):
     assert np.abs(b[0] - b[1]).max() > 1e-5      # clients differ
+  mask = fedlora_opt.global_mask(before, ('a_dir', 'a_mag', 'b'))
+  assert all(bool(x) for x in leaves(mask))
 
 
 def test_local_stage_changes_only_b_magnitudes(trained):
@@ -177,8 +192,15 @@ def test_local_stage_changes_only_b_magnitudes(trained):
   (i,) = index_of(eng, 'personalize')
   state, final = states[i], states[i + 1]
   a_dir = lora_lib.replicate(state['server']['a_dir'], N)
-  start = fedlora_opt.with_a_directions(state['client']['lora'], a_dir)
+  global_model = fedlora_opt.with_a_directions(state['client']['lora'],
+                                               a_dir)
+  # The tree the stage started from, by the engine's own compiled start.
+  start = eng._starts['personalize'](state['client'], a_dir)
+  close = lora_lib.decompose(global_model, ('b',))
+  for x, y in zip(leaves(start), leaves(close), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   personal = final['client']['personal']
+  assert jax.tree.structure(personal) == jax.tree.structure(start)
   pick = lambda t, f, k: lora_lib.map_adapters(lambda n: n[f][k], t)
   for f, k in (('a', 'd'), ('a', 'm'), ('b', 'd')):
     assert_same(pick(personal, f, k), pick(start, f, k))
@@ -195,7 +217,7 @@ def test_local_stage_changes_only_b_magnitudes(trained):
   rows = eng.method.rows(final['server'], final['client'])
   assert list(rows) == ['personalized', 'global']
   assert_same(rows['personalized'], lora_lib.compose(personal))
-  assert_same(rows['global'], lora_lib.compose(start))
+  assert_same(rows['global'], lora_lib.compose(global_model))
   assert eng.method.headline == 'personalized'
 
 
@@ -212,8 +234,8 @@ def test_local_stage_epochs_default_to_the_local_phase(tiny):
 
 
 def test_config_is_validated():
-  for field, value in (('global_trains', ('b_mag',)),
-                       ('global_trains', ('a_dir', 'c_mag')),
+  for field, value in (('global_trains', ('b',)),
+                       ('global_trains', ('a_dir', 'b_mag')),
                        ('local_stage_epochs', -0.5), ('weighting', 'mean')):
     c = config()
     c.method = 'fedlora_opt'
@@ -230,7 +252,9 @@ def test_config_is_validated():
 # main.py, both scenarios
 # ---------------------------------------------------------------------------
 def test_runs_from_main_py_in_both_scenarios(tmp_path):
-  results = main_py_both(tmp_path, '--config.method=fedlora_opt')
+  results = main_py_both(tmp_path, '--config.method=fedlora_opt',
+                         '--config.fl.local_epochs=0',
+                         '--config.fedlora_opt.local_stage_epochs=0.25')
   for scenario, r in results.items():
     assert r['is_synthetic'] == (scenario == 'logs')
     assert r['method'] == 'fedlora_opt' and r['headline'] == 'personalized'

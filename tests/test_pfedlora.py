@@ -289,7 +289,9 @@ MEDICAL = ['--config=configs/medical.py',
 
 def main_py_both(tmp_path, *flags):
   """``main.py`` on the tiny model for the logs (synthetic) and medical
-  scenarios, both at once; returns ``{scenario: results.json}``."""
+  scenarios, both at once; returns ``{scenario: results.json}``. Flags after
+  TINY_FLAGS win (e.g. ``--config.fl.local_epochs=0``: one compile less;
+  the engine tests run every phase)."""
   procs = {}
   scenarios = ('logs', 'medical') if (SHARED_DATA / 'medical').is_dir() \
       else ('logs',)   # no sample data here: the synthetic scenario only
@@ -312,7 +314,8 @@ def main_py_both(tmp_path, *flags):
 
 def test_runs_from_main_py_in_both_scenarios(tmp_path):
   results = main_py_both(tmp_path, '--config.method=pfedlora',
-                         '--config.pfedlora.private_ranks=(2,6)')
+                         '--config.pfedlora.private_ranks=(2,6)',
+                         '--config.fl.local_epochs=0')
   for scenario, r in results.items():
     assert r['is_synthetic'] == (scenario == 'logs')
     assert r['method'] == 'pfedlora' and r['headline'] == 'personalized'
