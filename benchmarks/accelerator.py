@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Optional
 
 import common
 import jax
@@ -72,9 +73,10 @@ def memory_stats() -> dict:
 
 
 class Step:
-  """One compiled inner round for N clients, on an optional mesh."""
+  """One compiled inner round (K steps) for N clients, on an optional mesh."""
 
-  def __init__(self, model, base, opt, n, batch, seq, steps, mesh):
+  def __init__(self, model, base, opt, n, batch, seq, steps, mesh,
+               dropout=True):
     cfg = model.cfg
     lora = lora_lib.replicate(lora_lib.init(model, jax.random.key(1)), n)
     lora = jax.tree.map(jnp.array, lora)
@@ -94,11 +96,12 @@ class Step:
       batches = jax.tree.map(jnp.asarray, batches)
     self.args = [base, lora, state, batches, rngs]
     self.mesh = mesh
-    update = sft_clients_update(model, opt, dropout=True, donate=True)
+    update = sft_clients_update(model, opt, dropout=dropout, donate=True)
     t0 = time.perf_counter()
     self.compiled = update.lower(
         *self.args, num_targets=common.ANSWER_TOKENS).compile()
     self.compile_s = time.perf_counter() - t0
+    self.memory = compiled_memory(self.compiled)
 
   def run(self) -> float:
     base, lora, state, batches, rngs = self.args
@@ -114,119 +117,200 @@ class Step:
     return dt
 
 
-def fits(model, base, opt, n, a, seq, mesh) -> bool:
+def compiled_memory(compiled) -> dict:
+  """XLA's own account of a compiled step's device memory (bytes)."""
   try:
-    s = Step(model, base, opt, n, a.batch, seq, a.steps, mesh)
-    s.run()
-    del s
-    return True
-  except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED and the like
-    msg = str(e)
-    if 'RESOURCE_EXHAUSTED' in msg or 'out of memory' in msg.lower() or \
-        'Out of memory' in msg:
-      return False
-    raise
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, k, 0) or 0) for k in (
+      'argument_size_in_bytes', 'output_size_in_bytes',
+      'alias_size_in_bytes', 'temp_size_in_bytes',
+      'generated_code_size_in_bytes')}
+  out['total_bytes'] = (out['argument_size_in_bytes']
+                        + out['output_size_in_bytes']
+                        - out['alias_size_in_bytes']
+                        + out['temp_size_in_bytes'])
+  return out
 
 
-def max_clients(model, base, opt, a, seq, mesh, start) -> int:
-  step = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
-  lo, hi = 0, None
-  n = max(start, step)
-  while n <= a.max_clients:                       # doubling
-    if fits(model, base, opt, n, a, seq, mesh):
-      lo, n = n, n * 2
-    else:
-      hi = n
-      break
-  if hi is None:
-    return lo                                      # capped by --max-clients
-  while hi - lo > step:                            # bisection
-    mid = (lo + hi) // 2 // step * step
-    if mid <= lo:
-      break
-    if fits(model, base, opt, mid, a, seq, mesh):
-      lo = mid
-    else:
-      hi = mid
-  return lo
+def is_oom(e: Exception) -> bool:
+  msg = str(e)
+  return ('RESOURCE_EXHAUSTED' in msg or 'out of memory' in msg.lower())
+
+
+def measure(model, base, opt, n, a, seq, mesh, *, dropout=True,
+            repeats=None, profile_dir=None) -> dict:
+  """Compile, warm up, time ``repeats`` rounds; a row (or an OOM row)."""
+  repeats = a.repeats if repeats is None else repeats
+  cfg = model.cfg
+  try:
+    step = Step(model, base, opt, n, a.batch, seq, a.steps, mesh, dropout)
+    step.run()                                        # warm-up
+    times = [step.run() for _ in range(repeats)]
+    if profile_dir:
+      jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+      step.run()
+      jax.profiler.stop_trace()
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_oom(e):
+      raise
+    return {'clients': n, 'seq': seq, 'remat': cfg.remat,
+            'attention': cfg.attention, 'dropout': dropout, 'oom': True,
+            'error': str(e).split('\n')[0][:300]}
+  t = common.median(times)
+  tokens = n * a.batch * seq * a.steps
+  fl = common.flops_per_token(cfg, model.lora, seq)
+  stats = memory_stats()
+  row = {'clients': n, 'seq': seq, 'remat': cfg.remat,
+         'attention': cfg.attention, 'dropout': dropout,
+         'round_s': t, 'step_s': t / a.steps,
+         'tokens_per_s': tokens / t,
+         'mfu': tokens * fl['flops_per_token'] / t / a.peak,
+         'compiled_gib': step.memory.get('total_bytes', 0) / 2**30,
+         'process_peak_gib': (stats.get('peak_bytes_in_use', 0) / 2**30
+                              if stats else 'n/a'),
+         'compile_s': step.compile_s,
+         'flops_per_token': fl['flops_per_token'],
+         'memory': step.memory, 'times_s': [round(x, 4) for x in times]}
+  del step
+  return row
+
+
+def predict_max_clients(rows, limit_bytes) -> Optional[int]:
+  """The largest N whose compiled memory fits ``limit_bytes``, from a linear
+  fit of XLA's compiled totals over the measured N (memory is affine in N:
+  the shared base once, activations and adapters per client)."""
+  pts = sorted({r['clients']: r['memory']['total_bytes'] for r in rows
+                if r.get('memory', {}).get('total_bytes')}.items())
+  if len(pts) < 2 or not limit_bytes:
+    return None
+  (n0, m0), (n1, m1) = pts[0], pts[-1]
+  per_client = (m1 - m0) / (n1 - n0)
+  if per_client <= 0:
+    return None
+  return int((limit_bytes - (m0 - n0 * per_client)) // per_client)
+
+
+COLUMNS = ['clients', 'seq', 'remat', 'attention', 'dropout', 'step_s',
+           'tokens_per_s', 'mfu', 'compiled_gib', 'process_peak_gib',
+           'compile_s']
 
 
 def main():
   on_gpu = jax.default_backend() == 'gpu'
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--preset', default='llama2_7b')
-  p.add_argument('--seq', default='1024,2048')
-  p.add_argument('--clients', type=int, default=5)
+  p.add_argument('--seq', type=int, default=2048)
+  p.add_argument('--clients', type=int, default=5,
+                 help='N of the headline row (MFU, peak memory, profile)')
   p.add_argument('--batch', type=int, default=1)
-  p.add_argument('--steps', type=int, default=1)
+  p.add_argument('--steps', type=int, default=3, help='K, steps per round')
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--rank', type=int, default=8)
+  p.add_argument('--rank', type=int, default=64)
   p.add_argument('--targets', default='q_proj,v_proj')
   p.add_argument('--dtype', default='bfloat16' if on_gpu else 'float32')
-  p.add_argument('--no-remat', action='store_true')
+  p.add_argument('--sweep', default='1,10,20,40',
+                 help='further N with remat, after the headline N')
+  p.add_argument('--sweep-no-remat', default='1,2,4',
+                 help="N without remat ('' to skip)")
+  p.add_argument('--variants', default='no_dropout,xla_attention',
+                 help='headline-N variants: no_dropout, xla_attention')
+  p.add_argument('--verify-max', action='store_true',
+                 help='run the predicted largest N (with remat) once')
   p.add_argument('--mesh', default='',
                  help="'c,m': clients x model mesh (default: one device)")
-  p.add_argument('--max-clients', type=int, default=64 if on_gpu else 8)
-  p.add_argument('--no-search', action='store_true')
+  p.add_argument('--profile', default='',
+                 help='directory for a jax.profiler trace of one headline '
+                      'round')
+  p.add_argument('--attention', default='auto',
+                 help="'auto' (cudnn for bf16 on a GPU), 'cudnn' or 'xla'")
   p.add_argument('--peak-tflops', type=float, default=0.0)
   p.add_argument('--out', default=None)
   a = p.parse_args()
 
-  cfg = PRESETS[a.preset].replace(dtype=a.dtype, param_dtype=a.dtype,
-                                  remat=not a.no_remat, attention='auto')
-  lcfg = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=0.05,
-                    targets=tuple(a.targets.split(',')))
-  model = Llama(cfg, lcfg)
+  def build(remat=True, attention='auto'):
+    cfg = PRESETS[a.preset].replace(dtype=a.dtype, param_dtype=a.dtype,
+                                    remat=remat, attention=attention)
+    lcfg = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=0.05,
+                      targets=tuple(a.targets.split(',')))
+    return Llama(cfg, lcfg)
+
   mesh = None
   if a.mesh:
     c, m = map(int, a.mesh.split(','))
     mesh = sharding.make_mesh(c, m)
-  base = init_params(cfg, jax.random.key(0))
+  model = build(attention=a.attention)
+  base = init_params(model.cfg, jax.random.key(0))
   if mesh is not None:
     base = sharding.shard_base(base, mesh)
   opt = optax.adamw(2e-4, weight_decay=0.01)
-  peak = (a.peak_tflops * 1e12 if a.peak_tflops else
-          peak_flops(jnp.dtype(a.dtype), 8192 if on_gpu else 2048))
+  a.peak = (a.peak_tflops * 1e12 if a.peak_tflops else
+            common.matmul_peak(n=8192 if on_gpu else 2048, dtype=a.dtype))
   attention = ('cudnn' if on_gpu and a.dtype in ('bfloat16', 'float16')
                else 'xla')
+  limit = memory_stats().get('bytes_limit', 0)
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()}, '
-        f'{a.preset} {a.dtype}, attention={attention}, remat={cfg.remat}, '
-        f'mesh={a.mesh or "none"}, peak {peak / 1e12:.2f} TFLOP/s')
-  print('FLOPs: ' + common.FLOPS_FORMULA)
+        f'{a.preset} {a.dtype}, auto attention={attention}, '
+        f'mesh={a.mesh or "none"}, matmul peak {a.peak / 1e12:.1f} TFLOP/s, '
+        f'memory limit {limit / 2**30:.1f} GiB', flush=True)
+  print('FLOPs: ' + common.FLOPS_FORMULA, flush=True)
 
   rows = []
-  for seq in map(int, a.seq.split(',')):
-    fl = common.flops_per_token(cfg, lcfg, seq)
-    step = Step(model, base, opt, a.clients, a.batch, seq, a.steps, mesh)
-    step.run()                                        # warm-up
-    times = [step.run() for _ in range(a.repeats)]
-    t = common.median(times)
-    tokens = a.clients * a.batch * seq * a.steps
-    stats = memory_stats()
-    del step
-    row = {'preset': a.preset, 'dtype': a.dtype, 'seq': seq,
-           'clients': a.clients, 'batch': a.batch, 'step_s': t / a.steps,
-           'tokens_per_s': tokens / t,
-           'mfu': tokens * fl['flops_per_token'] / t / peak,
-           'peak_mem_gib': (stats.get('peak_bytes_in_use', 0) / 2**30
-                            if stats else 'n/a'),
-           'max_clients': ('skipped' if a.no_search else
-                           max_clients(model, base, opt, a, seq, mesh,
-                                       a.clients)),
-           'flops_per_token': fl['flops_per_token'],
-           'times_s': [round(x, 4) for x in times]}
+  payload = {**common.machine(), 'device': jax.devices()[0].device_kind,
+             'device_count': jax.device_count(), 'args': vars(a),
+             'auto_attention': attention, 'peak_flops': a.peak,
+             'memory_limit_bytes': limit,
+             'flops_formula': common.FLOPS_FORMULA,
+             'lora': {'rank': a.rank, 'targets': a.targets},
+             'rows': rows}
+
+  def add(row):
     rows.append(row)
-    common.print_table([row], [c for c in row if c != 'times_s'])
+    common.print_table([row], [c for c in COLUMNS + ['oom'] if c in row])
+    common.write_json('accelerator', payload, a.out)   # a killed run keeps it
+
+  # Most wanted first: a run cut short by its time limit keeps these.
+  add(measure(model, base, opt, a.clients, a, a.seq, mesh,
+              profile_dir=a.profile or None))
+  if a.sweep_no_remat:
+    plain = build(remat=False, attention=a.attention)
+    for n in map(int, a.sweep_no_remat.split(',')):
+      row = measure(plain, base, opt, n, a, a.seq, mesh, repeats=2)
+      add(row)
+      if row.get('oom'):
+        break
+    plain_rows = [r for r in rows if not r.get('remat') and not r.get('oom')]
+    payload['max_clients_no_remat_predicted'] = predict_max_clients(
+        plain_rows, limit)
+  sweep = list(map(int, filter(None, a.sweep.split(','))))
+  for n in sweep[:-1]:
+    add(measure(model, base, opt, n, a, a.seq, mesh, repeats=2))
+  for v in filter(None, a.variants.split(',')):
+    if v == 'no_dropout':
+      add(measure(model, base, opt, a.clients, a, a.seq, mesh, dropout=False))
+    elif v == 'xla_attention':
+      add(measure(build(attention='xla'), base, opt, a.clients, a, a.seq,
+                  mesh))
+    else:
+      raise SystemExit(f'unknown variant {v!r}')
+  for n in sweep[-1:]:
+    add(measure(model, base, opt, n, a, a.seq, mesh, repeats=2))
+  remat_rows = [r for r in rows if r.get('remat') and not r.get('oom')
+                and r['attention'] == a.attention and r['dropout']]
+  payload['max_clients_remat_predicted'] = predict_max_clients(remat_rows,
+                                                               limit)
+  if a.verify_max and payload['max_clients_remat_predicted']:
+    n = payload['max_clients_remat_predicted']
+    add(measure(model, base, opt, n, a, a.seq, mesh, repeats=1))
   print()
-  common.print_table(rows, [c for c in rows[0] if c != 'times_s'])
-  common.write_json('accelerator', {
-      **common.machine(), 'device': jax.devices()[0].device_kind,
-      'device_count': jax.device_count(), 'args': vars(a),
-      'attention': attention, 'remat': cfg.remat, 'peak_flops': peak,
-      'flops_formula': common.FLOPS_FORMULA, 'rows': rows,
-      'notes': ('max_clients capped by --max-clients; on the CPU backend '
-                'nothing runs out of memory, so it only checks the search.')},
-      a.out)
+  common.print_table([r for r in rows if not r.get('oom')], COLUMNS)
+  print('max N predicted from compiled memory: with remat',
+        payload['max_clients_remat_predicted'], ', without remat',
+        payload.get('max_clients_no_remat_predicted'))
+  common.write_json('accelerator', payload, a.out)
 
 
 if __name__ == '__main__':

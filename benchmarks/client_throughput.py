@@ -1,11 +1,17 @@
 """Client-step throughput: vmapped JAX vs sequential JAX vs PyTorch + peft.
 
-  python benchmarks/client_throughput.py                  # ~4 min on 2 cores
-  python benchmarks/client_throughput.py --clients 1,5 --repeats 3 --seq 128
+  python benchmarks/client_throughput.py         # SmolLM2-135M, N = 1, 5, 10
+  python benchmarks/client_throughput.py --model= --preset small --clients 1,3,5,10
 
-One FDLoRA inner round (K AdamW steps on every client) is timed three ways in
-one process, on the same LLaMA config, LoRA targets, rank, dropout, sequence
-length and batch:
+One FDLoRA inner round (K AdamW steps on every client) is timed three ways,
+on the same LLaMA weights, LoRA targets, rank, dropout, sequence length and
+batch. By default the model is the default config's pretrained
+SmolLM2-135M-Instruct (``--model``, a name in
+``fdlora_jax.checkpoint.NAMED_MODELS``) with its real weights: JAX loads them
+with ``checkpoint.load_pretrained``, and PyTorch loads the same converted
+Hugging Face directory (``checkpoint.resolve_checkpoint`` of the GGUF) with
+``LlamaForCausalLM.from_pretrained``. ``--model=`` uses a random-weight
+``--preset`` instead. The LoRA targets default to configs/logs.py's.
 
   (a) jax_vmap  ``fl.sft_clients_update``: all N clients in one jitted vmap,
                 K steps in ``lax.scan``, base shared.
@@ -34,17 +40,28 @@ import multiprocessing
 import os
 import time
 
+# On a GPU the JAX and torch workers share the device: JAX must not grab 75%
+# of its memory up front (read when the backend starts, inherited by the
+# spawned workers).
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
 import common  # noqa: F401  (puts the repo on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fdlora_jax import checkpoint
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl import init_opt_states, sft_clients_update
 from fdlora_jax.fl import sft_client_update
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params, num_targets_bucket
+
+
+def logs_config():
+  from configs import logs  # pylint: disable=g-import-not-at-top
+  return logs.get_config()
 
 
 def make_batches(cfg, n, k, b, t, seed=0):
@@ -109,14 +126,20 @@ class JaxSequential:
 class TorchPeft:
   """(c): one PeftModel with N named adapters, set_adapter per client."""
 
-  def __init__(self, cfg, lcfg, batches, n):
+  def __init__(self, cfg, lcfg, batches, n, hf_dir=None, dtype='float32'):
     import torch
     import transformers
     import peft
     self.torch = torch
-    hf_cfg = common.hf_llama_config(cfg)
+    self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(hf_cfg)
+    if hf_dir:   # the same weights as the JAX side, converted once from GGUF
+      base = transformers.LlamaForCausalLM.from_pretrained(
+          hf_dir, dtype=torch_dtype, attn_implementation='sdpa')
+    else:
+      base = transformers.LlamaForCausalLM(common.hf_llama_config(cfg))
+    base = base.to(self.device, dtype=torch_dtype)
     base.requires_grad_(False)
     pcfg = peft.LoraConfig(r=lcfg.rank, lora_alpha=lcfg.alpha,
                            lora_dropout=lcfg.dropout,
@@ -130,24 +153,30 @@ class TorchPeft:
       params = [p for name, p in self.model.named_parameters()
                 if f'.client{i}.' in name]
       self.opts.append(torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01))
-    self.batches = batches
+    # Inputs on the device once, as the JAX side holds its batches.
+    tokens = torch.from_numpy(batches['tokens']).long()
+    self.inputs = {
+        'tokens': tokens.to(self.device),
+        'mask': torch.from_numpy(batches['attention_mask']).long().to(
+            self.device),
+        'labels': tokens.masked_fill(
+            torch.from_numpy(batches['loss_mask']) == 0, -100).to(
+                self.device)}
     self.n = n
 
   def round(self):
-    torch = self.torch
-    k = self.batches['tokens'].shape[0]
+    k = self.inputs['tokens'].shape[0]
     for i in range(self.n):
       self.model.set_adapter(f'client{i}')   # only this adapter trains
       for s in range(k):
-        tokens = torch.from_numpy(self.batches['tokens'][s, i]).long()
-        mask = torch.from_numpy(self.batches['attention_mask'][s, i]).long()
-        labels = tokens.masked_fill(
-            torch.from_numpy(self.batches['loss_mask'][s, i]) == 0, -100)
-        loss = self.model(input_ids=tokens, attention_mask=mask,
-                          labels=labels).loss
+        loss = self.model(input_ids=self.inputs['tokens'][s, i],
+                          attention_mask=self.inputs['mask'][s, i],
+                          labels=self.inputs['labels'][s, i]).loss
         loss.backward()
         self.opts[i].step()
         self.opts[i].zero_grad(set_to_none=True)
+    if self.device == 'cuda':
+      self.torch.cuda.synchronize()
 
 
 def timed(fn):
@@ -156,7 +185,19 @@ def timed(fn):
   return time.perf_counter() - t0
 
 
-def worker(conn, kind, preset, lcfg, n, steps, batch, seq, threads):
+def load_model(name: str, preset: str, dtype: str = 'float32'):
+  """(LlamaConfig, JAX base params or None, HF directory or None)."""
+  if not name:
+    return PRESETS[preset].replace(dtype=dtype, param_dtype=dtype), None, None
+  path = checkpoint.resolve_model_name(name)
+  hf_dir = checkpoint.resolve_checkpoint(path)
+  cfg, base = checkpoint.load_pretrained(hf_dir, dtype=dtype,
+                                         param_dtype=dtype)
+  return cfg, base, str(hf_dir)
+
+
+def worker(conn, kind, name, preset, lcfg, n, steps, batch, seq, threads,
+           warmup, dtype):
   """A process that builds the runners of one framework, then times a round
   of the one named in each request (JAX and torch thread pools never share a
   process: in one process torch ran 3-12x slower after JAX calls)."""
@@ -165,21 +206,23 @@ def worker(conn, kind, preset, lcfg, n, steps, batch, seq, threads):
   # XLA's CPU backend flushes denormals to zero; without the same, torch's
   # rounds slowed down by 5-25x at random (denormal gradients / Adam states).
   torch.set_flush_denormal(True)
-  cfg = PRESETS[preset]
+  cfg, base, hf_dir = load_model(name, preset, dtype)
   batches = make_batches(cfg, n, steps, batch, seq)
   runners = {}
   if kind == 'jax':
     model = Llama(cfg, lcfg)
-    base = init_params(cfg, jax.random.key(0))
+    if base is None:
+      base = init_params(cfg, jax.random.key(0))
     opt = optax.adamw(2e-4, weight_decay=0.01)
     dropout = lcfg.dropout > 0
     runners['jax_vmap'] = JaxVmap(model, base, opt, batches, n, dropout)
     runners['jax_seq'] = JaxSequential(model, base, opt, batches, n, dropout)
   else:
-    runners['torch'] = TorchPeft(cfg, lcfg, batches, n)
+    del base
+    runners['torch'] = TorchPeft(cfg, lcfg, batches, n, hf_dir, dtype)
   for r in runners.values():
-    r.round()                                       # warm-up
-    r.round()
+    for _ in range(warmup):                         # compile, caches
+      r.round()
   conn.send({k: getattr(r, 'compile_s', 0.0) for k, r in runners.items()})
   while True:
     name = conn.recv()
@@ -190,34 +233,67 @@ def worker(conn, kind, preset, lcfg, n, steps, batch, seq, threads):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='smollm2-135m-instruct',
+                 help="a NAMED_MODELS name with real weights; '' for --preset")
   p.add_argument('--preset', default='small')
-  p.add_argument('--clients', default='1,3,5,10')
+  p.add_argument('--clients', default='1,5,10')
   p.add_argument('--batch', type=int, default=1)   # configs: fl.batch_size
   p.add_argument('--seq', type=int, default=256)   # configs: data.max_length
   p.add_argument('--steps', type=int, default=3)   # configs: fl.inner_steps
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--rank', type=int, default=8)
   p.add_argument('--dropout', type=float, default=0.05)
-  p.add_argument('--targets', default=','.join(common.ALL_TARGETS),
-                 help='LoRA targets (default: configs/logs.py, all seven)')
+  p.add_argument('--targets', default=','.join(logs_config().lora.targets),
+                 help='LoRA targets (default: configs/logs.py)')
+  p.add_argument('--warmup', type=int, default=2,
+                 help='untimed rounds per runner (the first compiles)')
   p.add_argument('--impls', default='jax_vmap,jax_seq,torch')
   p.add_argument('--threads', type=int, default=os.cpu_count(),
                  help='torch.set_num_threads (XLA CPU uses all cores)')
+  p.add_argument('--dtype', default=None,
+                 help='base weights and compute, both sides (default: '
+                      'bfloat16 on a GPU, float32 elsewhere)')
   p.add_argument('--out', default=None)
   a = p.parse_args()
+  on_gpu = jax.default_backend() == 'gpu'
+  a.dtype = a.dtype or ('bfloat16' if on_gpu else 'float32')
 
   import torch
   torch.set_num_threads(a.threads)
-  cfg = PRESETS[a.preset]
+  with open('/proc/loadavg') as f:
+    load_start = f.read().strip()
+  cfg = (checkpoint.load_hf_config(checkpoint.resolve_checkpoint(
+      checkpoint.resolve_model_name(a.model))) if a.model
+         else PRESETS[a.preset])
   lcfg = LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout,
                     targets=tuple(a.targets.split(',')))
   impls = a.impls.split(',')
   fl = common.flops_per_token(cfg, lcfg, a.seq)
-  peak = common.matmul_peak()
-  print(f'matmul peak (f32 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s; '
+  n_peak = 8192 if on_gpu else 2048
+  peak = common.matmul_peak(n=n_peak, dtype=a.dtype)
+  print(f'{jax.devices()[0].device_kind}: matmul peak ({a.dtype} '
+        f'{n_peak}^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s; '
         f'torch threads {torch.get_num_threads()}; '
         f'{fl["flops_per_token"] / 1e6:.2f} MFLOP/token; '
         f'base {fl["p_base"]:,} / LoRA {fl["p_lora"]:,} matmul params')
+
+  def write(rows):
+    with open('/proc/loadavg') as f:
+      load_end = f.read().strip()
+    common.write_json('client_throughput', {
+        **common.machine(), 'args': vars(a),
+        'device': jax.devices()[0].device_kind, 'dtype': a.dtype,
+        'model': a.model or f'preset {a.preset} (random weights)',
+        'loadavg_start': load_start, 'loadavg_end': load_end,
+        'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
+        'matmul_peak_flops': peak, 'flops_formula': common.FLOPS_FORMULA,
+        **fl, 'rows': rows,
+        'notes': 'tok_s: training tokens (N*K*B*T) per second of one inner '
+                 'round; mfu: achieved counted FLOP/s over the matmul peak '
+                 'measured in the same process; medians over alternated '
+                 'runs. loadavg: /proc/loadavg after each N (a shared '
+                 'machine inflates every time).'},
+        a.out)
 
   rows = []
   ctx = multiprocessing.get_context('spawn')
@@ -228,9 +304,9 @@ def main():
       if not names:
         continue
       parent, child = ctx.Pipe()
-      proc = ctx.Process(target=worker, args=(child, kind, a.preset, lcfg, n,
-                                              a.steps, a.batch, a.seq,
-                                              a.threads))
+      proc = ctx.Process(target=worker, args=(child, kind, a.model, a.preset,
+                                              lcfg, n, a.steps, a.batch, a.seq,
+                                              a.threads, a.warmup, a.dtype))
       proc.start()
       compile_s = parent.recv()      # built and warmed up (one at a time)
       procs.append(proc)
@@ -261,22 +337,16 @@ def main():
             row['jax_vmap_tok_s'] / row[f'{other}_tok_s'])
     row['times_s'] = {k: [round(x, 4) for x in v] for k, v in times.items()}
     row['compile_s'] = {k: round(v, 2) for k, v in compile_s.items()}
+    with open('/proc/loadavg') as f:
+      row['loadavg'] = f.read().strip()
     rows.append(row)
     print_cols = [c for c in row if c not in ('times_s', 'compile_s')]
     common.print_table([row], print_cols)
+    write(rows)                    # after every N: a killed run keeps them
 
   print()
   cols = [c for c in rows[0] if c not in ('times_s', 'compile_s')]
   common.print_table(rows, cols)
-  common.write_json('client_throughput', {
-      **common.machine(), 'args': vars(a),
-      'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
-      'matmul_peak_flops': peak, 'flops_formula': common.FLOPS_FORMULA,
-      **fl, 'rows': rows,
-      'notes': 'tok_s: training tokens (N*K*B*T) per second of one inner '
-               'round; mfu: achieved counted FLOP/s over the matmul peak '
-               'measured in the same process; medians over alternated runs.'},
-      a.out)
 
 
 if __name__ == '__main__':

@@ -72,12 +72,14 @@ def flops_per_token(cfg, lora_cfg, seq: int,
                               + 6 * p_lora + attn)}
 
 
-def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
-  """f32 FLOP/s of a large ``jnp.dot`` through XLA in this process (best of
-  a few): the machine's practical matmul peak for the MFU fractions."""
+def matmul_peak(seconds: float = 2.0, n: int = 2048,
+                dtype: str = 'float32') -> float:
+  """FLOP/s of a large ``jnp.dot`` in ``dtype`` through XLA in this process
+  (best of a few, on random data): the machine's practical matmul peak for
+  the MFU fractions."""
   import jax
   import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best, t_end = float('inf'), time.perf_counter() + seconds

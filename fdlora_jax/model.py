@@ -128,6 +128,14 @@ PRESETS: dict[str, LlamaConfig] = {
                              num_attention_heads=32, num_key_value_heads=32,
                              rms_norm_eps=1e-5, rope_theta=10000.0,
                              max_position_embeddings=4096),
+    # SmolLM2-135M(-Instruct) shapes (HuggingFaceTB config.json): the default
+    # model's shape with random weights, for benchmarks that need no weights.
+    'smollm2_135m': LlamaConfig(vocab_size=49152, hidden_size=576,
+                                intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3,
+                                rms_norm_eps=1e-5, rope_theta=100000.0,
+                                tie_word_embeddings=True,
+                                max_position_embeddings=8192),
     # 32 layers at reduced width: the 7B depth for compile-time measurements.
     'llama2_7b_narrow': LlamaConfig(vocab_size=32000, hidden_size=256,
                                     intermediate_size=688,

@@ -522,12 +522,14 @@ def sft_clients_update(model, optimizer: optax.GradientTransformation,
   -> (lora[N], opt[N], healthy[N], StepMetrics[N, K])``: every client trains
   its whole adapter on the token NLL."""
   many = make_clients_update(model, _sft_loss, optimizer, dropout=dropout,
-                             donate=donate)
+                             donate=False)
 
   def update(base, lora, opt_state, batches, rngs, num_targets=None):
     return many(base, lora, opt_state, None, batches, rngs,
                 num_targets=num_targets)
-  return update
+  # Jitted itself (the inner jit inlines), so callers can ``.lower`` it.
+  return jax.jit(update, static_argnames=('num_targets',),
+                 donate_argnums=(1, 2) if donate else ())
 
 
 def sft_client_update(model, optimizer: optax.GradientTransformation,
