@@ -1,35 +1,50 @@
 """The inner step on one accelerator: LLaMA-2-7B shapes, N clients, bf16.
 
   # on a GPU (cudnn flash attention, remat, donated buffers):
-  python benchmarks/accelerator.py                         # 7B, N=5, T=1024,2048
+  python benchmarks/accelerator.py --profile /tmp/trace  # 7B, N=5, T=2048
   # on this CPU (a check that the script runs; figures are not GPU figures):
-  python benchmarks/accelerator.py --preset small --seq 128 --dtype float32
+  python benchmarks/accelerator.py --preset small --seq 128 --clients 2 \\
+    --sweep 1,3 --sweep-no-remat 1,2
   # multi-device layout on 4 forced host devices (clients x model mesh):
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
-    python benchmarks/accelerator.py --preset small --seq 128 --dtype float32 \\
-    --clients 4 --mesh 2,2 --max-clients 8
+    python benchmarks/accelerator.py --preset small --seq 128 --clients 4 \\
+    --mesh 2,2 --sweep '' --sweep-no-remat '' --variants ''
 
-Builds the preset with random weights in ``--dtype`` (bf16 storage and
-compute), ``remat=True``, ``attention='auto'`` (``jax.nn.dot_product_attention``
-with ``implementation='cudnn'`` for bf16 on a GPU, XLA elsewhere) and times
-``fl.sft_clients_update`` (adapters and optimizer states donated) for
-``--clients`` N at each ``--seq``. Reports:
+Builds the preset with random weights in ``--dtype`` (bf16 on a GPU: storage
+and compute), LoRA rank ``--rank`` (64) on ``--targets`` (q, v), and times
+``fl.sft_clients_update`` (K = ``--steps`` AdamW steps in one call, adapters
+and optimizer states donated). In this order, each row written to the JSON
+as soon as it is measured (a run cut short keeps what it has):
 
-  tokens/s    N * B * T * K / step time (median of ``--repeats``)
+  1. the headline: N = ``--clients`` with remat and ``--attention`` ('auto':
+     ``jax.nn.dot_product_attention`` with cudnn for bf16 on a GPU, XLA
+     elsewhere); with ``--profile DIR``, one more round under
+     ``jax.profiler`` (a perfetto trace in DIR);
+  2. ``--sweep-no-remat`` N without remat, up to the first out-of-memory;
+  3. ``--sweep`` N with remat (the last one after step 4);
+  4. ``--variants`` of the headline: ``no_dropout`` (the cost of the LoRA
+     dropout's random bits), ``xla_attention`` (no cudnn);
+  5. with ``--verify-max``, one run at the predicted largest N.
+
+Per row:
+
+  tokens/s    N * B * T * K / round time (median of ``--repeats``)
   MFU         counted FLOPs / time / peak, with
               F/token = 4*P_body + 4*P_head*A/T + 6*P_lora + 12*L*T*H_attn
               (frozen base: forward 2*P_body plus activation gradients
               2*P_body, no weight gradients; the LM head only at the A = 4
-              answer positions the SFT loss covers; LoRA forward 2, backward 4 per
-              weight; attention QK^T and PV over the full T x T, fwd 4 +
-              bwd 8, no causal halving; remat's recomputed forward is not
-              counted). The peak is a dense matmul in ``--dtype`` timed in
-              the same process (``--peak-tflops`` overrides it, e.g. 989 for
-              an H100/H200 SXM's bf16 dense peak).
-  peak memory ``jax.devices()[0].memory_stats()['peak_bytes_in_use']``
-              (accelerators only; 'n/a' on the CPU backend).
-  max N       the largest N (doubling, then bisection, up to
-              ``--max-clients``) whose step compiles and runs.
+              answer positions the SFT loss covers; LoRA forward 2, backward
+              4 per weight; attention QK^T and PV over the full T x T, fwd 4
+              + bwd 8, no causal halving; remat's recomputed forward is not
+              counted). The peak is a dense matmul in ``--dtype`` on random
+              data, timed in the same process (``--peak-tflops`` overrides
+              it).
+  memory      XLA's compiled account (arguments + outputs - aliased +
+              temporaries) and the process's ``peak_bytes_in_use`` so far.
+  max N       predicted per remat setting from a linear fit of the compiled
+              memory over the measured N against the device's
+              ``bytes_limit`` (memory is affine in N: the base once, the
+              rest per client).
 
 Writes ``benchmarks/results/accelerator.json`` (or ``--out``).
 """

@@ -13,6 +13,8 @@
 #   .gpu/data/       a copy of ../shared/data (the samples; not committed)
 #   .gpu/a, .gpu/b   the SmolLM2 GGUF in two parts (a call carries 64 MiB at
 #                    most; the file is 98 MB): stage 1 carries a, stage 2 b.
+# Status: written for issue 13 and run on this CPU only in parts (the two
+# benchmark scripts at small shapes); no GPU has been lent yet.
 # Results go to $OUT (the device tool brings them back) and are copied into
 # benchmarks/results/ by hand.
 set -u

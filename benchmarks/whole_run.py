@@ -1,19 +1,32 @@
-"""Wall time of a whole FDLoRA run, by stage.
+"""Wall time per stage and peak memory of a whole run of the default config.
 
   python benchmarks/whole_run.py                       # configs/logs.py
   python benchmarks/whole_run.py --override=--config.fl.rounds=2
 
-Runs ``python main.py --config=<config> --workdir=<tmp>`` in a subprocess and
-prints the stage breakdown that ``fdlora_jax/run.py`` stores in
-``results.json`` under ``timing`` (data_s; train_s, every training phase;
-search_s, e.g. AdaFusion; eval_s; total_s), next to the subprocess's own
-wall time (which adds Python and JAX start-up). Writes ``benchmarks/results/whole_run.json``.
+Runs ``python main.py --config=<config> --workdir=<tmp>`` in a subprocess
+(the default config as a user runs it, SmolLM2-135M-Instruct on the built-in
+synthetic logs) and prints, per stage:
+
+  data     data, tokenizer and model loading, encoding   (results timing)
+  <phase>  every training phase, e.g. local and rounds   (metrics.jsonl,
+           sum of each phase's per-repeat ``wall_s``: compilation included)
+  search   search phases, e.g. AdaFusion                 (results timing)
+  eval     evaluation of every reported adapter          (results timing)
+  total    run() from start to end                       (results timing)
+
+next to the subprocess's own wall time (adds Python/JAX start-up) and its
+peak resident memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, the largest
+child; main.py is the only one) and CPU time (user + sys). ``/proc/loadavg`` is recorded before and
+after: on a shared machine the wall times are only as good as the load.
+Writes ``benchmarks/results/whole_run.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -22,14 +35,30 @@ from pathlib import Path
 
 import common
 
-STAGES = ('data_s', 'train_s', 'search_s', 'eval_s', 'total_s')
+
+def loadavg() -> str:
+  try:
+    with open('/proc/loadavg') as f:
+      return f.read().strip()
+  except OSError:
+    return ''
 
 
-def find_results(workdir: Path) -> Path:
-  hits = sorted(workdir.rglob('results.json'), key=lambda p: p.stat().st_mtime)
+def find(workdir: Path, name: str) -> Path:
+  hits = sorted(workdir.rglob(name), key=lambda p: p.stat().st_mtime)
   if not hits:
-    raise SystemExit(f'no results.json under {workdir}')
+    raise SystemExit(f'no {name} under {workdir}')
   return hits[-1]
+
+
+def phase_walls(metrics_path: Path) -> dict[str, float]:
+  """Seconds per training phase, summed over its metrics.jsonl lines."""
+  out = collections.OrderedDict()
+  for line in metrics_path.read_text().splitlines():
+    r = json.loads(line)
+    if 'wall_s' in r and r.get('phase') not in (None, 'final'):
+      out[r['phase']] = out.get(r['phase'], 0.0) + float(r['wall_s'])
+  return out
 
 
 def main():
@@ -44,26 +73,48 @@ def main():
   cmd = [sys.executable, 'main.py', f'--config={a.config}',
          f'--workdir={workdir}', *a.override]
   print(' '.join(cmd))
+  load_before = loadavg()
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True)
   wall = time.perf_counter() - t0
+  load_after = loadavg()
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  peak_rss_mib = usage.ru_maxrss / 1024
+  cpu_s = usage.ru_utime + usage.ru_stime
   if proc.returncode:
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     raise SystemExit(f'main.py failed ({proc.returncode})')
-  results = json.loads(find_results(workdir).read_text())
+  results = json.loads(find(workdir, 'results.json').read_text())
   timing = results.get('timing')
   if not timing:
     raise SystemExit("results.json has no 'timing' entry")
-  total = timing.get('total_s') or sum(timing.get(s, 0) for s in STAGES[:-1])
-  rows = [{'stage': s[:-2], 'seconds': float(timing[s]),
-           'share': float(timing[s]) / total if s != 'total_s' else 1.0}
-          for s in STAGES if s in timing]
-  rows.append({'stage': 'process wall (incl. start-up)', 'seconds': wall,
-               'share': wall / total})
+  phases = phase_walls(find(workdir, 'metrics.jsonl'))
+  total = float(timing['total_s'])
+  stages = [('data', timing.get('data_s'))]
+  stages += [(name, s) for name, s in phases.items()]
+  stages += [('search', timing.get('search_s')), ('eval', timing.get('eval_s')),
+             ('total', total),
+             ('process wall (incl. start-up)', wall)]
+  rows = [{'stage': name, 'seconds': float(s), 'share': float(s) / total}
+          for name, s in stages if s is not None]
   common.print_table(rows)
-  common.write_json('whole_run', {**common.machine(), 'command': cmd,
-                                  'timing': timing, 'process_wall_s': wall,
-                                  'rows': rows}, a.out)
+  metric = results['metric']
+  scores = {name: m['mean'][metric] for name, m in results['models'].items()}
+  print(f'peak RSS {peak_rss_mib:,.0f} MiB; CPU time {cpu_s:,.0f} s (user '
+        f'{usage.ru_utime:,.0f} + sys {usage.ru_stime:,.0f}); loadavg '
+        f'before: {load_before}; after: {load_after}')
+  print(f'{results["task"]} ({results["data_source"]}), mean {metric}: '
+        + ', '.join(f'{k} {v:.3f}' for k, v in scores.items()))
+  common.write_json('whole_run', {
+      **common.machine(), 'command': cmd, 'model': results.get('model'),
+      'data_source': results.get('data_source'),
+      'is_synthetic': results.get('is_synthetic'),
+      'timing': timing, 'phase_wall_s': phases, 'process_wall_s': wall,
+      'peak_rss_mib': peak_rss_mib, 'cpu_s': cpu_s,
+      'cpu_user_s': usage.ru_utime, 'cpu_sys_s': usage.ru_stime,
+      'loadavg_before': load_before,
+      'loadavg_after': load_after, 'metric': metric, 'mean_scores': scores,
+      'rows': rows}, a.out)
 
 
 if __name__ == '__main__':
