@@ -69,8 +69,64 @@ def _chunk_scores(model, base, lora, tokens, option_mask, attention_mask,
   return jax.vmap(one_client)(lora, tokens, option_mask, attention_mask)
 
 
+@functools.partial(jax.jit, static_argnames=('model',))
+def _chunk_scores_one_pass(model, base, lora, tokens, option_mask,
+                           attention_mask):
+  """:func:`_chunk_scores` when every option is one token after a prompt
+  shared by all options: one forward per example instead of one per option.
+
+  The logits that predict the option token depend on the prompt alone
+  (causal attention), so they are computed once, from the row of the first
+  option that has a token, and each option's score is the log-probability of
+  its own token there (sum and mean agree for one token).
+  """
+  n, c, o, length = tokens.shape
+
+  def one_client(lora_c, tok, om, am):
+    has = om.sum(-1) > 0                                         # [C, O]
+    pos = jnp.argmax(om > 0, axis=-1)                            # [C, O]
+    row = jnp.argmax(has, axis=-1)                               # [C]
+    take = lambda x: jnp.take_along_axis(x, row[:, None, None], 1)[:, 0]
+    seq, mask = take(tok), take(am)                              # [C, L]
+    at = jnp.maximum(jnp.take_along_axis(pos, row[:, None], 1) - 1, 0)
+    variables = ({'params': base} if lora_c is None
+                 else {'params': base, 'lora': lora_c})
+    logits = model.apply(variables, seq, mask, positions_from_mask(mask),
+                         logits_at=at)[:, 0]                     # [C, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ids = jnp.take_along_axis(tok, pos[..., None], -1)[..., 0]   # [C, O]
+    score = jnp.take_along_axis(logp, ids, -1)
+    return jnp.where(has, score, -jnp.inf)
+
+  return jax.vmap(one_client)(lora, tokens, option_mask, attention_mask)
+
+
+def shares_prompt_single_token(tokens, option_mask, attention_mask) -> bool:
+  """True when every option of every example is at most one token and all
+  options of an example share the prompt before it (same tokens, mask and
+  place), so :func:`_chunk_scores_one_pass` gives the same scores."""
+  tokens, option_mask, attention_mask = (
+      np.asarray(x) for x in (tokens, option_mask, attention_mask))
+  if tokens.shape[2] < 2 or (option_mask.sum(-1) > 1).any():
+    return False
+  has = option_mask.sum(-1) > 0                                  # [N, M, O]
+  pos = np.where(has, np.argmax(option_mask > 0, -1), -1)
+  first = pos.max(-1, keepdims=True)
+  if ((pos != first) & has).any():
+    return False
+  # The prompt: everything before the option's place (padding included).
+  before = np.arange(tokens.shape[-1]) < np.maximum(first, 0)[..., None]
+  for x in (tokens, attention_mask):
+    prompt = np.where(before, x, 0)
+    same = (prompt == prompt[:, :, :1]) | ~has[..., None]
+    if not same.all():
+      return False
+  return True
+
+
 def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
-                  chunk: int = 16, normalize: str = 'sum') -> np.ndarray:
+                  chunk: int = 16, normalize: str = 'sum',
+                  one_pass: Optional[bool] = None) -> np.ndarray:
   """Log-likelihood of every answer option given its prompt: ``[N, M, O]``.
 
   Args:
@@ -86,6 +142,11 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
       every step has the same shape and there is one compilation.
     normalize: 'sum' (total log-likelihood, lm-eval's ``acc``) or 'mean'
       (divided by the number of option tokens).
+    one_pass: score all options from one forward of the shared prompt
+      (valid only when every option is a single token:
+      :func:`shares_prompt_single_token`); None: whenever it is valid, as for
+      ' yes' / ' no'. It runs O times fewer sequences and gives the same
+      scores up to float rounding.
 
   Returns:
     float32 numpy ``[N, M, O]``; ``-inf`` for options with no token.
@@ -116,10 +177,22 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     return np.pad(x, [(0, 0), (0, padded - m)] + [(0, 0)] * (x.ndim - 2))
   tokens, option_mask, attention_mask = map(pad, (tokens, option_mask,
                                                   attention_mask))
+  valid_one_pass = shares_prompt_single_token(tokens, option_mask,
+                                              attention_mask)
+  if one_pass is None:
+    one_pass = valid_one_pass
+  elif one_pass and not valid_one_pass:
+    raise ValueError('one_pass=True needs single-token options after a '
+                     'prompt shared by all options')
   num_targets = num_targets_bucket(option_mask)
   outs = []
   for s in range(0, padded, chunk):  # dispatch every chunk, then gather
     sl = slice(s, s + chunk)
+    if one_pass:
+      outs.append(_chunk_scores_one_pass(model, base, lora, tokens[:, sl],
+                                         option_mask[:, sl],
+                                         attention_mask[:, sl]))
+      continue
     outs.append(_chunk_scores(model, base, lora, tokens[:, sl],
                               option_mask[:, sl], attention_mask[:, sl],
                               normalize, num_targets))

@@ -257,3 +257,55 @@ def test_prompts_from_options_left_pads_the_prompt():
     ('CPR:3 because', 1), ('cpr:4.', 2), ('none', -1), ('', -1)])
 def test_parse_option(text, index):
   assert evaluate.parse_option(text, ('false', 'CPR:3', 'CPR:4')) == index
+
+
+def single_token_arrays(seed=1):
+  """Like make_arrays, but every option is one token after a shared prompt
+  (as ' yes' / ' no'); example (1, 2) has only two options."""
+  rng = np.random.default_rng(seed)
+  a = {k: np.zeros((N, M, O, L), t) for k, t in (
+      ('tokens', np.int32), ('option_mask', np.float32),
+      ('attention_mask', np.int32))}
+  for i in range(N):
+    for j in range(M):
+      prompt = rng.integers(1, CFG.vocab_size, rng.integers(3, 8))
+      for k in range(O):
+        if (i, j, k) == (1, 2, 2):
+          continue
+        seq = np.concatenate([prompt, [int(rng.integers(1, CFG.vocab_size))]])
+        a['tokens'][i, j, k, :len(seq)] = seq
+        a['attention_mask'][i, j, k, :len(seq)] = 1
+        a['option_mask'][i, j, k, len(prompt)] = 1
+  return a
+
+
+def test_one_pass_scores_equal_one_forward_per_option(setup):
+  model, base, loras, multi = setup
+  arrays = single_token_arrays()
+  assert evaluate.shares_prompt_single_token(
+      arrays['tokens'], arrays['option_mask'], arrays['attention_mask'])
+  fast = evaluate.option_scores(model, base, loras, arrays, chunk=2)
+  slow = evaluate.option_scores(model, base, loras, arrays, chunk=2,
+                                one_pass=False)
+  assert np.isneginf(fast[1, 2, 2]) and np.isneginf(slow[1, 2, 2])
+  finite = np.isfinite(slow)
+  assert finite.sum() == N * M * O - 1
+  np.testing.assert_allclose(fast[finite], slow[finite], rtol=1e-5, atol=1e-5)
+  # And against a sequence scored alone, unpadded.
+  i, j, k = 0, 3, 1
+  want = by_hand(model, base, jax.tree.map(lambda x: x[i], loras),
+                 arrays['tokens'][i, j, k], arrays['option_mask'][i, j, k],
+                 arrays['attention_mask'][i, j, k], False)
+  np.testing.assert_allclose(fast[i, j, k], want, rtol=1e-4, atol=1e-4)
+  # Multi-token options never take the one-pass path, and asking for it fails.
+  assert not evaluate.shares_prompt_single_token(
+      multi['tokens'], multi['option_mask'], multi['attention_mask'])
+  with pytest.raises(ValueError, match='one_pass'):
+    evaluate.option_scores(model, base, loras, multi, one_pass=True)
+
+
+def test_one_pass_needs_the_same_prompt_for_every_option():
+  arrays = single_token_arrays()
+  arrays['tokens'][0, 1, 2, 0] += 1     # option 2 of (0, 1): another prompt
+  assert not evaluate.shares_prompt_single_token(
+      arrays['tokens'], arrays['option_mask'], arrays['attention_mask'])
