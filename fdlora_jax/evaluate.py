@@ -2,10 +2,12 @@
 
 Option scoring follows lm-eval-harness and AdaptLLM: every answer option is
 appended to the prompt, the model's log-likelihood of the option tokens is the
-option's score, and the prediction is the best-scoring option. All clients are
-scored in one vmapped pass (base shared, one adapter per client); the example
-axis is walked in fixed-size chunks so memory stays bounded and the function
-compiles once per shape.
+option's score, and the prediction is the best-scoring option. The examples
+of all clients are packed into fixed-size chunks (no client is padded to the
+largest), each row scored under its own client's adapter in one vmapped pass
+over the shared base, so memory stays bounded and the function compiles once
+per shape. Single-token options (' yes' / ' no') are scored from one forward
+of the prompt.
 
 Example::
 
@@ -138,7 +140,8 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
       ``option_mask`` ``[N, M, O, L]`` (1 on the option tokens),
       ``attention_mask`` ``[N, M, O, L]``; attributes or dict keys. Left or
       right padding both work (positions count real tokens only).
-    chunk: examples (M axis) per compiled step; the last chunk is padded, so
+    chunk: examples per compiled step, packed across clients (rows with no
+      option token, i.e. padding, are skipped); the last chunk is padded, so
       every step has the same shape and there is one compilation.
     normalize: 'sum' (total log-likelihood, lm-eval's ``acc``) or 'mean'
       (divided by the number of option tokens).
@@ -170,13 +173,6 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     if lead != {n}:
       raise ValueError(f'lora must have a leading client axis of {n}, got '
                        f'{sorted(lead)}')
-  chunk = min(chunk, m)
-  padded = -(-m // chunk) * chunk
-
-  def pad(x):
-    return np.pad(x, [(0, 0), (0, padded - m)] + [(0, 0)] * (x.ndim - 2))
-  tokens, option_mask, attention_mask = map(pad, (tokens, option_mask,
-                                                  attention_mask))
   valid_one_pass = shares_prompt_single_token(tokens, option_mask,
                                               attention_mask)
   if one_pass is None:
@@ -185,18 +181,37 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     raise ValueError('one_pass=True needs single-token options after a '
                      'prompt shared by all options')
   num_targets = num_targets_bucket(option_mask)
+  # Only real rows are scored, packed across clients: clients hold different
+  # numbers of examples, and an [N, M] layout pads every client to the
+  # largest (4x the work on a Dirichlet(0.5) split of the LogHub samples).
+  # Each packed row carries its client's adapter (gathered per chunk:
+  # ``chunk`` adapters in memory at once).
+  clients, rows = np.nonzero(option_mask.sum((-1, -2)) > 0)        # [R]
+  out = np.full((n, m, tokens.shape[2]), -np.inf, np.float32)
+  if not len(rows):
+    return out
+  step = min(chunk, len(rows))
+  padded = -(-len(rows) // step) * step
+  # The last chunk is filled with copies of the last row (same shape, one
+  # compilation; their scores are dropped).
+  take = np.concatenate([np.arange(len(rows)),
+                         np.full(padded - len(rows), len(rows) - 1)])
   outs = []
-  for s in range(0, padded, chunk):  # dispatch every chunk, then gather
-    sl = slice(s, s + chunk)
+  for s in range(0, padded, step):  # dispatch every chunk, then gather
+    sel = take[s:s + step]
+    c_sel, r_sel = clients[sel], rows[sel]
+    lora_rows = (None if lora is None else
+                 jax.tree.map(lambda x: x[jnp.asarray(c_sel)], lora))
+    tok, om, am = (x[c_sel, r_sel][:, None] for x in (
+        tokens, option_mask, attention_mask))                 # [S, 1, O, L]
     if one_pass:
-      outs.append(_chunk_scores_one_pass(model, base, lora, tokens[:, sl],
-                                         option_mask[:, sl],
-                                         attention_mask[:, sl]))
-      continue
-    outs.append(_chunk_scores(model, base, lora, tokens[:, sl],
-                              option_mask[:, sl], attention_mask[:, sl],
-                              normalize, num_targets))
-  return np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :m]
+      outs.append(_chunk_scores_one_pass(model, base, lora_rows, tok, om, am))
+    else:
+      outs.append(_chunk_scores(model, base, lora_rows, tok, om, am,
+                                normalize, num_targets))
+  flat = np.concatenate([np.asarray(o)[:, 0] for o in outs])[:len(rows)]
+  out[clients, rows] = flat
+  return out
 
 
 def predict(scores: np.ndarray) -> np.ndarray:

@@ -309,3 +309,19 @@ def test_one_pass_needs_the_same_prompt_for_every_option():
   arrays['tokens'][0, 1, 2, 0] += 1     # option 2 of (0, 1): another prompt
   assert not evaluate.shares_prompt_single_token(
       arrays['tokens'], arrays['option_mask'], arrays['attention_mask'])
+
+
+def test_uneven_clients_are_packed_not_padded(setup):
+  """Client 1 holds 2 examples, client 0 all 5: the real rows score as
+  before, padded rows are -inf, whatever the chunk."""
+  model, base, loras, arrays = setup
+  full = evaluate.option_scores(model, base, loras, arrays, chunk=4)
+  short = {k: v.copy() for k, v in arrays.items()}
+  for k in ('tokens', 'option_mask', 'attention_mask'):
+    short[k][1, 2:] = 0
+  for chunk in (1, 3, 16):
+    got = evaluate.option_scores(model, base, loras, short, chunk=chunk)
+    assert np.isneginf(got[1, 2:]).all()
+    real = np.isfinite(full)
+    real[1, 2:] = False
+    np.testing.assert_allclose(got[real], full[real], rtol=1e-5, atol=1e-5)
