@@ -233,14 +233,14 @@ def fedavg_schema(tmp):
   training: only its keys matter)."""
   if 'keys' not in _FEDAVG:
     _FEDAVG['keys'] = schema_keys(main_py(
-        'configs/logs.py', tmp / 'fedavg', '--config.method=fedavg',
+        'configs/tiny.py', tmp / 'fedavg', '--config.method=fedavg',
         '--config.fl.rounds=0', '--config.fl.local_epochs=0', tmp=tmp))
   return _FEDAVG['keys']
 
 
 def test_main_py_both_scenarios(tmp_path):
   ref = fedavg_schema(tmp_path)
-  for name, cfg, extra in (('logs', 'configs/logs.py', []),
+  for name, cfg, extra in (('logs', 'configs/tiny.py', []),
                            ('medical', 'configs/medical.py', MEDICAL_FLAGS)):
     r = main_py(cfg, tmp_path / name, '--config.method=fedamp', *SHORT,
                 *extra, tmp=tmp_path)

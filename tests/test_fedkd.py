@@ -273,7 +273,7 @@ def test_rounds_upload_the_compressed_mentee_update_only(tiny):
 # ---------------------------------------------------------------------------
 def test_main_py_both_scenarios(tmp_path):
   ref = fedavg_schema(tmp_path)
-  for name, cfg, extra in (('logs', 'configs/logs.py', []),
+  for name, cfg, extra in (('logs', 'configs/tiny.py', []),
                            ('medical', 'configs/medical.py', MEDICAL_FLAGS)):
     # local_epochs=0: round 0 takes no step (one compilation less), so
     # nothing is sent up.

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import logs
+from configs import tiny
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import run as run_lib
@@ -34,7 +34,7 @@ def tiny():
 
 
 def config(**fields):
-  c = logs.get_config()
+  c = tiny.get_config()
   c.model.name = ''
   c.fl.num_clients, c.fl.inner_steps, c.fl.batch_size = N, K, B
   c.fl.inner_optimizer, c.fl.inner_lr, c.fl.dropout = 'sgd', 1.0, False
@@ -236,7 +236,7 @@ TINY_FLAGS = ['--config.model.name=', '--config.data.synthetic_windows=40',
               '--config.k_shot.shots=2']
 
 
-def main_py(workdir, *flags, tmp, config='configs/logs.py'):
+def main_py(workdir, *flags, tmp, config='configs/tiny.py'):
   return subprocess.run(
       [sys.executable, 'main.py', f'--config={config}',
        f'--workdir={workdir}',
@@ -277,7 +277,7 @@ MEDICAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / \
 # no progress evaluation, one length bucket (fewer compilations).
 FAST = ['--config.fl.local_epochs=0', '--config.eval.every=0']
 SCENARIOS = {
-    'logs': ('configs/logs.py', [   # built-in synthetic logs
+    'logs': ('configs/tiny.py', [   # built-in synthetic logs
         *FAST, '--config.data.length_buckets=(256,)']),
     'medical': ('configs/medical.py', [   # PubMedQA sample, 60 examples
         *FAST, f'--config.data.dir={MEDICAL}', '--config.data.max_examples=60',

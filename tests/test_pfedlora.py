@@ -297,7 +297,7 @@ def main_py_both(tmp_path, *flags):
       else ('logs',)   # no sample data here: the synthetic scenario only
   for scenario in scenarios:
     config_flags = (MEDICAL if scenario == 'medical'
-                    else ['--config=configs/logs.py'])
+                    else ['--config=configs/tiny.py'])
     work = tmp_path / scenario
     procs[scenario] = (work, subprocess.Popen(
         [sys.executable, 'main.py', *config_flags, f'--workdir={work}',

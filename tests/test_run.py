@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import logs
+from configs import tiny
 from fdlora_jax import io as io_lib
 from fdlora_jax import run as run_lib
 from fdlora_jax.errors import ConfigError
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path, method='fdlora', **fl):
-  c = logs.get_config()
+  c = tiny.get_config()
   c.model.name = ''   # the tiny random preset, not the default pretrained model
   c.method = method
   c.data.synthetic_windows = 60
@@ -201,7 +201,7 @@ def test_generate_mode_runs_and_reads_answers(tmp_path):
 def main_py(tmp_path, *flags):
   work = tmp_path / 'w'
   proc = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/logs.py',
+      [sys.executable, 'main.py', '--config=configs/tiny.py',
        f'--workdir={work}', f'--config.model.tokenizer_cache={tmp_path}/tok',
        '--config.model.name=',
        *flags], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -24,7 +24,12 @@ ALPHAS = (0.1, 0.5, 1.0)
 PAPER = {'fl.num_clients': 5, 'fl.rounds': 30, 'fl.inner_steps': 3,
          'fl.batch_size': 1, 'fl.local_epochs': 1.0, 'fl.inner_lr': 2e-4,
          'fdlora.outer_lr': 1e-3, 'fdlora.outer_momentum': 0.5,
-         'fdlora.fusion.steps': 5, 'eval.every': 5}
+         'fdlora.fusion.steps': 5, 'eval.every': 5,
+         # configs/logs.py's CPU reductions undone (configs/common.py's
+         # values), and the default model for the medical runs too.
+         'model.name': 'smollm2-135m-instruct', 'data.max_examples': 0,
+         'fdlora.fusion.population_size': 8,
+         'fdlora.fusion.baselines': ('average', 'sum', 'random')}
 LOG_DATA = {'data.dir': LOGS, 'data.window_size': 50,
             'data.window_stride': 50, 'data.max_length': 2048,
             'data.length_buckets': (256, 512, 1024, 2048)}

@@ -9,7 +9,7 @@ synthetic logs, 2 methods x 2 alphas x 2 seeds x 2 rounds, plus one curve.
 def get_suite():
   return {
       'name': 'tiny',
-      'configs': {'logs': 'configs/logs.py'},
+      'configs': {'logs': 'configs/tiny.py'},
       'seeds': (0, 1),
       'fixed': {'model.name': '', 'data.synthetic_windows': 40,
                 'data.min_examples_per_client': 3, 'data.few_shot': 2,
