@@ -6,13 +6,17 @@
 #   bash benchmarks/gpu_session.sh 2   # SmolLM2 real weights: vmap vs per-client
 #                                      # vs PyTorch + peft; a whole main.py run
 #
-# What the machine lacks travels in .gpu/ (git-ignored, made on the dev box):
+# What the machine lacks travels in .gpu/ (git-ignored; made on the dev box by
+# `bash benchmarks/gpu_prepare.sh`):
 #   .gpu/whl/        pure-Python wheels pinned by requirements.txt that the GPU
 #                    image lacks or has at other versions (flax, optax, orbax,
 #                    evosax + dotmap, ml_collections, gguf)
 #   .gpu/data/       a copy of ../shared/data (the samples; not committed)
 #   .gpu/a, .gpu/b   the SmolLM2 GGUF in two parts (a call carries 64 MiB at
 #                    most; the file is 98 MB): stage 1 carries a, stage 2 b.
+#                    Stage 2 must follow stage 1 while the machine is warm
+#                    (30 s); on a fresh machine it falls back to SmolLM2 shapes
+#                    with random weights and skips the whole run.
 # Status: written for issue 13 and run on this CPU only in parts (the two
 # benchmark scripts at small shapes); no GPU has been lent yet.
 # Results go to $OUT (the device tool brings them back) and are copied into
