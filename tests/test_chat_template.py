@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs import tiny
+from configs import tiny as tiny_base
 from fdlora_jax import data as data_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.tokenizer import embedded_tokenizer
@@ -14,7 +14,7 @@ TEMPLATE = ("{% for m in messages %}[USER]{{ m['content'] }}[/USER]"
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  c = tiny.get_config()
+  c = tiny_base.get_config()
   c.data.synthetic_windows = 12
   task = data_lib.load_task(c.data, 0)
   tok = embedded_tokenizer(data_lib.tokenizer_texts(task, c.data), 512,

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from configs import tiny as tiny_base
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import run as run_lib
@@ -34,7 +34,7 @@ def tiny():
 
 
 def config(**fields):
-  c = tiny.get_config()
+  c = tiny_base.get_config()
   c.model.name = ''
   c.fl.num_clients, c.fl.inner_steps, c.fl.batch_size = N, K, B
   c.fl.inner_optimizer, c.fl.inner_lr, c.fl.dropout = 'sgd', 1.0, False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import tiny
+from configs import tiny as tiny_base
 from fdlora_jax import io as io_lib
 from fdlora_jax import run as run_lib
 from fdlora_jax.errors import ConfigError
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path, method='fdlora', **fl):
-  c = tiny.get_config()
+  c = tiny_base.get_config()
   c.model.name = ''   # the tiny random preset, not the default pretrained model
   c.method = method
   c.data.synthetic_windows = 60

@@ -85,7 +85,7 @@ ROUND_SCRIPT = textwrap.dedent('''
   import jax, jax.numpy as jnp, numpy as np
   sys.path.insert(0, 'tests')
   from test_engine import CFG, LCFG
-  from configs import tiny
+  from configs import tiny as tiny_base
   from fdlora_jax import lora as lora_lib
   from fdlora_jax.fl.engine import Engine, Setup
   from fdlora_jax.fl.methods import fdlora
@@ -95,7 +95,7 @@ ROUND_SCRIPT = textwrap.dedent('''
   n, k, b, t = 4, 2, 1, 12
   model = Llama(CFG, LCFG)
   base = init_params(CFG, jax.random.key(0))
-  c = tiny.get_config()
+  c = tiny_base.get_config()
   c.model.name = ''
   c.fl.num_clients, c.fl.inner_steps, c.fl.batch_size = n, k, b
   c.fl.inner_lr, c.fl.local_epochs, c.fl.rounds, c.fl.dropout = (

@@ -2,11 +2,11 @@
 (``fdlora_tiny.npz``). The field paths follow today's config layout; the
 values are those the reference was produced with."""
 
-from configs import tiny
+from configs import tiny as tiny_base
 
 
 def reference_config(tmp):
-  c = tiny.get_config()
+  c = tiny_base.get_config()
   c.model.name = ''
   c.data.synthetic_windows = 60
   c.data.min_examples_per_client = 3
