@@ -21,7 +21,7 @@
 # benchmark scripts at small shapes); no GPU has been lent yet.
 # Results go to $OUT (the device tool brings them back) and are copied into
 # benchmarks/results/ by hand.
-set -u
+set -u -o pipefail
 STAGE=${1:?stage 1 or 2}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -94,9 +94,8 @@ timeout 330 python3 benchmarks/client_throughput.py $MODEL --seq 512 \
 echo "[$(elapsed) s] whole run"
 if [ -f $G ]; then
   /usr/bin/time -v timeout $(( 570 - $(elapsed) )) python3 main.py \
-    --config=configs/logs.py --config.model.name=smollm2-135m-instruct \
-    --config.lora.targets="('q_proj','v_proj')" \
-    --config.data.dir=.gpu/data/loghub --workdir=/tmp/run_logs \
+    --config=configs/logs.py --config.data.dir=.gpu/data/loghub \
+    --workdir=/tmp/run_logs \
     2>&1 | tail -40
   cp /tmp/run_logs/results.json "$OUT/whole_run_logs_results.json" 2>/dev/null
   cp /tmp/run_logs/metrics.jsonl "$OUT/whole_run_logs_metrics.jsonl" \
