@@ -20,20 +20,21 @@ def noisy(lora, seed, std=0.3):
   return conftest.noisy(lora, seed, std)
 
 
-def make_arrays(seed=0):
-  """Prompts of 3-5 tokens, options of 1-3 tokens, right padding; example
-  (0, 4) has only two options (the third is all padding)."""
+def make_arrays(seed=0, prompt_tokens=(3, 6), option_tokens=(1, 4),
+                missing=(0, 4, 2)):
+  """Prompts of 3-5 tokens, options of 1-3 tokens (half-open ranges), right
+  padding; example ``missing`` has one option fewer (all padding)."""
   rng = np.random.default_rng(seed)
   tokens = np.zeros((N, M, O, L), np.int32)
   option_mask = np.zeros((N, M, O, L), np.float32)
   attention_mask = np.zeros((N, M, O, L), np.int32)
   for i in range(N):
     for j in range(M):
-      prompt = rng.integers(1, CFG.vocab_size, rng.integers(3, 6))
+      prompt = rng.integers(1, CFG.vocab_size, rng.integers(*prompt_tokens))
       for k in range(O):
-        if (i, j, k) == (0, 4, 2):
+        if (i, j, k) == missing:
           continue
-        option = rng.integers(1, CFG.vocab_size, rng.integers(1, 4))
+        option = rng.integers(1, CFG.vocab_size, rng.integers(*option_tokens))
         seq = np.concatenate([prompt, option])
         tokens[i, j, k, :len(seq)] = seq
         attention_mask[i, j, k, :len(seq)] = 1
@@ -260,23 +261,10 @@ def test_parse_option(text, index):
 
 
 def single_token_arrays(seed=1):
-  """Like make_arrays, but every option is one token after a shared prompt
-  (as ' yes' / ' no'); example (1, 2) has only two options."""
-  rng = np.random.default_rng(seed)
-  a = {k: np.zeros((N, M, O, L), t) for k, t in (
-      ('tokens', np.int32), ('option_mask', np.float32),
-      ('attention_mask', np.int32))}
-  for i in range(N):
-    for j in range(M):
-      prompt = rng.integers(1, CFG.vocab_size, rng.integers(3, 8))
-      for k in range(O):
-        if (i, j, k) == (1, 2, 2):
-          continue
-        seq = np.concatenate([prompt, [int(rng.integers(1, CFG.vocab_size))]])
-        a['tokens'][i, j, k, :len(seq)] = seq
-        a['attention_mask'][i, j, k, :len(seq)] = 1
-        a['option_mask'][i, j, k, len(prompt)] = 1
-  return a
+  """Every option one token after a shared prompt of 3-7 tokens (as ' yes' /
+  ' no'); example (1, 2) has only two options."""
+  return make_arrays(seed, prompt_tokens=(3, 8), option_tokens=(1, 2),
+                     missing=(1, 2, 2))
 
 
 def test_one_pass_scores_equal_one_forward_per_option(setup):
