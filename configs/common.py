@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.partition = 'dirichlet'  # 'dirichlet' | 'source'
   c.data.min_examples_per_client = 4
   c.data.train_fraction = 0.8     # paper: 8:2 local train/test split
+  # Split each client's examples per label (each label it holds twice or
+  # more lands in its test set too); False: one random split (paper silent).
+  c.data.stratify = False
   c.data.few_shot = 5             # paper: 5 few-shot examples for AdaFusion
   c.data.max_examples = 0         # 0: all; otherwise subsample (seeded)
 
@@ -129,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.inner_steps = 3      # paper: K = 3 inner steps per round
   c.fl.inner_unit = 'steps'  # 'steps' | 'epochs' (the paper leaves K's unit open)
   c.fl.local_epochs = 1.0   # stage 1: epochs over each client's train split
+  # > 0: stage 1 is this many steps for every client instead (a small client
+  # cycles its data). The clients step in lockstep, so on a skewed split an
+  # epoch costs N x the largest client's steps; equal steps waste none.
+  c.fl.local_steps = 0
   c.fl.stage1_chunk = 16    # local-phase steps per compiled call (progress, memory)
   c.fl.inner_optimizer = 'adamw'  # paper: AdamW
   c.fl.inner_lr = 2e-4      # paper: 2e-4

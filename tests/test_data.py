@@ -12,6 +12,7 @@ from fdlora_jax import data
 from fdlora_jax import errors
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.data import logs
+from fdlora_jax.data.partition import train_test_split
 from fdlora_jax.data import synthetic
 from fdlora_jax.data import tokenize
 
@@ -490,6 +491,46 @@ def test_min_examples_rebalance():
   assert min(sizes) >= 6 and sum(sizes) == 40
   with pytest.raises(ValueError, match='min_examples_per_client=9'):
     data.partition(task, 5, logs_cfg(min_examples_per_client=9), seed=0)
+
+
+def test_stratified_split_puts_each_repeated_label_in_test():
+  # 60 examples, 6 anomalous, Dir(0.5) over 5 clients: the plain split
+  # leaves some clients' anomalies all in train; the stratified split does
+  # not, and keeps the same clients' examples (only the split changes).
+  examples = [data.Example('x', ('no', 'yes'), int(i % 10 == 0), 's')
+              for i in range(60)]
+  task = data.Task('loghub', examples, ('no', 'yes'), 'f1', 'test', False)
+  labels = task.labels()
+  missed = 0
+  for seed in range(20):
+    plain = data.partition(task, 5, logs_cfg(), seed)
+    strat = data.partition(task, 5, logs_cfg(stratify=True), seed)
+    assert 'stratified' in strat.method and 'stratified' not in plain.method
+    for i in range(5):
+      client = np.concatenate([strat.train[i], strat.test[i]])
+      assert np.array_equal(np.sort(client), np.sort(np.concatenate(
+          [plain.train[i], plain.test[i]])))
+      assert len(np.intersect1d(strat.train[i], strat.test[i])) == 0
+      assert set(strat.few_shot[i]) <= set(strat.train[i])
+      for k in (0, 1):
+        held = int((labels[client] == k).sum())
+        in_test = int((labels[strat.test[i]] == k).sum())
+        if held >= 2:
+          assert 1 <= in_test <= held - 1, (seed, i, k, held, in_test)
+          assert in_test == min(max(round(0.2 * held), 1), held - 1)
+      plain_yes = (labels[plain.test[i]] == 1).sum()
+      held_yes = (labels[np.concatenate([plain.train[i], plain.test[i]])]
+                  == 1).sum()
+      missed += int(held_yes >= 2 and plain_yes == 0)
+  assert missed > 0  # the plain split does miss them: the test is not empty
+
+
+def test_stratified_split_of_singletons_keeps_one_each_side():
+  idx = np.array([3, 8])
+  labels = np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 0])  # idx: one of each label
+  tr, te = train_test_split(
+      idx, 0.8, np.random.default_rng(0), labels)
+  assert len(tr) == 1 and len(te) == 1 and set(tr) | set(te) == {3, 8}
 
 
 @needs_shared

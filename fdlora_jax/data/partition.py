@@ -10,7 +10,8 @@ largest client, until every client has the minimum. The partition's
 `method` string says whether that rebalancing happened.
 
 Each client's examples are then split train/test at random
-(`train_fraction`, paper 8:2, at least one of each), and `few_shot` examples
+(`train_fraction`, paper 8:2, at least one of each; with `stratify`, per
+label, so each label a client holds twice or more is in its test set), and `few_shot` examples
 (paper 5) are drawn from its training set for the AdaFusion stage. All of it
 is a function of the seed.
 """
@@ -158,15 +159,36 @@ def source_split(sources: list[str], num_clients: int,
 
 
 def train_test_split(idx: np.ndarray, train_fraction: float,
-                     rng: np.random.Generator
+                     rng: np.random.Generator,
+                     labels: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Random split, at least one train and one test example when n >= 2."""
+  """Random split, at least one train and one test example when n >= 2.
+
+  With `labels` (the task's label per example), the split is stratified: each
+  label's examples are split on their own, round(n_k * (1 - train_fraction))
+  to test, and a label a client holds at least twice keeps at least one
+  example on each side, so a client's rare class is in its test set too.
+  """
   n = len(idx)
-  n_test = int(round(n * (1.0 - train_fraction)))
-  if n >= 2:
-    n_test = min(max(n_test, 1), n - 1)
-  perm = rng.permutation(idx)
-  return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+  if labels is None:
+    n_test = int(round(n * (1.0 - train_fraction)))
+    if n >= 2:
+      n_test = min(max(n_test, 1), n - 1)
+    perm = rng.permutation(idx)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+  train, test = [], []
+  for k in np.unique(labels[idx]):
+    perm = rng.permutation(idx[labels[idx] == k])
+    n_test = int(round(len(perm) * (1.0 - train_fraction)))
+    if len(perm) >= 2 and 0.0 < train_fraction < 1.0:
+      n_test = min(max(n_test, 1), len(perm) - 1)
+    test.extend(perm[:n_test].tolist())
+    train.extend(perm[n_test:].tolist())
+  if n >= 2 and (not test or not train):  # every label held once
+    donor, receiver = (train, test) if not test else (test, train)
+    receiver.append(donor.pop(int(rng.integers(len(donor)))))
+  return (np.sort(np.asarray(train, np.int64)),
+          np.sort(np.asarray(test, np.int64)))
 
 
 def partition(task: Task, num_clients: int,
@@ -177,7 +199,7 @@ def partition(task: Task, num_clients: int,
     task: the task.
     num_clients: N.
     data_cfg: `c.data` (partition, dirichlet_alpha, min_examples_per_client,
-      train_fraction, few_shot).
+      train_fraction, stratify, few_shot).
     seed: the same seed gives the same partition.
 
   Returns:
@@ -216,10 +238,15 @@ def partition(task: Task, num_clients: int,
     method = f'by source over {num_clients} clients, seed {seed}'
   else:  # checked above
     raise AssertionError(data_cfg.partition)
+  labels = task.labels()
+  if data_cfg.stratify:
+    method += ', train/test split stratified by label'
   train, test, few = [], [], []
   for i, idx in enumerate(parts):
     split_rng = np.random.default_rng([seed, 1, i])
-    tr, te = train_test_split(idx, data_cfg.train_fraction, split_rng)
+    tr, te = train_test_split(
+        idx, data_cfg.train_fraction, split_rng,
+        labels if data_cfg.stratify else None)
     k = min(data_cfg.few_shot, len(tr))
     train.append(tr)
     test.append(te)
