@@ -55,6 +55,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(fl.batch_size >= 1, 'fl.batch_size', fl.batch_size, 'must be >= 1')
   need(fl.local_epochs >= 0, 'fl.local_epochs', fl.local_epochs,
        'must be >= 0')
+  need(fl.local_steps >= 0, 'fl.local_steps', fl.local_steps,
+       'must be >= 0 (0: fl.local_epochs epochs instead)')
   need(fl.stage1_chunk >= 1, 'fl.stage1_chunk', fl.stage1_chunk,
        'must be >= 1')
   need(fl.inner_unit in ('steps', 'epochs'), 'fl.inner_unit', fl.inner_unit,

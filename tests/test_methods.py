@@ -306,3 +306,26 @@ def fedavg_keys(tmp_path_factory):
   if not path.is_file():
     run_scenario('fedavg', 'logs', root, '--config.fl.rounds=0')
   return set(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize('name', sorted(METHODS))
+def test_local_phase_takes_local_steps_or_epochs(tiny, name):
+  """Every method's first (local) phase: ``fl.local_steps`` steps for each
+  client with data when > 0, else ``fl.local_epochs`` epochs of its data."""
+  model, base = tiny
+  counts = np.asarray([2, 7, 0])
+  def local_phase(c):
+    setup = Setup(model=model, base=base, config=c, num_clients=N,
+                  train_counts=counts,
+                  label_counts=np.ones((N, 2), np.int64), few_shot={},
+                  lora_init=lambda key: lora_lib.init(model, key),
+                  option_ids=np.asarray([3, 4]))
+    phases = [p for p in METHODS[name].build(setup).phases
+              if p.name == 'local']
+    return phases[0] if phases else None
+  by_steps = local_phase(config(fl__local_steps=4, fl__local_epochs=0.5))
+  if by_steps is None:
+    pytest.skip(f'{name} has no local phase')
+  np.testing.assert_array_equal(by_steps.steps, [4, 4, 0])
+  by_epochs = local_phase(config(fl__local_epochs=1.5))
+  np.testing.assert_array_equal(by_epochs.steps, [2, 6, 0])  # ceil(1.5 n / B)

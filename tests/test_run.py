@@ -144,6 +144,7 @@ def test_outputs_name_their_source_and_are_consistent(tmp_path):
     ('fl.num_clients', 0),
     ('fl.inner_steps', 0),
     ('fl.inner_schedule', 'cosnie'),
+    ('fl.local_steps', -1),
     ('fl.inner_optimizer', 'adam'),
     ('data.dirichlet_alpha', 0.0),
     ('lora.rank', 0),

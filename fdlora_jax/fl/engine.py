@@ -159,6 +159,15 @@ class Setup:
     return client_steps(self.train_counts, amount, unit,
                         self.config.fl.batch_size)
 
+  def local_steps(self) -> np.ndarray:
+    """``[N]`` steps of the first (local) phase: ``fl.local_steps`` per
+    client when > 0 (each client cycles its own data), else
+    ``fl.local_epochs`` epochs of each client's data."""
+    fl = self.config.fl
+    if fl.local_steps:
+      return self.steps(fl.local_steps, 'steps')
+    return self.steps(fl.local_epochs, 'epochs')
+
 
 def client_steps(counts: np.ndarray, amount: float, unit: str,
                  batch_size: int) -> np.ndarray:

@@ -136,7 +136,7 @@ def build(s: Setup) -> Method:
   start_personal = lambda client, download: client['personal']
   start_download = lambda client, download: download
   phases = (
-      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+      Phase('local', steps=s.local_steps(),
             first_round=0, chunk=c.fl.stage1_chunk, start=start_personal,
             loss=loss, finish=local_finish, server=local_server),
       Phase('rounds', repeats=c.fl.rounds,

@@ -130,7 +130,7 @@ def build(s: Setup) -> Method:
 
   finish = lambda client, train, download, t: (dict(client, lora=train), train)
   phases = (
-      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+      Phase('local', steps=s.local_steps(),
             first_round=0, chunk=c.fl.stage1_chunk,
             start=lambda client, download: client['lora'], loss=nll,
             finish=finish, server=server),

@@ -178,7 +178,7 @@ def build(s: Setup) -> Method:
                 loss=loss, finish=finish, server=server,
                 wire_bytes=lora_lib.svd_wire_bytes)
   phases = (
-      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+      Phase('local', steps=s.local_steps(),
             first_round=0, chunk=c.fl.stage1_chunk, **common),
       Phase('rounds', repeats=c.fl.rounds,
             steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),

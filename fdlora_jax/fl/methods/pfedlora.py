@@ -198,7 +198,7 @@ def build(s: Setup) -> Method:
             'shared': scaled(shared, shared_rank)}
 
   phases = (
-      Phase('local', steps=s.steps(c.fl.local_epochs, 'epochs'),
+      Phase('local', steps=s.local_steps(),
             first_round=0, chunk=c.fl.stage1_chunk, start=local_start,
             loss=local_loss, trainable=local_trainable, finish=local_finish),
       Phase('rounds', repeats=c.fl.rounds, steps=round_steps,
