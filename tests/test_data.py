@@ -376,6 +376,25 @@ def test_pubmedqa():
 
 
 @needs_shared
+def test_balance_keeps_the_rarest_labels_count_of_each():
+  full = data.load_task(medical_cfg('pubmedqa'), 0)
+  task = data.load_task(medical_cfg('pubmedqa', balance=True), 0)
+  assert data.class_counts(task) == {'yes': 55, 'no': 55, 'maybe': 55}
+  assert 'balanced: 55 per label of 3, seed 0' in task.data_source
+  texts = [e.text for e in full.examples]
+  order = [texts.index(e.text) for e in task.examples]
+  assert order == sorted(order)          # a subset, in file order
+  maybe = {e.text for e in full.examples if e.options[e.label] == 'maybe'}
+  assert maybe <= {e.text for e in task.examples}   # the rarest: all kept
+  other = data.load_task(medical_cfg('pubmedqa', balance=True), 1)
+  assert [e.text for e in other.examples] != [e.text for e in task.examples]
+  both = data.load_task(medical_cfg('pubmedqa', balance=True,
+                                    max_examples=30), 0)
+  assert len(both.examples) == 30
+  assert {e.text for e in both.examples} <= {e.text for e in task.examples}
+
+
+@needs_shared
 def test_pubmedqa_ground_truth_file(tmp_path):
   records = json.loads((MEDICAL / 'pubmedqa_pqal_test500.json').read_text())
   for r in records.values():

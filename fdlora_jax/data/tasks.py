@@ -64,7 +64,9 @@ def load_task(data_cfg: ml_collections.ConfigDict, seed: int) -> Task:
   logs; otherwise the real LogHub files. Medical tasks need real files. With
   `data_cfg.use_tfds`, the same files go through a TFDS array_record build
   and are read back with `tfds.data_source` (see `tfds_data.py`).
-  `data_cfg.max_examples` > 0 keeps a seeded random subset, in file order.
+  `data_cfg.balance` keeps, per label, a seeded random subset as large as
+  the rarest label's; then `data_cfg.max_examples` > 0 keeps a seeded random
+  subset. Both keep file order.
 
   Args:
     data_cfg: the `c.data` block.
@@ -84,6 +86,17 @@ def load_task(data_cfg: ml_collections.ConfigDict, seed: int) -> Task:
   else:
     examples, options, source, synthetic, skipped = read_examples(
         data_cfg, seed)
+  if data_cfg.balance:
+    labels = np.asarray([e.label for e in examples])
+    present = np.unique(labels)
+    least = min(int((labels == k).sum()) for k in present)
+    rng = np.random.default_rng([seed, 3])
+    keep = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(labels == k), least, replace=False)
+        for k in present]))
+    examples = [examples[i] for i in keep]
+    source += (f' (balanced: {least} per label of {len(present)}, seed '
+               f'{seed})')
   if data_cfg.max_examples and len(examples) > data_cfg.max_examples:
     keep = np.random.default_rng(seed).choice(
         len(examples), data_cfg.max_examples, replace=False)
