@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   # more lands in its test set too); False: one random split (paper silent).
   c.data.stratify = False
   c.data.few_shot = 5             # paper: 5 few-shot examples for AdaFusion
+  # Keep every label as often as the rarest one (a seeded subsample, before
+  # max_examples); the train and test splits are then balanced too.
+  c.data.balance = False
   c.data.max_examples = 0         # 0: all; otherwise subsample (seeded)
 
   # ---- Federation: shared by every method (paper Sec. 4.1 / Algorithm 1) -----
