@@ -270,8 +270,15 @@ def make_strategy(cfg):
   return es, params
 
 
-def make_adafusion(num_clients: int, cfg) -> Callable:
+def make_adafusion(num_clients: int, cfg,
+                   progress: Optional[Callable[[int, int], None]] = None
+                   ) -> Callable:
   """A jitted ``search(fitness_fn, key) -> (w_best [N, 2], history)``.
+
+  ``progress(done, total)``, when given, is called on the host (a
+  ``jax.debug.callback``, in order) after each of the ``total = steps + 1``
+  population evaluations (the start one included), so a bar can follow the
+  one compiled search.
 
   ``fitness_fn`` must be a pytree callable (what :func:`make_fitness_fn`
   returns, or any function wrapped in ``jax.tree_util.Partial``). Use this
@@ -287,6 +294,11 @@ def make_adafusion(num_clients: int, cfg) -> Callable:
 
   def finite(f):
     return jnp.where(jnp.isnan(f), jnp.inf, f)
+
+  def report(done):
+    if progress is not None:
+      jax.debug.callback(lambda d: progress(int(d), steps + 1), done,
+                         ordered=True)
 
   @jax.jit
   def search(fitness_fn, key):
@@ -307,8 +319,10 @@ def make_adafusion(num_clients: int, cfg) -> Callable:
       start_fitness = fitness_fn(start[:, None])[:, 0]
       state = jax.vmap(es.init, (0, 0, None))(init_keys, start, es_params)
       best_w, best_f = start, finite(start_fitness)
+    report(1)
 
-    def step(carry, k):
+    def step(carry, xs):
+      k, i = xs
       state, best_w, best_f = carry
       k_ask, k_tell = jax.random.split(k)
       x, state = jax.vmap(es.ask, (0, 0, None))(
@@ -322,18 +336,21 @@ def make_adafusion(num_clients: int, cfg) -> Callable:
       better = step_f < best_f
       best_w = jnp.where(better[:, None], step_w, best_w)
       best_f = jnp.where(better, step_f, best_f)
+      report(i + 2)
       return (state, best_w, best_f), {'best_fitness': best_f,
                                        'mean_fitness': f.mean(-1)}
 
     (_, best_w, _), history = jax.lax.scan(
-        step, (state, best_w, best_f), jax.random.split(key, steps))
+        step, (state, best_w, best_f),
+        (jax.random.split(key, steps), jnp.arange(steps)))
     history['start_fitness'] = start_fitness
     return best_w, history
 
   return search
 
 
-def adafusion(fitness_fn: Callable, num_clients: int, cfg, key: Array
+def adafusion(fitness_fn: Callable, num_clients: int, cfg, key: Array,
+              progress: Optional[Callable[[int, int], None]] = None
               ) -> tuple[Array, dict]:
   """Searches fusion weights for every client at once.
 
@@ -345,6 +362,7 @@ def adafusion(fitness_fn: Callable, num_clients: int, cfg, key: Array
     cfg: :func:`fusion_config` fields (strategy, population_size, steps, init,
       sigma_init, bounds; ``lam`` is used by :func:`make_fitness_fn`).
     key: PRNG key.
+    progress: optional ``progress(done, total)``, see :func:`make_adafusion`.
 
   Returns:
     ``w_best [N, 2]``: per client the best point evaluated (the start point
@@ -354,7 +372,7 @@ def adafusion(fitness_fn: Callable, num_clients: int, cfg, key: Array
   """
   if not isinstance(fitness_fn, jax.tree_util.Partial):
     fitness_fn = jax.tree_util.Partial(fitness_fn)
-  return make_adafusion(num_clients, cfg)(fitness_fn, key)
+  return make_adafusion(num_clients, cfg, progress)(fitness_fn, key)
 
 
 def baseline_weights(kind: str, num_clients: int, key: Optional[Array] = None,

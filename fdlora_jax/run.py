@@ -369,7 +369,11 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- search phases (e.g. AdaFusion) ------------------------------------------
   t0 = time.time()
-  state, searched = engine.run_searches(state)
+  bars = {}
+  state, searched = engine.run_searches(
+      state, progress=lambda name: _search_progress(name, bars))
+  for b in bars.values():
+    b.close()
   timing['search_s'] = time.time() - t0
 
   # ---- evaluation ------------------------------------------------------------
@@ -429,6 +433,17 @@ def _phase_bar(phase, repeat: int):
                 unit='round', disable=None)
   return tqdm(total=engine_lib.Engine.max_steps(phase), desc=phase.name,
               unit='step', disable=None)
+
+
+def _search_progress(name: str, bars: dict):
+  """A ``(done, total)`` callback that draws a bar for one search phase
+  (made on its first call, when the total is known); kept in ``bars``."""
+  def update(done: int, total: int):
+    if name not in bars:
+      bars[name] = tqdm(total=total, desc=name, unit='generation',
+                        disable=None)
+    bars[name].update(max(done - bars[name].n, 0))
+  return update
 
 
 def _metric_names(task) -> tuple[str, ...]:

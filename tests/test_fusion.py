@@ -184,6 +184,18 @@ def test_adafusion_keeps_the_start_point_when_nothing_beats_it():
   np.testing.assert_array_equal(history['best_fitness'], 0.0)
 
 
+def test_adafusion_reports_progress_after_every_evaluation():
+  cfg = fusion.fusion_config()
+  cfg.steps, cfg.population_size = 4, 4
+  calls = []
+  w, _ = fusion.adafusion(lambda w: ((w - 0.3) ** 2).sum(-1), 2, cfg,
+                          jax.random.key(0),
+                          progress=lambda d, t: calls.append((d, t)))
+  jax.block_until_ready(w)
+  jax.effects_barrier()
+  assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
 def test_adafusion_respects_bounds():
   cfg = fusion.fusion_config()
   cfg.bounds, cfg.steps, cfg.population_size = (-1.0, 1.0), 20, 8

@@ -85,8 +85,9 @@ class Phase:
       rank chosen at run time, padded to a fixed shape). Default: the size
       of the upload's arrays.
   Search phases:
-    search(server, client, key) -> (client, metrics dict); runs once, after
-      the training phases (e.g. AdaFusion), not vmapped by the engine.
+    search(server, client, key, progress) -> (client, metrics dict); runs
+      once, after the training phases (e.g. AdaFusion), not vmapped by the
+      engine. ``progress`` is None or a host ``(done, total)`` callback.
 
   ``steps`` is ``[N]`` real local steps per client per repeat (the engine
   masks the rest); ``first_round`` numbers the repeats (0 for a stage before
@@ -504,14 +505,17 @@ class Engine:
     }
     return new_state, metrics
 
-  def run_searches(self, state: dict) -> tuple[dict, dict]:
+  def run_searches(self, state: dict, progress: Optional[Callable] = None
+                   ) -> tuple[dict, dict]:
     """The method's search phases (after training), in order; search ``i``
-    gets the key ``key(seed + 2 + i)``."""
+    gets the key ``key(seed + 2 + i)``. ``progress(phase_name)``, when given,
+    returns the ``(done, total)`` callback handed to that search."""
     metrics = {}
     client = state['client']
     for i, p in enumerate(self.searches):
       client, m = p.search(state['server'], client,
-                           jax.random.key(self.seed + 2 + i))
+                           jax.random.key(self.seed + 2 + i),
+                           progress(p.name) if progress else None)
       metrics[p.name] = {k: np.asarray(v).tolist() for k, v in m.items()}
     return dict(state, client=client), metrics
 

@@ -113,12 +113,12 @@ def build(s: Setup) -> Method:
     return {'global': g, 'outer': o}, metrics
 
   # -- phase 3: AdaFusion --------------------------------------------------------
-  def fusion(server, client, key):
+  def fusion(server, client, key, progress=None):
     global_n = lora_lib.replicate(server['global'], n)
     fitness = fusion_lib.make_fitness_fn(s.model, s.base, client['personal'],
                                          global_n, s.few_shot,
                                          lam=m.fusion.lam)
-    w, history = fusion_lib.adafusion(fitness, n, m.fusion, key)
+    w, history = fusion_lib.adafusion(fitness, n, m.fusion, key, progress)
     return dict(client, fusion_w=w), {
         'fusion_weights': w, 'fusion_best_fitness': history['best_fitness']}
 
