@@ -55,20 +55,15 @@ def load_config(path: str, overrides: list[str]):
 
 def majority_metrics(task, part) -> dict:
   labels = task.labels()
-  preds, golds = [], []
-  for train, test in zip(part.train, part.test):
-    counts = np.bincount(labels[np.asarray(train, np.int64)],
-                         minlength=len(task.options))
-    preds.append(np.full(len(test), int(counts.argmax()), np.int32))
-    golds.append(labels[np.asarray(test, np.int64)])
+  golds = [labels[np.asarray(t, np.int64)] for t in part.test]
   m = max(max(len(g) for g in golds), 1)
-  p = np.zeros((len(golds), m), np.int32)
   g = np.zeros((len(golds), m), np.int32)
   v = np.zeros((len(golds), m), bool)
-  for i, (pi, gi) in enumerate(zip(preds, golds)):
-    p[i, :len(pi)], g[i, :len(gi)], v[i, :len(gi)] = pi, gi, True
+  for i, gi in enumerate(golds):
+    g[i, :len(gi)], v[i, :len(gi)] = gi, True
   positive = task.options.index('yes') if task.metric == 'f1' else None
-  return eval_lib.classification_metrics(p, g, v, task.metric, positive)
+  return eval_lib.majority_guess(run_lib._label_counts(task, part.train),  # pylint: disable=protected-access
+                                 g, v, task.metric, positive)
 
 
 def main():

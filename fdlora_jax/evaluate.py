@@ -286,6 +286,18 @@ def classification_metrics(preds, labels, valid, metric: str = 'accuracy',
           'std': std}
 
 
+def majority_guess(train_label_counts, labels, valid, metric: str = 'accuracy',
+                   positive: Optional[int] = None) -> dict:
+  """The no-model reference: each client always answers the most frequent
+  label of its own training split (``train_label_counts [N, O]``; ties go to
+  the first option), scored on ``labels [N, M]`` / ``valid [N, M]`` like
+  :func:`classification_metrics`."""
+  counts = np.asarray(train_label_counts)
+  labels = np.asarray(labels)
+  preds = np.broadcast_to(counts.argmax(-1)[:, None], labels.shape)
+  return classification_metrics(preds, labels, valid, metric, positive)
+
+
 def format_table(results: dict[str, dict], metric_names: Sequence[str],
                  scale: float = 100.0, digits: int = 2) -> str:
   """A plain-text table: one row per model, ``mean±std`` of each metric,

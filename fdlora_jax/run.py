@@ -384,6 +384,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                for name, adapters in tqdm(rows.items(), desc='evaluation',
                                           unit='row', disable=None)}
   timing['eval_s'] = time.time() - t0
+  majority = eval_lib.majority_guess(
+      _label_counts(task, part.train), tests.labels, tests.valid, task.metric,
+      task.options.index('yes') if task.metric == 'f1' else None)
   timing['total_s'] = time.time() - t_start
 
   headline = method.headline or next(iter(rows))
@@ -401,6 +404,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       'partition': part.method,
       'phases': [p.name for p in method.phases],
       'models': evaluated,
+      # No model at all: each client answers its training split's majority.
+      'reference': {'majority': majority},
       'search': searched,
       'context_shots': {
           'k': method.context_shots,
@@ -420,7 +425,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                  for k, v in evaluated.items()})
   events.close()
   ckpts.close()
-  table = eval_lib.format_table(evaluated, _metric_names(task))
+  table = eval_lib.format_table(
+      {**evaluated, 'majority (no model)': majority}, _metric_names(task))
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
   print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
         f'\nmodel: {model_desc}\n{table}\nresults: {work / "results.json"}')

@@ -175,6 +175,19 @@ def test_accuracy_equals_micro_f1_and_empty_clients_are_left_out():
   assert m['std']['accuracy'] == pytest.approx(abs(0.75 - 2 / 3) / 2)
 
 
+def test_majority_guess_answers_each_clients_training_majority():
+  counts = np.array([[5, 2], [1, 4], [3, 3]])   # client 2 ties: option 0
+  labels = np.array([[0, 1, 0], [1, 0, 1], [1, 1, 0]])
+  valid = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
+  m = evaluate.majority_guess(counts, labels, valid, 'f1', positive=1)
+  # client 0 says 0 (no positive predicted: F1 0, accuracy 2/3); client 1
+  # says 1 on [1, 0] (P 1/2, R 1, F1 2/3); client 2 says 0 (F1 0, acc 1/3).
+  got = [(c['n'], c['accuracy'], c['f1']) for c in m['per_client']]
+  np.testing.assert_allclose(got, [(3, 2 / 3, 0), (2, 0.5, 2 / 3),
+                                   (3, 1 / 3, 0)])
+  assert m['mean']['f1'] == pytest.approx(2 / 9)
+
+
 def test_metric_errors():
   x = np.zeros((2, 3), int)
   with pytest.raises(ValueError, match='positive'):

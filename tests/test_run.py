@@ -116,6 +116,14 @@ def test_outputs_name_their_source_and_are_consistent(tmp_path):
   partition = json.loads((tmp_path / 'w' / 'partition.json').read_text())
   tests = [cl['num_test'] for cl in partition['clients']]
   assert [pc['n'] for pc in saved['models']['fused']['per_client']] == tests
+  # The no-model reference: each client's training majority, on its test.
+  majority = saved['reference']['majority']['per_client']
+  for cl, pc in zip(partition['clients'], majority):
+    train = cl['class_counts']['train']
+    said = max(train, key=lambda k: (train[k], k == 'no'))
+    test = cl['class_counts']['test']
+    assert pc['n'] == cl['num_test']
+    assert pc['accuracy'] == pytest.approx(test[said] / max(cl['num_test'], 1))
   # F1 from precision and recall, per client.
   for pc in saved['models']['personalized']['per_client']:
     p, rec = pc['precision'], pc['recall']
