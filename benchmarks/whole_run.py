@@ -100,6 +100,8 @@ def main():
   common.print_table(rows)
   metric = results['metric']
   scores = {name: m['mean'][metric] for name, m in results['models'].items()}
+  for name, m in results.get('reference', {}).items():
+    scores[f'{name} (no model)'] = m['mean'][metric]
   print(f'peak RSS {peak_rss_mib:,.0f} MiB; CPU time {cpu_s:,.0f} s (user '
         f'{usage.ru_utime:,.0f} + sys {usage.ru_stime:,.0f}); loadavg '
         f'before: {load_before}; after: {load_after}')
