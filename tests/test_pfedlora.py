@@ -340,5 +340,5 @@ IN_OUT = {'q_proj': 64 + 64, 'k_proj': 64 + 32, 'v_proj': 64 + 32,
 # method, FedAvg included, writes this one set).
 SCHEMA = {'method', 'headline', 'data_source', 'is_synthetic',
           'skipped_lines', 'task', 'metric', 'model', 'seed', 'num_clients',
-          'partition', 'phases', 'models', 'search', 'context_shots',
-          'communication', 'timing', 'config'}
+          'partition', 'phases', 'models', 'reference', 'search',
+          'context_shots', 'communication', 'timing', 'config'}
