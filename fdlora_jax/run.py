@@ -224,9 +224,13 @@ def evaluate(model, base, lora_n, options, task, c, tokenizer) -> dict:
                                     chunk=c.eval.chunk,
                                     normalize=c.eval.normalize)
     preds = np.asarray(scores).argmax(-1)
-  positive = task.options.index('yes') if task.metric == 'f1' else None
   return eval_lib.classification_metrics(preds, options.labels, options.valid,
-                                         task.metric, positive)
+                                         task.metric, _positive(task))
+
+
+def _positive(task):
+  """The F1 task's positive class ('yes' = anomalous), else None."""
+  return task.options.index('yes') if task.metric == 'f1' else None
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +390,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   timing['eval_s'] = time.time() - t0
   majority = eval_lib.majority_guess(
       _label_counts(task, part.train), tests.labels, tests.valid, task.metric,
-      task.options.index('yes') if task.metric == 'f1' else None)
+      _positive(task))
   timing['total_s'] = time.time() - t_start
 
   headline = method.headline or next(iter(rows))

@@ -228,6 +228,11 @@ def test_local_stage_epochs_default_to_the_local_phase(tiny):
   local, _, stage = eng.method.phases
   np.testing.assert_array_equal(stage.steps, local.steps)
   np.testing.assert_array_equal(stage.steps, [1, 2, 4])
+  # Equal local steps (fl.local_steps): the stage takes the same.
+  c.fl.local_steps = 3
+  local, _, stage = engine(tiny, fedlora_opt, c, COUNTS).method.phases
+  np.testing.assert_array_equal(stage.steps, [3, 3, 3])
+  np.testing.assert_array_equal(stage.steps, local.steps)
   eng = engine(tiny, fedlora_opt,
                config(fedlora_opt__local_stage_epochs=0.5), COUNTS)
   np.testing.assert_array_equal(eng.method.phases[2].steps, [1, 1, 1])

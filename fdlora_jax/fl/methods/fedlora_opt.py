@@ -35,8 +35,8 @@ Phases (same data and local steps as FDLoRA, plus the local stage):
    local). It uploads ``d_a`` only, unit-normalised; the server takes the
    weighted mean (``weighting``) and renormalises every direction to unit
    norm. B never leaves the client.
-2. Local stage, ``personalize`` (``local_stage_epochs`` epochs; -1: the same
-   as ``fl.local_epochs``): each client downloads the final ``d_a`` once,
+2. Local stage, ``personalize`` (``local_stage_epochs`` epochs; -1: as many
+   steps as the local phase, ``fl.local_steps`` or ``fl.local_epochs``): each client downloads the final ``d_a`` once,
    decomposes its ``b`` and trains ``m_b`` only; every other array (``m_a``,
    ``d_a``, ``d_b``) is unchanged.
 
@@ -87,7 +87,7 @@ def config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # What clients train in the global stage (only A's directions are sent).
   c.global_trains = ('a_dir', 'b')
-  c.local_stage_epochs = -1.0  # m_b, after the rounds; -1: fl.local_epochs
+  c.local_stage_epochs = -1.0  # m_b, after the rounds; -1: as the local phase
   c.weighting = 'examples'     # server mean: 'examples' (FedAvg) | 'uniform'
   return c
 
@@ -100,7 +100,7 @@ def validate(c) -> None:
        f"must name parts from {PARTS} and include 'a_dir'")
   need(m.local_stage_epochs == -1 or m.local_stage_epochs >= 0,
        'fedlora_opt.local_stage_epochs', m.local_stage_epochs,
-       'must be >= 0 (-1: the same as fl.local_epochs)')
+       'must be >= 0 (-1: as many steps as the local phase)')
   need(m.weighting in ('uniform', 'examples'), 'fedlora_opt.weighting',
        m.weighting, "must be 'uniform' or 'examples'")
 
@@ -132,8 +132,8 @@ def with_a_directions(parts, a_dir):
 
 def build(s: Setup) -> Method:
   c, m, n = s.config, s.config.fedlora_opt, s.num_clients
-  stage_epochs = (c.fl.local_epochs if m.local_stage_epochs == -1
-                  else m.local_stage_epochs)
+  stage_steps = (s.local_steps() if m.local_stage_epochs == -1
+                 else s.steps(m.local_stage_epochs, 'epochs'))
   unit_a = lambda tree: jax.tree.map(lambda d: lora_lib.unit(d, -2), tree)
 
   def init(key):
@@ -183,7 +183,7 @@ def build(s: Setup) -> Method:
             first_round=0, chunk=c.fl.stage1_chunk, **stage),
       Phase('rounds', repeats=c.fl.rounds,
             steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **stage),
-      Phase('personalize', steps=s.steps(stage_epochs, 'epochs'),
+      Phase('personalize', steps=stage_steps,
             first_round=c.fl.rounds + 1, chunk=c.fl.stage1_chunk,
             broadcast=broadcast, start=local_start, loss=loss,
             trainable=lambda train, i: b_magnitudes_mask(train),
