@@ -298,6 +298,18 @@ def majority_guess(train_label_counts, labels, valid, metric: str = 'accuracy',
   return classification_metrics(preds, labels, valid, metric, positive)
 
 
+def constant_guess(option: int, labels, valid, metric: str = 'accuracy',
+                   positive: Optional[int] = None) -> dict:
+  """The no-model reference that answers ``option`` for every example of
+  every client, scored like :func:`classification_metrics`. For an F1 task
+  with ``option = positive`` ("every window is anomalous") this is the
+  trivial F1 baseline: ``2p / (1 + p)`` on a client whose test split is a
+  share ``p`` positive, which a model that only learned to say "yes" ties."""
+  labels = np.asarray(labels)
+  preds = np.full(labels.shape, int(option))
+  return classification_metrics(preds, labels, valid, metric, positive)
+
+
 def format_table(results: dict[str, dict], metric_names: Sequence[str],
                  scale: float = 100.0, digits: int = 2) -> str:
   """A plain-text table: one row per model, ``mean±std`` of each metric,

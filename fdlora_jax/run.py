@@ -388,9 +388,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                for name, adapters in tqdm(rows.items(), desc='evaluation',
                                           unit='row', disable=None)}
   timing['eval_s'] = time.time() - t0
-  majority = eval_lib.majority_guess(
+  positive = _positive(task)
+  # No model at all: each client answers its training split's majority; for
+  # F1 tasks also "always the positive class", the trivial F1 baseline.
+  references = {'majority': eval_lib.majority_guess(
       _label_counts(task, part.train), tests.labels, tests.valid, task.metric,
-      _positive(task))
+      positive)}
+  if positive is not None:
+    references['always_positive'] = eval_lib.constant_guess(
+        positive, tests.labels, tests.valid, task.metric, positive)
   timing['total_s'] = time.time() - t_start
 
   headline = method.headline or next(iter(rows))
@@ -408,8 +414,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       'partition': part.method,
       'phases': [p.name for p in method.phases],
       'models': evaluated,
-      # No model at all: each client answers its training split's majority.
-      'reference': {'majority': majority},
+      'reference': references,
       'search': searched,
       'context_shots': {
           'k': method.context_shots,
@@ -429,8 +434,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                  for k, v in evaluated.items()})
   events.close()
   ckpts.close()
+  labels = {'majority': 'majority (no model)',
+            'always_positive': f'always "{task.options[positive]}" (no model)'
+            if positive is not None else ''}
   table = eval_lib.format_table(
-      {**evaluated, 'majority (no model)': majority}, _metric_names(task))
+      {**evaluated, **{labels[k]: v for k, v in references.items()}},
+      _metric_names(task))
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
   print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
         f'\nmodel: {model_desc}\n{table}\nresults: {work / "results.json"}')

@@ -188,6 +188,24 @@ def test_majority_guess_answers_each_clients_training_majority():
   assert m['mean']['f1'] == pytest.approx(2 / 9)
 
 
+def test_constant_guess_is_the_trivial_f1_baseline():
+  labels = np.array([[0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
+  valid = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
+  m = evaluate.constant_guess(1, labels, valid, 'f1', positive=1)
+  # Always "positive": recall 1, precision p = positive share, F1 2p/(1+p);
+  # a client with no positive test example scores 0.
+  shares = [1 / 4, 3 / 4]
+  want = [2 * p / (1 + p) for p in shares] + [0.0]
+  np.testing.assert_allclose([c['f1'] for c in m['per_client']], want)
+  np.testing.assert_allclose([c['accuracy'] for c in m['per_client']],
+                             shares + [0.0])
+  assert m['mean']['f1'] == pytest.approx(sum(want) / 3)
+  # Always "negative" finds nothing.
+  none = evaluate.constant_guess(0, labels, valid, 'f1', positive=1)
+  assert none['mean']['f1'] == 0.0
+  assert none['per_client'][2]['accuracy'] == 1.0
+
+
 def test_metric_errors():
   x = np.zeros((2, 3), int)
   with pytest.raises(ValueError, match='positive'):

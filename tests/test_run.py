@@ -124,6 +124,12 @@ def test_outputs_name_their_source_and_are_consistent(tmp_path):
     test = cl['class_counts']['test']
     assert pc['n'] == cl['num_test']
     assert pc['accuracy'] == pytest.approx(test[said] / max(cl['num_test'], 1))
+  # ... and "always anomalous", the trivial F1 baseline: 2p / (1 + p).
+  always = saved['reference']['always_positive']['per_client']
+  for cl, pc in zip(partition['clients'], always):
+    test = cl['class_counts']['test']
+    share = test.get('yes', 0) / max(cl['num_test'], 1)
+    assert pc['f1'] == pytest.approx(2 * share / (1 + share) if share else 0)
   # F1 from precision and recall, per client.
   for pc in saved['models']['personalized']['per_client']:
     p, rec = pc['precision'], pc['recall']
