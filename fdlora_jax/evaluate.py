@@ -292,21 +292,21 @@ def majority_guess(train_label_counts, labels, valid, metric: str = 'accuracy',
   label of its own training split (``train_label_counts [N, O]``; ties go to
   the first option), scored on ``labels [N, M]`` / ``valid [N, M]`` like
   :func:`classification_metrics`."""
-  counts = np.asarray(train_label_counts)
-  labels = np.asarray(labels)
-  preds = np.broadcast_to(counts.argmax(-1)[:, None], labels.shape)
-  return classification_metrics(preds, labels, valid, metric, positive)
+  return constant_guess(np.asarray(train_label_counts).argmax(-1), labels,
+                        valid, metric, positive)
 
 
-def constant_guess(option: int, labels, valid, metric: str = 'accuracy',
+def constant_guess(option, labels, valid, metric: str = 'accuracy',
                    positive: Optional[int] = None) -> dict:
-  """The no-model reference that answers ``option`` for every example of
-  every client, scored like :func:`classification_metrics`. For an F1 task
-  with ``option = positive`` ("every window is anomalous") this is the
-  trivial F1 baseline: ``2p / (1 + p)`` on a client whose test split is a
-  share ``p`` positive, which a model that only learned to say "yes" ties."""
+  """The no-model reference that answers ``option`` (one option for every
+  client, or one per client ``[N]``) to every example, scored like
+  :func:`classification_metrics`. For an F1 task with ``option = positive``
+  ("every window is anomalous") this is the trivial F1 baseline: ``2p /
+  (1 + p)`` on a client whose test split is a share ``p`` positive, which a
+  model that only learned to say "yes" ties."""
   labels = np.asarray(labels)
-  preds = np.full(labels.shape, int(option))
+  option = np.asarray(option, np.int64).reshape(-1, 1)
+  preds = np.broadcast_to(option, labels.shape)
   return classification_metrics(preds, labels, valid, metric, positive)
 
 

@@ -391,12 +391,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   positive = _positive(task)
   # No model at all: each client answers its training split's majority; for
   # F1 tasks also "always the positive class", the trivial F1 baseline.
-  references = {'majority': eval_lib.majority_guess(
+  # {key in results.json: (console row, metrics)}
+  references = {'majority': ('majority (no model)', eval_lib.majority_guess(
       _label_counts(task, part.train), tests.labels, tests.valid, task.metric,
-      positive)}
+      positive))}
   if positive is not None:
-    references['always_positive'] = eval_lib.constant_guess(
-        positive, tests.labels, tests.valid, task.metric, positive)
+    references['always_positive'] = (
+        f'always "{task.options[positive]}" (no model)',
+        eval_lib.constant_guess(positive, tests.labels, tests.valid,
+                                task.metric, positive))
   timing['total_s'] = time.time() - t_start
 
   headline = method.headline or next(iter(rows))
@@ -414,7 +417,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       'partition': part.method,
       'phases': [p.name for p in method.phases],
       'models': evaluated,
-      'reference': references,
+      'reference': {k: m for k, (_, m) in references.items()},
       'search': searched,
       'context_shots': {
           'k': method.context_shots,
@@ -434,12 +437,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                  for k, v in evaluated.items()})
   events.close()
   ckpts.close()
-  labels = {'majority': 'majority (no model)',
-            'always_positive': f'always "{task.options[positive]}" (no model)'
-            if positive is not None else ''}
   table = eval_lib.format_table(
-      {**evaluated, **{labels[k]: v for k, v in references.items()}},
-      _metric_names(task))
+      {**evaluated, **dict(references.values())}, _metric_names(task))
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
   print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
         f'\nmodel: {model_desc}\n{table}\nresults: {work / "results.json"}')

@@ -13,8 +13,7 @@ Each client's examples are then split train/test at random
 (`train_fraction`, paper 8:2, at least one of each; with `stratify`, per
 label, so each label a client holds twice or more is in its test set), and
 `few_shot` examples (paper 5) are drawn from its training set for the
-AdaFusion stage. All of it
-is a function of the seed.
+AdaFusion stage. All of it is a function of the seed.
 """
 
 import collections

@@ -36,9 +36,10 @@ Phases (same data and local steps as FDLoRA, plus the local stage):
    weighted mean (``weighting``) and renormalises every direction to unit
    norm. B never leaves the client.
 2. Local stage, ``personalize`` (``local_stage_epochs`` epochs; -1: as many
-   steps as the local phase, ``fl.local_steps`` or ``fl.local_epochs``): each client downloads the final ``d_a`` once,
-   decomposes its ``b`` and trains ``m_b`` only; every other array (``m_a``,
-   ``d_a``, ``d_b``) is unchanged.
+   steps as the local phase, ``fl.local_steps`` or ``fl.local_epochs``):
+   each client downloads the final ``d_a`` once, decomposes its ``b`` and
+   trains ``m_b`` only; every other array (``m_a``, ``d_a``, ``d_b``) is
+   unchanged.
 
 Choices the paper leaves open, measured on the real LogHub samples (tiny
 random-weight model, N = 5, Dirichlet 0.5, T = 30, K = 3, seed 0; mean
