@@ -131,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 5      # paper: N = 5
   c.fl.batch_size = 1       # paper: batch size 1
+  # Gradient accumulation (Table 5, RQ6): each optimizer step's batch of
+  # fl.batch_size rows is computed in this many micro-batches (must divide
+  # fl.batch_size); the update equals the whole batch's, with the activation
+  # memory of one micro-batch.
+  c.fl.grad_accum = 1
   c.fl.rounds = 30          # paper: T = 30 outer rounds
   c.fl.inner_steps = 3      # paper: K = 3 inner steps per round
   c.fl.inner_unit = 'steps'  # 'steps' | 'epochs' (the paper leaves K's unit open)

@@ -53,6 +53,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        'K must be >= 1')
   need(fl.rounds >= 0, 'fl.rounds', fl.rounds, 'must be >= 0')
   need(fl.batch_size >= 1, 'fl.batch_size', fl.batch_size, 'must be >= 1')
+  need(fl.grad_accum >= 1 and fl.batch_size % fl.grad_accum == 0,
+       'fl.grad_accum', fl.grad_accum,
+       f'must be >= 1 and divide fl.batch_size ({fl.batch_size})')
   need(fl.local_epochs >= 0, 'fl.local_epochs', fl.local_epochs,
        'must be >= 0')
   need(fl.local_steps >= 0, 'fl.local_steps', fl.local_steps,

@@ -25,7 +25,7 @@ def fl_cfg(**kw):
   c = ml_collections.ConfigDict(dict(
       rounds=2, inner_lr=1.0, inner_warmup_steps=0, inner_schedule='constant',
       inner_optimizer='sgd', inner_b1=0.9, inner_b2=0.999,
-      inner_weight_decay=0.0, dropout=False, batch_size=B))
+      inner_weight_decay=0.0, dropout=False, batch_size=B, grad_accum=1))
   c.update(kw)
   return c
 
@@ -107,6 +107,33 @@ def test_vmapped_step_equals_separate_steps(setup):
   b = out_l['layers']['self_attn']['q_proj']['b']
   assert float(jnp.abs(b[0] - b[1]).max()) > 1e-3  # clients really differ
   assert bool(jnp.all(healthy)) and m.loss.shape == (N, K)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(setup):
+  """B = 2 rows in 2 micro-batches of 1 give the same K SGD steps as the
+  whole batch, also when a row is padding (its micro-batch counts 0)."""
+  model, base, fresh = setup
+  opt = optax.sgd(1.0)
+  loras = lora_lib.replicate(fresh, N)
+  batches = random_batches(0, K)
+  batches['valid'][1, 0, 1] = 0.0          # client 0, step 1: one real row
+  batches['loss_mask'][0, 1, 0, T // 2:T // 2 + 3] = 0   # unequal counts
+  batches = jax.tree.map(jnp.asarray, batches)
+  rngs = jax.random.split(jax.random.key(3), N)
+  outs = [sft_clients_update(model, opt, donate=False, grad_accum=a)(
+      base, loras, init_opt_states(opt, loras), batches, rngs)
+      for a in (1, 2)]
+  (l1, _, h1, m1), (l2, _, h2, m2) = outs
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               l1, l2)
+  np.testing.assert_allclose(m1.loss, m2.loss, rtol=1e-5)
+  np.testing.assert_array_equal(m1.tokens, m2.tokens)
+  assert bool(jnp.all(h1)) and bool(jnp.all(h2))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), l2, loras)
+  assert max(jax.tree.leaves(moved)) > 1e-3   # the steps did something
+  with pytest.raises(ValueError, match='grad_accum'):
+    sft_clients_update(model, opt, donate=False, grad_accum=3)(
+        base, loras, init_opt_states(opt, loras), batches, rngs)
 
 
 def test_one_round_equals_weighted_mean_of_separate_clients(setup):

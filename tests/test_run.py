@@ -159,6 +159,8 @@ def test_outputs_name_their_source_and_are_consistent(tmp_path):
     ('fl.inner_steps', 0),
     ('fl.inner_schedule', 'cosnie'),
     ('fl.local_steps', -1),
+    ('fl.grad_accum', 0),
+    ('fl.grad_accum', 3),   # does not divide fl.batch_size
     ('fl.inner_optimizer', 'adam'),
     ('data.dirichlet_alpha', 0.0),
     ('lora.rank', 0),

@@ -238,10 +238,54 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def accumulated_value_and_grad(loss: Callable, train: PyTree, batch: dict,
+                               rng: jax.Array, accum: int = 1):
+  """``((mean loss, count), grads)`` of ``loss(train, batch, rng)`` over the
+  whole ``[B, ...]`` batch, computed in ``accum`` micro-batches of
+  ``B / accum`` rows (gradient accumulation: the activations of one
+  micro-batch at a time are live).
+
+  Each micro-batch's mean and gradient are weighted by its target count, so
+  for a loss that is a mean over its count (plus terms that do not depend on
+  the batch, e.g. a proximal pull) the result equals the whole batch's up to
+  float rounding. Dropout draws a key per micro-batch.
+  """
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  if accum == 1:
+    return grad_fn(train, batch, rng)
+  b = jax.tree.leaves(batch)[0].shape[0]
+  if b % accum:
+    raise ValueError(f'batch of {b} rows does not split into {accum} '
+                     'micro-batches (fl.grad_accum must divide fl.batch_size)')
+  micro = jax.tree.map(
+      lambda x: x.reshape((accum, b // accum) + x.shape[1:]), batch)
+
+  def body(acc, inputs):
+    total, count, grads = acc
+    (v, n), g = grad_fn(train, *inputs)
+    w = n.astype(jnp.float32)
+    some = n > 0      # an empty micro-batch adds nothing (not even a NaN)
+    total = total + jnp.where(some, v * w, 0.0)
+    grads = jax.tree.map(
+        lambda a, x: a + jnp.where(some, x * w, 0.0).astype(a.dtype),
+        grads, g)
+    return (total, count + w, grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, train)
+  (total, count, grads), _ = jax.lax.scan(
+      body, (jnp.float32(0), jnp.float32(0), zeros),
+      (micro, jax.random.split(rng, accum)))
+  denom = jnp.maximum(count, 1.0)
+  return (total / denom, count), jax.tree.map(
+      lambda g: (g / denom).astype(g.dtype), grads)
+
+
 def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
-                       trainable: Optional[Callable] = None) -> Callable:
+                       trainable: Optional[Callable] = None,
+                       grad_accum: int = 1) -> Callable:
   """``update(fwd, train, opt_state, download, batches[K], rng)`` for one
-  client: K optimizer steps in ``lax.scan``.
+  client: K optimizer steps in ``lax.scan``, each over its batch in
+  ``grad_accum`` micro-batches (:func:`accumulated_value_and_grad`).
 
   Returns ``(train, opt_state, healthy, StepMetrics[K])``. A step with no
   target token changes nothing; a non-finite step stops the client.
@@ -250,8 +294,9 @@ def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
   def step(fwd, download, carry, inputs):
     train, opt_state, healthy = carry
     batch, rng, i = inputs
-    (value, count), grads = jax.value_and_grad(
-        lambda t: loss(fwd, t, download, batch, rng), has_aux=True)(train)
+    (value, count), grads = accumulated_value_and_grad(
+        lambda t, b, r: loss(fwd, t, download, b, r), train, batch, rng,
+        grad_accum)
     finite = jnp.isfinite(value) & _all_finite(grads)
     apply = healthy & finite & (count > 0)
     mask = None if trainable is None else trainable(train, i)
@@ -284,8 +329,8 @@ def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
 def make_clients_update(model, loss: Callable,
                         optimizer: optax.GradientTransformation,
                         trainable: Optional[Callable] = None,
-                        dropout: bool = False, donate: bool = True
-                        ) -> Callable:
+                        dropout: bool = False, donate: bool = True,
+                        grad_accum: int = 1) -> Callable:
   """All clients in one compiled step.
 
   ``(base, train[N], opt[N], download[N], batches[K, N, ...], rng[N],
@@ -293,7 +338,7 @@ def make_clients_update(model, loss: Callable,
   StepMetrics[N, K])``; ``step0`` numbers the first of the K steps within
   the repeat (for ``trainable``).
   """
-  one = make_client_update(loss, optimizer, trainable)
+  one = make_client_update(loss, optimizer, trainable, grad_accum)
 
   def many(base, train, opt_state, download, batches, rngs, step0=0,
            num_targets=None):
@@ -371,7 +416,8 @@ class Engine:
     self.key = jax.random.key(self.seed)
     self._updates = {
         p.name: make_clients_update(self.model, p.loss, self.optimizer,
-                                    p.trainable, dropout=self.fl_cfg.dropout)
+                                    p.trainable, dropout=self.fl_cfg.dropout,
+                                    grad_accum=self.fl_cfg.grad_accum)
         for p in self.training}
     self._servers = {p.name: jax.jit(p.server) for p in self.training
                      if p.server is not None}
@@ -529,13 +575,13 @@ def _sft_loss(fwd, lora, download, batch, rng):
 
 
 def sft_clients_update(model, optimizer: optax.GradientTransformation,
-                       dropout: bool = False, donate: bool = True
-                       ) -> Callable:
+                       dropout: bool = False, donate: bool = True,
+                       grad_accum: int = 1) -> Callable:
   """``(base, lora[N], opt[N], batches[K, N, ...], rng[N], num_targets=None)
   -> (lora[N], opt[N], healthy[N], StepMetrics[N, K])``: every client trains
   its whole adapter on the token NLL."""
   many = make_clients_update(model, _sft_loss, optimizer, dropout=dropout,
-                             donate=False)
+                             donate=False, grad_accum=grad_accum)
 
   def update(base, lora, opt_state, batches, rngs, num_targets=None):
     return many(base, lora, opt_state, None, batches, rngs,
