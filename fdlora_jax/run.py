@@ -128,22 +128,31 @@ def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
   if not saved_path.is_file():
     raise ConfigError(f'{saved_path.parent} has checkpoints but no '
                      f'config.json; cannot check it is the same experiment')
-  saved = _flatten(json.loads(saved_path.read_text()))
-  now = _flatten(json.loads(c.to_json_best_effort()))
   # A method may name fields of its own that do not shape the saved state
   # (FDLoRA: its search phase's settings).
   allowed = RESUMABLE_CHANGES + tuple(
       getattr(METHODS.get(c.method), 'RESUMABLE', ()))
-  changed = sorted(k for k in set(saved) | set(now)
-                   if saved.get(k) != now.get(k)
-                   and not k.startswith(allowed))
-  if changed:
-    details = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
-                        for k in changed[:6])
+  details = config_changes(json.loads(saved_path.read_text()), c, allowed)
+  if details:
     raise ConfigError(
         f'{saved_path.parent} holds a run with a different config ({details}'
-        f'{" ..." if len(changed) > 6 else ""}); use a new --workdir, or '
-        f'change only {", ".join(allowed)} when resuming')
+        f'); use a new --workdir, or change only {", ".join(allowed)} when '
+        f'resuming')
+
+
+def config_changes(saved: dict, c: ml_collections.ConfigDict,
+                   allowed: tuple[str, ...] = ()) -> str:
+  """``'field: old -> new, ...'`` (at most 6) for the fields of ``c`` that
+  differ from the ``saved`` config dict, ignoring those starting with any of
+  ``allowed``; ``''`` when none does."""
+  # Both as results.json writes them (non-finite floats as strings).
+  saved = _flatten(io_lib.to_jsonable(saved))
+  now = _flatten(io_lib.to_jsonable(json.loads(c.to_json_best_effort())))
+  changed = sorted(k for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k)
+                   and not (allowed and k.startswith(allowed)))
+  return ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
+                   for k in changed[:6]) + (' ...' if len(changed) > 6 else '')
 
 
 # ---------------------------------------------------------------------------

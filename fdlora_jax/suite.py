@@ -22,8 +22,11 @@ Every point (group x grid product x seed) goes through the same
 :func:`fdlora_jax.run.run` into ``<workdir>/<group>/<key=value,...>/seed<s>``
 with a ``point.json`` naming its group and overrides. A point whose
 ``results.json`` exists is skipped, so a killed suite resumes where it
-stopped (a point killed midway resumes from its own checkpoints). Every
-point's config is built and validated before the first one runs.
+stopped (a point killed midway resumes from its own checkpoints); a
+finished point whose config no longer equals the suite's (the suite file or
+a config default changed since) is refused, naming the fields, instead of
+being reported stale. Every point's config is built and validated before
+the first one runs.
 
 Shared between points: the pretrained model (loaded once per process) and,
 through JAX's persistent compilation cache under ``<workdir>/.jax_cache``,
@@ -138,6 +141,14 @@ def run_suite(suite: dict, workdir: str | Path, root: Path = Path('.'),
     configs[p['id']] = c
   finished = {p['id'] for p in points
               if (work / p['id'] / 'results.json').is_file()}
+  for pid in sorted(finished):          # a finished point must still match
+    saved = json.loads((work / pid / 'results.json').read_text())['config']
+    changes = run_lib.config_changes(saved, configs[pid])
+    if changes:
+      raise ConfigError(
+          f'suite point {pid}: its finished results.json was run with a '
+          f'different config ({changes}); delete {work / pid} to run it '
+          f'again, or use a new --workdir')
   print(f'suite {suite.get("name", "")}: {len(points)} points, '
         f'{len(finished)} finished, {len(points) - len(finished)} to run '
         f'-> {work}')

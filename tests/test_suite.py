@@ -69,6 +69,14 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   assert n == 2 and m == pytest.approx(sum(vals) / 2)
   assert f'{m * 100:.2f} ± {s * 100:.2f}' in text
 
+  # The suite changed since: a finished point is refused, not reported
+  # stale, and nothing runs.
+  suite['fixed']['fdlora.fusion.population_size'] = 6
+  monkeypatch.setattr(run_lib, 'run', lambda c, w: pytest.fail('ran'))
+  with pytest.raises(ConfigError, match=r'rq1/method=fdlora.*'
+                     r'fdlora\.fusion\.population_size: 4 -> 6'):
+    suite_lib.run_suite(suite, work, REPO)
+
 
 def test_bad_suite_field_is_rejected_before_any_run(tmp_path):
   suite = tiny_suite(tmp_path)
