@@ -150,7 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.inner_weight_decay = 0.01  # paper: 0.01
   c.fl.inner_b1 = 0.9       # paper: momentum 0.9
   c.fl.inner_b2 = 0.999
-  c.fl.inner_schedule = 'constant'  # 'constant' | 'cosine' | 'linear'
+  # 'constant' | 'cosine' | 'linear'; a decay spans each phase's own steps
+  # (all its repeats, or one repeat when its optimizer state is reset).
+  c.fl.inner_schedule = 'constant'
   c.fl.inner_warmup_steps = 0
   c.fl.dropout = True       # LoRA dropout during training
 

@@ -309,6 +309,33 @@ def test_inner_schedules_follow_their_formula(kind):
     assert got == pytest.approx(want, abs=1e-6), (kind, i)
 
 
+@pytest.mark.parametrize('reset', [False, True])
+def test_each_phase_decays_its_lr_over_its_own_steps(setup, reset):
+  """A linear schedule reaches 0 at the last step a phase's optimizer state
+  counts: 4 local steps; 2 rounds x 3 steps (one round when the state is
+  reset each round), not the run's 10 steps."""
+  _, _, fresh = setup
+  loss = lambda fwd, tr, d, b, r: fwd.nll(tr, b, r)
+  keep = lambda client, tr, d, t: (client, tr)
+  local = Phase('local', steps=np.full(N, 4), broadcast=None,
+                start=lambda client, d: client['p'], loss=loss, finish=keep)
+  rounds = Phase('rounds', repeats=2, steps=np.full(N, 3),
+                 broadcast=None, start=lambda client, d: client['p'],
+                 loss=loss, finish=keep, reset_opt=reset)
+  method = Method('two', lambda key: ({}, {'p': lora_lib.replicate(
+      fresh, N)}), (local, rounds), rows=lambda s, c: {})
+  eng = make_engine(setup, method, inner_schedule='linear', inner_lr=0.5)
+  for name, horizon in (('local', 4), ('rounds', 3 if reset else 6)):
+    opt = eng.optimizers[name]
+    x, moves = jnp.zeros(()), []
+    state = opt.init(x)
+    for _ in range(horizon):
+      upd, state = opt.update(jnp.ones(()), state, x)
+      moves.append(-float(upd))
+    np.testing.assert_allclose(
+        moves, 0.5 * (1 - np.arange(horizon) / horizon), atol=1e-6)
+
+
 def test_client_steps_in_epochs_and_steps():
   counts = np.array([10, 3, 0])
   np.testing.assert_array_equal(

@@ -411,11 +411,16 @@ class Engine:
   def __post_init__(self):
     self.training = [p for p in self.method.phases if not p.is_search]
     self.searches = [p for p in self.method.phases if p.is_search]
-    total = sum(p.repeats * self.max_steps(p) for p in self.training)
-    self.optimizer = inner_optimizer(self.fl_cfg, total)
+    # One inner optimizer per phase; a decaying lr schedule spans the steps
+    # its state counts: the phase's every repeat, or one repeat when the
+    # state is reset at each (Phase.reset_opt).
+    self.optimizers = {
+        p.name: inner_optimizer(self.fl_cfg, self.max_steps(p) * (
+            1 if p.reset_opt else p.repeats)) for p in self.training}
     self.key = jax.random.key(self.seed)
     self._updates = {
-        p.name: make_clients_update(self.model, p.loss, self.optimizer,
+        p.name: make_clients_update(self.model, p.loss,
+                                    self.optimizers[p.name],
                                     p.trainable, dropout=self.fl_cfg.dropout,
                                     grad_accum=self.fl_cfg.grad_accum)
         for p in self.training}
@@ -466,7 +471,7 @@ class Engine:
     opt = {}
     for p in self.training:
       download = self._download(p, server, p.first_round)
-      opt[p.name] = jax.jit(jax.vmap(self.optimizer.init))(
+      opt[p.name] = jax.jit(jax.vmap(self.optimizers[p.name].init))(
           self._starts[p.name](client, download))
     return {'done': jnp.array(0, jnp.int32), 'server': server,
             'client': client, 'opt': opt}
@@ -498,7 +503,7 @@ class Engine:
     train = self._starts[phase.name](client, download)
     opt = self._place(state['opt'][phase.name])
     if phase.reset_opt:
-      opt = jax.jit(jax.vmap(self.optimizer.init))(train)
+      opt = jax.jit(jax.vmap(self.optimizers[phase.name].init))(train)
     steps = np.asarray(phase.steps)
     k = self.max_steps(phase)
     chunk = max(1, min(phase.chunk or k, k)) if k else 0
