@@ -23,6 +23,8 @@ A group's ``report`` (in the suite file)::
   {'kind': 'curve', 'title': ..., 'series': 'fl.num_clients',
    'row': 'global', 'file': 'fig5_clients.png'}
 
+``'paper': {'title': ..., 'values': {row label: value in %}}`` adds a last
+column with the paper's figures, quoted as given (never bolded or compared).
 ``'from': '<group>'`` (or a list of groups) reads other groups' points (a
 group without ``config`` runs nothing itself); ``'where': {path: value}``
 keeps only the points whose config has those values.
@@ -143,6 +145,9 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
       best[ck] = min(finite) if lower else max(finite)
   head = ['method' if spec.get('rows', 'method') == 'method' else 'model']
   head += [_fmt_col(cols, ck) or 'value' for ck in col_keys]
+  paper = spec.get('paper')      # the paper's own figures, beside ours
+  if paper:
+    head.append(paper['title'])
   lines = [f'### {spec.get("title", group["name"])}', '',
            '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
@@ -157,6 +162,9 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
       if ck in best and m == best[ck]:
         text = f'**{text}**'
       row.append(text)
+    if paper:
+      v = paper['values'].get(lab)
+      row.append('' if v is None else f'{v:.2f}')
     lines.append('| ' + ' | '.join(row) + ' |')
   unit = ('mean ± std over seeds of the mean over clients, in %'
           if value == 'metric' else f'{value}, mean ± std over seeds')

@@ -88,3 +88,25 @@ def test_bad_suite_field_is_rejected_before_any_run(tmp_path):
   with pytest.raises(ConfigError, match='method'):
     suite_lib.run_suite(suite, tmp_path / 'w', REPO)
   assert not (tmp_path / 'w').exists()
+
+
+def test_table_puts_the_papers_figures_beside_its_own():
+  """A 'paper' column is quoted as given, and never wins the bold."""
+  def point(method, seed, f1):
+    return {'results': {
+        'method': method, 'headline': 'x', 'metric': 'f1', 'seed': seed,
+        'config': {'data': {'dirichlet_alpha': 0.5}},
+        'models': {'x': {'mean': {'f1': f1}}},
+        'data_source': 'real: test', 'model': 'm', 'is_synthetic': False}}
+  points = [point('fdlora', 0, 0.5), point('fdlora', 1, 0.7),
+            point('fedavg', 0, 0.55), point('fedavg', 1, 0.55)]
+  group = {'name': 'rq1', 'report': {
+      'kind': 'table', 'rows': 'method', 'cols': ('data.dirichlet_alpha',),
+      'paper': {'title': 'paper (Table 3)',
+                'values': {'fdlora': 78.17, 'fedavg': 44.53}}}}
+  text, cells = report_lib.table(group, points)
+  assert '| method | dirichlet_alpha=0.5 | paper (Table 3) |' in text
+  assert '| fdlora | **60.00 ± 10.00** | 78.17 |' in text
+  assert '| fedavg | 55.00 ± 0.00 | 44.53 |' in text
+  assert '**78.17**' not in text
+  assert cells[('fdlora', (0.5,))] == pytest.approx((0.6, 0.1, 2))
