@@ -12,10 +12,13 @@ there), with Table 6's fusion baselines scored. Reduced from `paper.py`:
 * RQ2-RQ4 (curves over N, K, H) and RQ6 (batch) are left to `paper.py`:
   each needs its own FDLoRA runs per setting;
 * RQ5 and RQ7 read the RQ1 runs (plus zero- and 5-shot runs).
-The grid has 42 runs with 3 seeds. Its total time on the 2-core machine has
-not been measured; one default FDLoRA logs run takes about 9 minutes there,
-so the grid is well over the 2-hour target and needs a cheaper per-run
-workload before it can meet it.
+The grid has 42 runs with 3 seeds and has not been run: it is well over
+the 2-hour target. Measured on the idle 2-core machine (2026-11-22, seed 0,
+real LogHub samples): the default FDLoRA logs run takes 457 s (its 3 fusion
+baselines add 3 evaluated rows); even cut to 12 local steps, 2 rounds and
+200 windows it takes 440 s with the baselines (train 178 s, AdaFusion
+84 s, evaluating 6 rows on 38 test windows 168 s), and FedAvg 181 s. At
+those costs the 27 logs runs of RQ1 alone take about 2 hours.
 """
 
 LOGS = '../shared/data/loghub'
