@@ -266,18 +266,18 @@ def accumulated_value_and_grad(loss: Callable, train: PyTree, batch: dict,
     w = n.astype(jnp.float32)
     some = n > 0      # an empty micro-batch adds nothing (not even a NaN)
     total = total + jnp.where(some, v * w, 0.0)
-    grads = jax.tree.map(
-        lambda a, x: a + jnp.where(some, x * w, 0.0).astype(a.dtype),
+    grads = jax.tree.map(      # summed in float32 whatever the params'
+        lambda a, x: a + jnp.where(some, x.astype(jnp.float32) * w, 0.0),
         grads, g)
     return (total, count + w, grads), None
 
-  zeros = jax.tree.map(jnp.zeros_like, train)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
   (total, count, grads), _ = jax.lax.scan(
       body, (jnp.float32(0), jnp.float32(0), zeros),
       (micro, jax.random.split(rng, accum)))
   denom = jnp.maximum(count, 1.0)
   return (total / denom, count), jax.tree.map(
-      lambda g: (g / denom).astype(g.dtype), grads)
+      lambda g, x: (g / denom).astype(x.dtype), grads, train)
 
 
 def make_client_update(loss: Callable, optimizer: optax.GradientTransformation,
