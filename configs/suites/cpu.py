@@ -14,29 +14,22 @@ there), with Table 6's fusion baselines scored. Reduced from `paper.py`:
 * RQ5 and RQ7 read the RQ1 runs (plus zero- and 5-shot runs).
 The grid has 42 runs with 3 seeds and has not been run: it is well over
 the 2-hour target. Measured on the idle 2-core machine (2026-11-22, seed 0,
-real LogHub samples): the default FDLoRA logs run takes 457 s (its 3 fusion
-baselines add 3 evaluated rows); even cut to 12 local steps, 2 rounds and
-200 windows it takes 440 s with the baselines (train 178 s, AdaFusion
-84 s, evaluating 6 rows on 38 test windows 168 s), and FedAvg 181 s. At
-those costs the 27 logs runs of RQ1 alone take about 2 hours.
+real LogHub samples): the default FDLoRA logs run takes 457 s without the
+fusion baselines (cpu.py scores them: 3 more evaluated rows); even cut to
+12 local steps, 2 rounds and 200 windows it takes 440 s with the
+baselines (train 178 s, AdaFusion 84 s, evaluating 6 rows on 38 test
+windows 168 s), and FedAvg 181 s. At those costs the 27 logs runs of RQ1
+alone take about 2 hours.
 """
 
-LOGS = '../shared/data/loghub'
-MEDICAL = '../shared/data/medical'
+# One home for the data paths, the methods and the paper's figures.
+from configs.suites.paper import LOGS, MEDICAL, METHODS, PAPER_TABLE3_LOGS
+
 WORKLOAD = {'data.dirichlet_alpha': 0.5,
             # Table 6 (RQ7) scores these; configs/logs.py leaves them out.
             'fdlora.fusion.baselines': ('average', 'sum', 'random')}
 LOG_DATA = {'data.dir': LOGS}
 MED_DATA = {'data.dir': MEDICAL, 'data.task': 'pubmedqa'}
-METHODS = ('fdlora', 'local', 'fedavg', 'fedkd', 'fedamp', 'fedrep', 'fedrod',
-           'pfedlora', 'fedlora_opt')
-# The paper's Table 3, logs column at alpha 0.5 (LLaMA-2-7B, its own data and
-# budget), printed beside ours; it has no pFedLoRA / FedLoRA-Optimizer row.
-PAPER_TABLE3_LOGS = {'title': 'paper (Table 3, logs, alpha 0.5)',
-                     'values': {'fdlora': 78.17, 'fedrod': 74.93,
-                                'fedrep': 72.87, 'fedamp': 70.20,
-                                'fedkd': 62.57, 'local': 59.07,
-                                'fedavg': 44.53}}
 
 
 def get_suite():
