@@ -125,11 +125,23 @@ def point_config(suite: dict, point: dict, root: Path):
   return c
 
 
+def check_reports(suite: dict) -> None:
+  """Every report's ``'from'`` names a group of the suite."""
+  names = {g.get('name') for g in suite['groups']}
+  for g in suite['groups']:
+    source = g.get('report', {}).get('from', ())
+    for name in ((source,) if isinstance(source, str) else source):
+      if name not in names:
+        raise ConfigError(f'suite group {g.get("name")!r}: its report reads '
+                          f'from {name!r}, which is not a group of the suite')
+
+
 def run_suite(suite: dict, workdir: str | Path, root: Path = Path('.'),
               only: tuple[str, ...] = (), dry_run: bool = False) -> dict:
   """Runs every unfinished point; returns ``{'done', 'ran', 'skipped',
   'seconds'}``."""
   work = Path(workdir).expanduser()
+  check_reports(suite)
   points = [p for p in expand(suite) if not only or p['group'] in only]
   configs = {}
   for p in points:                      # every config checked up front

@@ -90,6 +90,24 @@ def test_bad_suite_field_is_rejected_before_any_run(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.parametrize('name', ['cpu', 'paper'])
+def test_shipped_suites_build_and_validate_every_point(name, tmp_path,
+                                                      monkeypatch, capsys):
+  """Every point of the suites the README runs has a valid config, and
+  every report reads groups that exist (a dry run runs nothing)."""
+  monkeypatch.chdir(REPO)
+  suite = suite_lib.load_file(REPO / f'configs/suites/{name}.py',
+                              'get_suite')
+  out = suite_lib.run_suite(suite, tmp_path / 'w', REPO, dry_run=True)
+  assert out['ran'] == 0 and not (tmp_path / 'w').exists()
+  listed = [l for l in capsys.readouterr().out.splitlines()
+            if l.startswith('todo  ')]
+  assert len(listed) == len(suite_lib.expand(suite)) > 0
+  suite['groups'][-1]['report']['from'] = 'rq_missing'
+  with pytest.raises(ConfigError, match='rq_missing'):
+    suite_lib.run_suite(suite, tmp_path / 'w', REPO, dry_run=True)
+
+
 def test_table_puts_the_papers_figures_beside_its_own():
   """A 'paper' column is quoted as given, and never wins the bold."""
   def point(method, seed, f1):

@@ -4,51 +4,70 @@
   python -m fdlora_jax.suite --suite=configs/suites/cpu.py --workdir=runs/cpu
   python -m fdlora_jax.report --workdir=runs/cpu
 
-Each run is the default CPU workload of `configs/logs.py` /
-`configs/medical.py` (what they reduce from the paper, and why, is written
-there), with Table 6's fusion baselines scored. Reduced from `paper.py`:
+Each run is the CPU workload of `configs/logs.py` / `configs/medical.py`
+(what they reduce from the paper, and why, is written there), cut further so
+that the 42 runs fit 2 hours on the 2-core machine, with Table 6's fusion
+baselines scored on the logs. Reduced from `paper.py`:
 * one Dirichlet alpha (0.5, the paper's default) instead of {0.1, 0.5, 1.0},
-  and PubMedQA only for the medical scenario;
+  and PubMedQA only for the medical scenario, with three methods;
 * RQ2-RQ4 (curves over N, K, H) and RQ6 (batch) are left to `paper.py`:
   each needs its own FDLoRA runs per setting;
-* RQ5 and RQ7 read the RQ1 runs (plus zero- and 5-shot runs).
-The grid has 42 runs with 3 seeds and has not been run: it is well over
-the 2-hour target. Measured on the idle 2-core machine (2026-11-22, seed 0,
-real LogHub samples): the default FDLoRA logs run takes 457 s without the
-fusion baselines (cpu.py scores them: 3 more evaluated rows); even cut to
-12 local steps, 2 rounds and 200 windows it takes 440 s with the
-baselines (train 178 s, AdaFusion 84 s, evaluating 6 rows on 38 test
-windows 168 s), and FedAvg 181 s. At those costs the 27 logs runs of RQ1
-alone take about 2 hours.
+* RQ5 and RQ7 read the RQ1 runs (plus zero- and 5-shot runs), and Figure 5
+  is one curve per method (FDLoRA, FedAvg) at N = 5, from the same runs;
+* per run, against the 10-minute defaults: 8 local steps instead of 24
+  (logs) / 4 instead of 8 (medical), 2 rounds instead of 3, 200 log windows
+  instead of 300 (38 test windows), PubMedQA prompts cut at 256 tokens
+  instead of 384 (most of the abstract is lost; question and options kept).
+Measured before the cut (idle 2-core machine, 2026-11-22, seed 0, real
+LogHub samples): the default FDLoRA logs run takes 457 s, FedRoD 574 s,
+FedAvg 289 s, so the 27 logs runs of RQ1 at the default workload alone
+would take about 3 hours.
 """
+
 
 # One home for the data paths, the methods and the paper's figures.
 from configs.suites.paper import LOGS, MEDICAL, METHODS, PAPER_TABLE3_LOGS
 
-WORKLOAD = {'data.dirichlet_alpha': 0.5,
+WORKLOAD = {'data.dirichlet_alpha': 0.5, 'fl.rounds': 2}
+LOG_DATA = {'data.dir': LOGS, 'fl.local_steps': 8, 'fl.stage1_chunk': 8,
+            'data.max_examples': 200,
             # Table 6 (RQ7) scores these; configs/logs.py leaves them out.
             'fdlora.fusion.baselines': ('average', 'sum', 'random')}
-LOG_DATA = {'data.dir': LOGS}
-MED_DATA = {'data.dir': MEDICAL, 'data.task': 'pubmedqa'}
+MED_DATA = {'data.dir': MEDICAL, 'data.task': 'pubmedqa',
+            'fl.local_steps': 4, 'fl.stage1_chunk': 4,
+            'data.max_length': 256, 'data.length_buckets': (128, 256)}
 
 
 def get_suite():
+  curve_methods = ('fdlora', 'fedavg')
   groups = [
+      # FDLoRA and FedAvg also score their global adapter after every round
+      # (the same evaluation, no effect on training): Figure 5's curve at
+      # N = 5.
+      {'name': 'rq1_logs_global', 'config': 'logs',
+       'fixed': {**LOG_DATA, 'eval.every': 1},
+       'grid': {'method': curve_methods},
+       'report': {'kind': 'curve', 'series': 'method', 'row': 'global',
+                  'title': 'Figure 5 (RQ2) at N = 5: global adapter per '
+                           'round, logs (alpha 0.5)',
+                  'file': 'fig5_global_per_round.png'}},
       {'name': 'rq1_logs', 'config': 'logs', 'fixed': LOG_DATA,
-       'grid': {'method': METHODS},
+       'grid': {'method': tuple(m for m in METHODS
+                                if m not in curve_methods)},
        'report': {'kind': 'table', 'rows': 'method',
+                  'from': ('rq1_logs_global', 'rq1_logs'),
                   'title': 'Table 3 (RQ1): logs, F1 (alpha 0.5)',
                   'cols': ('data.dirichlet_alpha',),
                   'paper': PAPER_TABLE3_LOGS}},
+      {'name': 'rq5_icl', 'config': 'logs', 'fixed': LOG_DATA,
+       'grid': {'method': ('zero_shot', 'k_shot')}},
       {'name': 'rq1_medical', 'config': 'medical', 'fixed': MED_DATA,
        'grid': {'method': ('fdlora', 'local', 'fedavg')},
        'report': {'kind': 'table', 'rows': 'method',
                   'title': 'Table 3 (RQ1): PubMedQA, accuracy (alpha 0.5)',
                   'cols': ('data.task',)}},
-      {'name': 'rq5_icl', 'config': 'logs', 'fixed': LOG_DATA,
-       'grid': {'method': ('zero_shot', 'k_shot')}},
       {'name': 'rq5', 'report': {
-          'kind': 'table', 'from': ('rq5_icl', 'rq1_logs'),
+          'kind': 'table', 'from': ('rq5_icl', 'rq1_logs_global'),
           'title': 'Table 4 (RQ5): in-context learning vs the adapters',
           'rows': [('0-shot', 'zero_shot', 'zero_shot'),
                    ('5-shot', 'k_shot', 'k_shot'),
@@ -57,7 +76,8 @@ def get_suite():
                    ('FDLoRA', 'fdlora', 'fused')],
           'cols': ('data.task',)}},
       {'name': 'rq7', 'report': {
-          'kind': 'table', 'from': 'rq1_logs',
+          'kind': 'table', 'from': 'rq1_logs_global',
+          'where': {'method': 'fdlora'},
           'title': 'Table 6 (RQ7): fusion strategies',
           'rows': [('Random', 'fdlora', 'fusion_random'),
                    ('Average', 'fdlora', 'fusion_average'),
