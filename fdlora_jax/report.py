@@ -25,6 +25,9 @@ A group's ``report`` (in the suite file)::
 
 ``'paper': {'title': ..., 'values': {row label: value in %}}`` adds a last
 column with the paper's figures, quoted as given (never bolded or compared).
+``'references': True`` adds, in italics and never bolded, the no-model
+answers every run scores on its test split (``results.json`` ``reference``:
+each client's majority training label; always the positive answer).
 ``'from': '<group>'`` (or a list of groups) reads other groups' points (a
 group without ``config`` runs nothing itself); ``'where': {path: value}``
 keeps only the points whose config has those values.
@@ -33,6 +36,7 @@ keeps only the points whose config has those values.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,26 @@ def point_value(p: dict, adapter: str | None, value: str = 'metric'):
   return r['models'][row]['mean'][r['metric']]
 
 
+# No-model answers every run scores on its own test split (results.json
+# 'reference'), shown under a table's methods with ``'references': True``.
+REFERENCES = {'majority': "majority guess (each client's training label)",
+              'always_positive': 'always the positive answer'}
+
+
+def reference_cell(points: list[dict], cols, col_key,
+                   name: str) -> tuple[float, float, int]:
+  """Mean +- std over seeds of a no-model reference. Runs with the same
+  seed share the split, so each seed counts once."""
+  per_seed = {}
+  for p in points:
+    ref = get_path(p['results'], f'reference.{name}')
+    if ref is None or _col_key(p, cols) != col_key:
+      continue
+    per_seed.setdefault(p['results']['seed'],
+                        ref['mean'][p['results']['metric']])
+  return mean_std(list(per_seed.values()))
+
+
 def _same(a, b) -> bool:
   if isinstance(a, (int, float)) and isinstance(b, (int, float)):
     return float(a) == float(b)
@@ -103,7 +127,9 @@ def _fmt_col(cols, key) -> str:
 
 
 def _footer(points: list[dict]) -> str:
-  data = sorted({p['results']['data_source'] for p in points})
+  # Sources that differ only in their seeded subsample are named once.
+  data = sorted({re.sub(r'\bseed \d+\b', 'seed of the run',
+                        p['results']['data_source']) for p in points})
   models = sorted({p['results']['model'] for p in points})
   seeds = sorted({p['results']['seed'] for p in points})
   synthetic = any(p['results']['is_synthetic'] for p in points)
@@ -166,9 +192,24 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
       v = paper['values'].get(lab)
       row.append('' if v is None else f'{v:.2f}')
     lines.append('| ' + ' | '.join(row) + ' |')
+  shown_refs = False
+  if spec.get('references') and value == 'metric':
+    for name, label in REFERENCES.items():
+      refs = {ck: reference_cell(points, cols, ck, name) for ck in col_keys}
+      if not any(n for _, _, n in refs.values()):
+        continue
+      shown_refs = True
+      cells.update({(label, ck): v for ck, v in refs.items()})
+      row = [f'_{label}_'] + [
+          f'_{m * scale:.2f} ± {s * scale:.2f}_' if n else '-'
+          for m, s, n in refs.values()] + ([''] if paper else [])
+      lines.append('| ' + ' | '.join(row) + ' |')
   unit = ('mean ± std over seeds of the mean over clients, in %'
           if value == 'metric' else f'{value}, mean ± std over seeds')
-  lines += ['', f'{unit}; best per column in bold.', _footer(points), '']
+  refs = (' Rows in italics answer without a model, from the same test '
+          'splits (never bolded).' if shown_refs else '')
+  lines += ['', f'{unit}; best per column in bold.{refs}', _footer(points),
+            '']
   return '\n'.join(lines), cells
 
 

@@ -128,3 +128,46 @@ def test_table_puts_the_papers_figures_beside_its_own():
   assert '| fedavg | 55.00 ± 0.00 | 44.53 |' in text
   assert '**78.17**' not in text
   assert cells[('fdlora', (0.5,))] == pytest.approx((0.6, 0.1, 2))
+
+
+def test_table_shows_the_no_model_references_once_per_seed():
+  """'references': True adds the majority guess and "always positive" rows
+  (italics, never bold), each seed counted once however many methods ran."""
+  def point(method, seed, f1, majority, always):
+    ref = lambda v: {'mean': {'f1': v}}
+    return {'results': {
+        'method': method, 'headline': 'x', 'metric': 'f1', 'seed': seed,
+        'config': {'data': {'dirichlet_alpha': 0.5}},
+        'models': {'x': {'mean': {'f1': f1}}},
+        'reference': {'majority': ref(majority),
+                      'always_positive': ref(always)},
+        'data_source': 'real: test', 'model': 'm', 'is_synthetic': False}}
+  points = [point('fdlora', 0, 0.5, 0.9, 0.2),
+            point('fedavg', 0, 0.4, 0.9, 0.2),
+            point('fdlora', 1, 0.7, 0.7, 0.4),
+            point('fedavg', 1, 0.6, 0.7, 0.4)]
+  group = {'name': 'rq1', 'report': {
+      'kind': 'table', 'rows': 'method', 'cols': ('data.dirichlet_alpha',),
+      'references': True}}
+  text, cells = report_lib.table(group, points)
+  majority = report_lib.REFERENCES['majority']
+  assert cells[(majority, (0.5,))] == pytest.approx((0.8, 0.1, 2))
+  assert f'| _{majority}_ | _80.00 ± 10.00_ |' in text
+  assert '| _always the positive answer_ | _30.00 ± 10.00_ |' in text
+  # The best method is bold; the better reference (80 > 60) is not.
+  assert '| fdlora | **60.00 ± 10.00** |' in text
+  assert '**80.00' not in text
+  # Without the flag, no reference rows.
+  del group['report']['references']
+  assert majority not in report_lib.table(group, points)[0]
+
+
+def test_footer_names_a_seeded_data_source_once():
+  points = [{'results': {'data_source': f'real: logs (subsample of 200, '
+                                         f'seed {s})', 'model': 'm',
+                         'seed': s, 'is_synthetic': False}}
+            for s in (0, 1, 2)]
+  footer = report_lib._footer(points)   # pylint: disable=protected-access
+  assert footer.count('real: logs') == 1
+  assert 'subsample of 200, seed of the run' in footer
+  assert 'seeds: [0, 1, 2] (3 runs)' in footer

@@ -55,6 +55,7 @@ def get_suite():
        'grid': {'method': tuple(m for m in METHODS
                                 if m not in curve_methods)},
        'report': {'kind': 'table', 'rows': 'method',
+                  'references': True,
                   'from': ('rq1_logs_global', 'rq1_logs'),
                   'title': 'Table 3 (RQ1): logs, F1 (alpha 0.5)',
                   'cols': ('data.dirichlet_alpha',),
@@ -64,6 +65,7 @@ def get_suite():
       {'name': 'rq1_medical', 'config': 'medical', 'fixed': MED_DATA,
        'grid': {'method': ('fdlora', 'local', 'fedavg')},
        'report': {'kind': 'table', 'rows': 'method',
+                  'references': True,
                   'title': 'Table 3 (RQ1): PubMedQA, accuracy (alpha 0.5)',
                   'cols': ('data.task',)}},
       {'name': 'rq5', 'report': {
@@ -84,6 +86,13 @@ def get_suite():
                    ('Sum', 'fdlora', 'fusion_sum'),
                    ('AdaFusion', 'fdlora', 'fused')],
           'cols': ('data.dirichlet_alpha',)}},
+      {'name': 'cost', 'report': {
+          'kind': 'table', 'rows': 'method', 'value': 'timing.total_s',
+          'best': 'min',
+          'from': ('rq1_logs_global', 'rq1_logs', 'rq5_icl', 'rq1_medical'),
+          'title': 'Wall time of one run (s), 2-core CPU (FDLoRA and FedAvg '
+                   'on logs include a global-adapter evaluation per round)',
+          'cols': ('data.task',)}},
   ]
   return {'name': 'cpu',
           'configs': {'logs': 'configs/logs.py',

@@ -46,6 +46,7 @@ def get_suite():
       {'name': 'rq1_logs', 'config': 'logs', 'fixed': LOG_DATA,
        'grid': {'method': METHODS, 'data.dirichlet_alpha': ALPHAS},
        'report': {'kind': 'table', 'rows': 'method',
+                  'references': True,
                   'title': 'Table 3 (RQ1): logs, F1 by Dirichlet alpha',
                   'cols': ('data.dirichlet_alpha',),
                   'paper': PAPER_TABLE3_LOGS}},
@@ -53,6 +54,7 @@ def get_suite():
        'grid': {'method': METHODS, 'data.task': ('pubmedqa', 'chemprot'),
                 'data.dirichlet_alpha': ALPHAS},
        'report': {'kind': 'table', 'rows': 'method',
+                  'references': True,
                   'title': 'Table 3 (RQ1): medical, accuracy / micro-F1',
                   'cols': ('data.task', 'data.dirichlet_alpha')}},
       # RQ2-RQ4, Figures 5-7: FDLoRA's global adapter per round.
