@@ -245,6 +245,7 @@ def curve(group: dict, points: list[dict], out: Path) -> Path:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   spec = group['report']
   key = f'eval_{spec.get("row", "global")}'
   series: dict[Any, list[dict[int, float]]] = {}
@@ -267,6 +268,7 @@ def curve(group: dict, points: list[dict], out: Path) -> Path:
     ax.plot(rounds, m, marker='o', label=f'{spec["series"].split(".")[-1]}'
             f' = {s}')
     ax.fill_between(rounds, m - sd, m + sd, alpha=0.2)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))   # rounds
   ax.set_xlabel('round')
   ax.set_ylabel(f'{metric} of the {spec.get("row", "global")} adapter (%), '
                 'mean over clients')
