@@ -48,7 +48,8 @@ import optax
 from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
-from fdlora_jax.model import num_targets_bucket, target_log_probs
+from fdlora_jax.model import (num_targets_bucket, prefill,
+                              shared_prefix_length, target_log_probs)
 
 PyTree = Any
 Array = jax.Array
@@ -131,7 +132,8 @@ def fuse(personal: PyTree, global_: PyTree, w: Array) -> PyTree:
 # ---------------------------------------------------------------------------
 def fewshot_loss(model, base: PyTree, lora: Optional[PyTree], tokens: Array,
                  loss_mask: Array, attention_mask: Array,
-                 num_targets: Optional[int] = None) -> Array:
+                 num_targets: Optional[int] = None,
+                 start: Optional[Array] = None) -> Array:
   """Mean over examples of the per-token CE on the ``loss_mask`` tokens.
 
   ``loss_mask`` marks target tokens (the answer). Each example's loss is its
@@ -144,11 +146,15 @@ def fewshot_loss(model, base: PyTree, lora: Optional[PyTree], tokens: Array,
       or None for the bare base.
     tokens, loss_mask, attention_mask: ``[F, L]``.
     num_targets: see :func:`fdlora_jax.model.target_log_probs`.
+    start: ``[P]``, the tokens every example opens with
+      (:func:`fdlora_jax.model.shared_prefix_length`): they run once, into
+      a KV cache, instead of once per example. Same loss up to rounding.
   """
   variables = {'params': base} if lora is None else {'params': base,
                                                      'lora': lora}
+  cache = None if start is None else prefill(model, variables, start)
   logp, mask = target_log_probs(model, variables, tokens, loss_mask,
-                                attention_mask, num_targets)
+                                attention_mask, num_targets, cache=cache)
   count = mask.sum(-1)
   per_example = -(logp * mask).sum(-1) / jnp.maximum(count, 1.0)
   has_loss = (count > 0).astype(jnp.float32)
@@ -162,14 +168,14 @@ class _FusedFitness:
   model: Any
   num_targets: Optional[int] = None
 
-  def __call__(self, base, personal, global_, fewshot, lam, w):
+  def __call__(self, base, personal, global_, fewshot, lam, start, w):
     return _population_fitness(self.model, self.num_targets, base, personal,
-                               global_, fewshot, lam, w)
+                               global_, fewshot, lam, start, w)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'num_targets'))
 def _population_fitness(model, num_targets, base, personal, global_, fewshot,
-                        lam, w):
+                        lam, start, w):
   if w.ndim != 3 or w.shape[-1] != 2:
     raise ValueError(f'fitness: w must be [N, P, 2], got {w.shape}')
 
@@ -178,7 +184,7 @@ def _population_fitness(model, num_targets, base, personal, global_, fewshot,
       lora = fuse(p, g, wi)
       ce = fewshot_loss(model, base, lora, shots['tokens'],
                         shots['loss_mask'], shots['attention_mask'],
-                        num_targets)
+                        num_targets, start)
       return ce + lam * jnp.abs(wi).sum()
     return jax.vmap(one_member)(w_client)
 
@@ -219,9 +225,15 @@ def make_fitness_fn(model, base: PyTree, personal: PyTree, global_: PyTree,
     raise ValueError(f'fusion.lam must be >= 0, got {lam}')
   shots = {k: jnp.asarray(fewshot[k]) for k in ('tokens', 'loss_mask',
                                                   'attention_mask')}
+  # The prompt start all shots share runs once per fused adapter.
+  p = shared_prefix_length(fewshot['tokens'], fewshot['loss_mask'],
+                           fewshot['attention_mask'])
+  real = np.asarray(fewshot['loss_mask']).sum(-1) > 0
+  start = (jnp.asarray(np.asarray(fewshot['tokens'])[real][0, :p]) if p
+           else None)
   return jax.tree_util.Partial(
       _FusedFitness(model, num_targets_bucket(fewshot['loss_mask'])), base,
-      personal, global_, shots, jnp.float32(lam))
+      personal, global_, shots, jnp.float32(lam), start)
 
 
 # ---------------------------------------------------------------------------

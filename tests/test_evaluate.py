@@ -344,3 +344,68 @@ def test_uneven_clients_are_packed_not_padded(setup):
     real = np.isfinite(full)
     real[1, 2:] = False
     np.testing.assert_allclose(got[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+def prefixed(arrays, prefix_len=20, seed=7):
+  """``arrays`` with the same ``prefix_len`` tokens put before every row, as
+  a prompt template is."""
+  start = np.random.default_rng(seed).integers(1, CFG.vocab_size, prefix_len)
+  out = dict(arrays)
+  real = arrays['attention_mask'].sum(-1, keepdims=True) > 0
+  shape = arrays['tokens'].shape[:-1] + (prefix_len,)
+  out['tokens'] = np.concatenate(
+      [np.where(real, np.broadcast_to(start, shape), 0), arrays['tokens']],
+      -1).astype(np.int32)
+  out['attention_mask'] = np.concatenate(
+      [np.where(real, 1, 0) * np.ones(shape, np.int32),
+       arrays['attention_mask']], -1)
+  out['option_mask'] = np.concatenate(
+      [np.zeros(shape, np.float32), arrays['option_mask']], -1)
+  return out
+
+
+@pytest.mark.parametrize('single_token', [False, True])
+def test_a_shared_prompt_start_runs_once_per_adapter(setup, single_token,
+                                                     monkeypatch):
+  """Scores with the shared start cached per adapter equal those of whole
+  rows, for multi-token and one-pass scoring, adapters and the bare base."""
+  model, base, loras, multi = setup
+  prefills = []
+  real_prefill = evaluate._prefill_clients   # pylint: disable=protected-access
+  monkeypatch.setattr(evaluate, '_prefill_clients',
+                      lambda *a: prefills.append(a[-1]) or real_prefill(*a))
+  arrays = prefixed(single_token_arrays() if single_token else multi)
+  assert evaluate.shared_prefix_length(
+      arrays['tokens'], arrays['option_mask'],
+      arrays['attention_mask']) == 20      # prompts differ after it
+  for lora in (loras, None):
+    fast = evaluate.option_scores(model, base, lora, arrays, chunk=3)
+    slow = evaluate.option_scores(model, base, lora, arrays, chunk=3,
+                                  share_prefix=False)
+    finite = np.isfinite(slow)
+    assert finite.sum() == N * M * O - 1
+    np.testing.assert_array_equal(np.isfinite(fast), finite)
+    np.testing.assert_allclose(fast[finite], slow[finite], rtol=1e-5,
+                               atol=1e-5)
+  assert len(prefills) == 2           # the cached path ran, once per call
+  # A row scored alone, unpadded and uncached, agrees too.
+  i, j, k = 1, 3, 0
+  want = by_hand(model, base, jax.tree.map(lambda x: x[i], loras),
+                 arrays['tokens'][i, j, k], arrays['option_mask'][i, j, k],
+                 arrays['attention_mask'][i, j, k], False)
+  got = evaluate.option_scores(model, base, loras, arrays)[i, j, k]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_length_stops_at_the_first_difference():
+  arrays = prefixed(make_arrays(), prefix_len=20)
+  t, om, am = (arrays[k] for k in ('tokens', 'option_mask',
+                                   'attention_mask'))
+  assert evaluate.shared_prefix_length(t, om, am) == 20
+  t = t.copy()
+  t[1, 4, 0, 17] += 1                   # one row differs at token 17
+  assert evaluate.shared_prefix_length(t, om, am) == 17
+  assert evaluate.shared_prefix_length(t, om, am, minimum=18) == 0
+  # Left padding: rows do not start alike.
+  assert evaluate.shared_prefix_length(t[..., ::-1], om[..., ::-1],
+                                       am[..., ::-1]) == 0

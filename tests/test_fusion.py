@@ -40,6 +40,21 @@ def setup():
   return model, base, personal, global_, fewshot
 
 
+def with_shared_start(fewshot, length=16, seed=5):
+  """Every example (padding rows too) opens with the same ``length`` tokens,
+  as a prompt template does."""
+  start = np.random.default_rng(seed).integers(0, CFG.vocab_size, length)
+  n, f, _ = fewshot['tokens'].shape
+  ones = np.ones((n, f, length))
+  return {'tokens': jnp.concatenate(
+              [jnp.asarray(np.broadcast_to(start, (n, f, length)),
+                           jnp.int32), fewshot['tokens']], -1),
+          'loss_mask': jnp.concatenate(
+              [jnp.zeros((n, f, length)), fewshot['loss_mask']], -1),
+          'attention_mask': jnp.concatenate(
+              [jnp.asarray(ones, jnp.int32), fewshot['attention_mask']], -1)}
+
+
 # ---- fuse -----------------------------------------------------------------
 def test_fuse_endpoints_are_exact_and_half_is_the_mean(setup):
   _, _, personal, global_, _ = setup
@@ -270,3 +285,29 @@ def test_fitness_rejects_bad_shapes(setup):
   bad = dict(fewshot, tokens=fewshot['tokens'][:1])
   with pytest.raises(ValueError, match='tokens'):
     fusion.make_fitness_fn(model, base, personal, global_, bad)
+
+
+def test_fitness_runs_the_shared_start_once_with_the_same_result(setup):
+  """Shots opening alike: the fitness caches that start per fused adapter
+  (its Partial carries it) and equals the uncached loss of every member."""
+  model, base, personal, global_, fewshot = setup
+  shots = with_shared_start(fewshot)
+  w = jax.random.uniform(jax.random.key(4), (N, 2, 2), minval=-1.5,
+                         maxval=1.5)
+  fitness = fusion.make_fitness_fn(model, base, personal, global_, shots,
+                                   0.0)
+  start = fitness.args[-1]
+  assert start is not None and start.shape == (16,)
+  got = fitness(w)
+  for i in range(N):
+    p, g = (jax.tree.map(lambda x, i=i: x[i], t) for t in (personal,
+                                                          global_))
+    for j in range(2):
+      want = fusion.fewshot_loss(model, base, fusion.fuse(p, g, w[i, j]),
+                                 *(shots[k][i] for k in (
+                                     'tokens', 'loss_mask',
+                                     'attention_mask')))
+      np.testing.assert_allclose(got[i, j], want, rtol=1e-5, atol=1e-5)
+  # No shared start (the setup's random shots): nothing is cached.
+  assert fusion.make_fitness_fn(model, base, personal, global_, fewshot,
+                                0.0).args[-1] is None
