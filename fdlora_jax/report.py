@@ -17,7 +17,8 @@ Reads ``suite.json`` and every point's ``point.json``, ``results.json`` and
 A group's ``report`` (in the suite file)::
 
   {'kind': 'table', 'title': ..., 'rows': 'method',        # one row per method
-   'cols': ('data.task', 'data.dirichlet_alpha')}          # config paths
+   'cols': ('data.task', 'data.dirichlet_alpha'),          # config paths
+   'order': ('fdlora', 'fedavg', ...)}                     # row order
   {'kind': 'table', 'title': ..., 'rows': [(label, method, adapter), ...],
    'cols': (...), 'value': 'metric' | 'timing.total_s'}    # named adapters
   {'kind': 'curve', 'title': ..., 'series': 'fl.num_clients',
@@ -150,6 +151,8 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
   col_keys = sorted({_col_key(p, cols) for p in points}, key=str)
   if spec.get('rows', 'method') == 'method':
     labels = list(dict.fromkeys(p['results']['method'] for p in points))
+    order = list(spec.get('order', ()))    # e.g. the suite's method order
+    labels.sort(key=lambda m: order.index(m) if m in order else len(order))
     pick = {lab: (lab, None) for lab in labels}
   else:
     labels = [r[0] for r in spec['rows']]

@@ -123,6 +123,11 @@ def test_table_puts_the_papers_figures_beside_its_own():
       'paper': {'title': 'paper (Table 3)',
                 'values': {'fdlora': 78.17, 'fedavg': 44.53}}}}
   text, cells = report_lib.table(group, points)
+  assert text.index('| fdlora |') < text.index('| fedavg |')
+  group['report']['order'] = ('fedavg', 'fdlora')
+  assert (report_lib.table(group, points)[0].index('| fedavg |') <
+          report_lib.table(group, points)[0].index('| fdlora |'))
+  del group['report']['order']
   assert '| method | dirichlet_alpha=0.5 | paper (Table 3) |' in text
   assert '| fdlora | **60.00 ± 10.00** | 78.17 |' in text
   assert '| fedavg | 55.00 ± 0.00 | 44.53 |' in text

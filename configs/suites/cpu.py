@@ -54,7 +54,7 @@ def get_suite():
       {'name': 'rq1_logs', 'config': 'logs', 'fixed': LOG_DATA,
        'grid': {'method': tuple(m for m in METHODS
                                 if m not in curve_methods)},
-       'report': {'kind': 'table', 'rows': 'method',
+       'report': {'kind': 'table', 'rows': 'method', 'order': METHODS,
                   'references': True,
                   'from': ('rq1_logs_global', 'rq1_logs'),
                   'title': 'Table 3 (RQ1): logs, F1 (alpha 0.5)',
@@ -64,13 +64,14 @@ def get_suite():
        'grid': {'method': ('zero_shot', 'k_shot')}},
       {'name': 'rq1_medical', 'config': 'medical', 'fixed': MED_DATA,
        'grid': {'method': ('fdlora', 'local', 'fedavg')},
-       'report': {'kind': 'table', 'rows': 'method',
+       'report': {'kind': 'table', 'rows': 'method', 'order': METHODS,
                   'references': True,
                   'title': 'Table 3 (RQ1): PubMedQA, accuracy (alpha 0.5)',
                   'cols': ('data.task',)}},
       {'name': 'rq5', 'report': {
           'kind': 'table', 'from': ('rq5_icl', 'rq1_logs_global'),
           'title': 'Table 4 (RQ5): in-context learning vs the adapters',
+          'references': True,
           'rows': [('0-shot', 'zero_shot', 'zero_shot'),
                    ('5-shot', 'k_shot', 'k_shot'),
                    ('personalized only', 'fdlora', 'personalized'),
@@ -80,7 +81,7 @@ def get_suite():
       {'name': 'rq7', 'report': {
           'kind': 'table', 'from': 'rq1_logs_global',
           'where': {'method': 'fdlora'},
-          'title': 'Table 6 (RQ7): fusion strategies',
+          'title': 'Table 6 (RQ7): fusion strategies', 'references': True,
           'rows': [('Random', 'fdlora', 'fusion_random'),
                    ('Average', 'fdlora', 'fusion_average'),
                    ('Sum', 'fdlora', 'fusion_sum'),
@@ -88,6 +89,7 @@ def get_suite():
           'cols': ('data.dirichlet_alpha',)}},
       {'name': 'cost', 'report': {
           'kind': 'table', 'rows': 'method', 'value': 'timing.total_s',
+          'order': METHODS + ('zero_shot', 'k_shot'),
           'best': 'min',
           'from': ('rq1_logs_global', 'rq1_logs', 'rq5_icl', 'rq1_medical'),
           'title': 'Wall time of one run (s), 2-core CPU (FDLoRA and FedAvg '
