@@ -6,6 +6,8 @@ Reads ``suite.json`` and every point's ``point.json``, ``results.json`` and
 ``metrics.jsonl`` under ``--workdir`` and writes, to ``--out`` (default
 ``<workdir>/report``):
 
+* ``runs.json``: one compact record per finished run (data, model, method,
+  seed, overrides, every row's mean and per-client metric, timing);
 * ``tables.md``: one table per group whose ``report`` is a table, laid out
   like the paper's Tables 3-6: mean +- std over seeds (of each seed's mean
   over clients), the best value of each column in bold, and a line naming
@@ -17,7 +19,8 @@ Reads ``suite.json`` and every point's ``point.json``, ``results.json`` and
 A group's ``report`` (in the suite file)::
 
   {'kind': 'table', 'title': ..., 'rows': 'method',        # one row per method
-   'cols': ('data.task', 'data.dirichlet_alpha')}          # config paths
+   'cols': ('data.task', 'data.dirichlet_alpha'),          # config paths
+   'order': ('fdlora', 'fedavg', ...)}                     # row order
   {'kind': 'table', 'title': ..., 'rows': [(label, method, adapter), ...],
    'cols': (...), 'value': 'metric' | 'timing.total_s'}    # named adapters
   {'kind': 'curve', 'title': ..., 'series': 'fl.num_clients',
@@ -150,6 +153,8 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
   col_keys = sorted({_col_key(p, cols) for p in points}, key=str)
   if spec.get('rows', 'method') == 'method':
     labels = list(dict.fromkeys(p['results']['method'] for p in points))
+    order = list(spec.get('order', ()))    # e.g. the suite's method order
+    labels.sort(key=lambda m: order.index(m) if m in order else len(order))
     pick = {lab: (lab, None) for lab in labels}
   else:
     labels = [r[0] for r in spec['rows']]
@@ -320,8 +325,33 @@ def write_report(workdir: str | Path, out: str | Path = '') -> dict:
       all_cells[g['name']] = cells
   parts.append(communication(points))
   (out / 'tables.md').write_text('\n'.join(parts))
-  print(f'wrote {out / "tables.md"} and {len(plots)} plot(s)')
-  return {'tables': out / 'tables.md', 'plots': plots, 'cells': all_cells}
+  (out / 'runs.json').write_text(json.dumps(runs_summary(points), indent=1))
+  print(f'wrote {out / "tables.md"}, {out / "runs.json"} and {len(plots)} '
+        'plot(s)')
+  return {'tables': out / 'tables.md', 'runs': out / 'runs.json',
+          'plots': plots, 'cells': all_cells}
+
+
+def runs_summary(points: list[dict]) -> list[dict]:
+  """One compact record per finished run (what the tables were made of):
+  its point, data, model, method, seed, overrides, every row's mean and
+  per-client metric, the no-model references and the timing."""
+  out = []
+  for p in points:
+    r = p['results']
+    metric = r['metric']
+    out.append({
+        'id': p['point']['id'], 'overrides': p['point']['overrides'],
+        'method': r['method'], 'seed': r['seed'],
+        'data_source': r['data_source'], 'is_synthetic': r['is_synthetic'],
+        'model': r['model'], 'metric': metric, 'headline': r['headline'],
+        'rows': {k: {'mean': v['mean'][metric],
+                     'per_client': [c[metric] for c in v['per_client']]}
+                 for k, v in r['models'].items()},
+        'reference': {k: v['mean'][metric]
+                      for k, v in r.get('reference', {}).items()},
+        'timing_s': r['timing']})
+  return out
 
 
 def _cli():

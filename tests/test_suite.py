@@ -68,6 +68,12 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   m, s, n = rep['cells']['rq1'][('fedavg', (0.5,))]
   assert n == 2 and m == pytest.approx(sum(vals) / 2)
   assert f'{m * 100:.2f} ± {s * 100:.2f}' in text
+  runs = json.loads(rep['runs'].read_text())
+  assert len(runs) == len(points)
+  fedavg = sorted((r for r in runs if r['id'].startswith(
+      'rq1/method=fedavg,dirichlet_alpha=0.5')), key=lambda r: r['seed'])
+  assert [r['rows']['global']['mean'] for r in fedavg] == vals
+  assert all(r['is_synthetic'] and r['model'] for r in runs)
 
   # The suite changed since: a finished point is refused, not reported
   # stale, and nothing runs.
@@ -123,6 +129,11 @@ def test_table_puts_the_papers_figures_beside_its_own():
       'paper': {'title': 'paper (Table 3)',
                 'values': {'fdlora': 78.17, 'fedavg': 44.53}}}}
   text, cells = report_lib.table(group, points)
+  assert text.index('| fdlora |') < text.index('| fedavg |')
+  group['report']['order'] = ('fedavg', 'fdlora')
+  assert (report_lib.table(group, points)[0].index('| fedavg |') <
+          report_lib.table(group, points)[0].index('| fdlora |'))
+  del group['report']['order']
   assert '| method | dirichlet_alpha=0.5 | paper (Table 3) |' in text
   assert '| fdlora | **60.00 ± 10.00** | 78.17 |' in text
   assert '| fedavg | 55.00 ± 0.00 | 44.53 |' in text

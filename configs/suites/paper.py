@@ -45,7 +45,7 @@ def get_suite():
       # RQ1, Table 3: every method x alpha x scenario.
       {'name': 'rq1_logs', 'config': 'logs', 'fixed': LOG_DATA,
        'grid': {'method': METHODS, 'data.dirichlet_alpha': ALPHAS},
-       'report': {'kind': 'table', 'rows': 'method',
+       'report': {'kind': 'table', 'rows': 'method', 'order': METHODS,
                   'references': True,
                   'title': 'Table 3 (RQ1): logs, F1 by Dirichlet alpha',
                   'cols': ('data.dirichlet_alpha',),
@@ -53,7 +53,7 @@ def get_suite():
       {'name': 'rq1_medical', 'config': 'medical', 'fixed': MED_DATA,
        'grid': {'method': METHODS, 'data.task': ('pubmedqa', 'chemprot'),
                 'data.dirichlet_alpha': ALPHAS},
-       'report': {'kind': 'table', 'rows': 'method',
+       'report': {'kind': 'table', 'rows': 'method', 'order': METHODS,
                   'references': True,
                   'title': 'Table 3 (RQ1): medical, accuracy / micro-F1',
                   'cols': ('data.task', 'data.dirichlet_alpha')}},
