@@ -114,16 +114,39 @@ def _chunk_scores_one_pass(model, base, lora, tokens, option_mask,
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _prefill_clients(model, base, lora, prefix):
-  """KV caches of the shared ``prefix [P]`` under every client's adapter,
-  ``[N, ...]`` (``[1, ...]`` for the bare base, ``lora=None``)."""
-  def one(lora_c):
+def _prefill_clients(model, base, lora, starts):
+  """KV caches ``[N, ...]`` of each client's prompt start ``starts [N, P]``
+  under its adapter (the bare base for ``lora=None``)."""
+  def one(lora_c, start):
     variables = ({'params': base} if lora_c is None
                  else {'params': base, 'lora': lora_c})
-    return prefill(model, variables, prefix)
+    return prefill(model, variables, start)
   if lora is None:
-    return jax.tree.map(lambda x: x[None], one(None))
-  return jax.vmap(one)(lora)
+    return jax.vmap(lambda start: one(None, start))(starts)
+  return jax.vmap(one)(lora, starts)
+
+
+def client_prefixes(tokens, option_mask, attention_mask,
+                    minimum: int = 16) -> np.ndarray:
+  """``[N, P]``: the leading tokens every row of a client shares
+  (:func:`shared_prefix_length` per client, ``P`` the shortest over clients
+  with rows; ``[N, 0]`` when under ``minimum``). Clients' starts may differ,
+  as k-shot prompts open with each client's own demonstrations; a client
+  with no rows gets another's start (its cache is never read)."""
+  has = option_mask.sum((-1, -2)) > 0                            # [N, M]
+  owners = np.flatnonzero(has.any(-1))
+  n = tokens.shape[0]
+  if not len(owners):
+    return np.zeros((n, 0), tokens.dtype)
+  p = min(shared_prefix_length(tokens[c], option_mask[c], attention_mask[c],
+                               minimum=0) for c in owners)
+  if p < minimum:
+    return np.zeros((n, 0), tokens.dtype)
+  out = np.zeros((n, p), tokens.dtype)
+  for c in range(n):
+    own = c if has[c].any() else owners[0]
+    out[c] = tokens[own][option_mask[own].sum(-1) > 0][0, :p]
+  return out
 
 
 def shares_prompt_single_token(tokens, option_mask, attention_mask) -> bool:
@@ -174,10 +197,10 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
       :func:`shares_prompt_single_token`); None: whenever it is valid, as for
       ' yes' / ' no'. It runs O times fewer sequences and gives the same
       scores up to float rounding.
-    share_prefix: run the leading tokens all rows share
-      (:func:`shared_prefix_length`) once per adapter into a KV cache, and
-      only the rest of every row; same scores up to float rounding. It keeps
-      a cache of ``chunk`` rows x the whole length in memory.
+    share_prefix: run the leading tokens all rows of a client share
+      (:func:`client_prefixes`) once per client into a KV cache, and only
+      the rest of every row; same scores up to float rounding. It keeps a
+      cache of ``chunk`` rows x the whole length in memory.
 
   Returns:
     float32 numpy ``[N, M, O]``; ``-inf`` for options with no token.
@@ -218,12 +241,14 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
   out = np.full((n, m, tokens.shape[2]), -np.inf, np.float32)
   if not len(rows):
     return out
-  prefix = (shared_prefix_length(tokens, option_mask, attention_mask)
-            if share_prefix else 0)
+  starts = (client_prefixes(tokens, option_mask, attention_mask)
+            if share_prefix else np.zeros((n, 0), tokens.dtype))
+  prefix = starts.shape[1]
   caches = None
-  if prefix:
-    start = tokens[option_mask.sum(-1) > 0][0, :prefix]
-    caches = _prefill_clients(model, base, lora, jnp.asarray(start))
+  one_start = lora is None and (starts == starts[:1]).all()
+  if prefix:  # the bare base with one start for all: one cache
+    caches = _prefill_clients(model, base, lora, jnp.asarray(
+        starts[:1] if one_start else starts))
   step = min(chunk, len(rows))
   padded = -(-len(rows) // step) * step
   # The last chunk is filled with copies of the last row (same shape, one
@@ -240,7 +265,7 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
         tokens, option_mask, attention_mask))                 # [S, 1, O, L]
     cache_rows = None
     if prefix:
-      idx = jnp.asarray(c_sel if lora is not None else np.zeros_like(c_sel))
+      idx = jnp.asarray(np.zeros_like(c_sel) if one_start else c_sel)
       cache_rows = jax.tree.map(lambda x: x[idx], caches)
     if one_pass:
       outs.append(_chunk_scores_one_pass(model, base, lora_rows, tok, om, am,

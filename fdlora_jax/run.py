@@ -308,7 +308,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
   demos = (data_lib.demonstrations(part.train, method.context_shots, c.seed)
            if method.context_shots else None)
   tests = data_lib.encode_options(tokenizer, task, part.test, c.data,
-                                  demos=demos)
+                                  demos=demos,
+                                  context_length=method.context_length or None)
   timing['data_s'] = time.time() - t0
 
   mesh = device_mesh(n, c.model.shards)
@@ -433,6 +434,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
       'search': searched,
       'context_shots': {
           'k': method.context_shots,
+          'max_length': int(tests.tokens.shape[-1]) if method.context_shots
+          else 0,
           'used_mean': float(np.asarray(tests.demos_used)[
               np.asarray(tests.valid)].mean()) if method.context_shots
           and np.asarray(tests.valid).any() else 0.0},

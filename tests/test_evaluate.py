@@ -409,3 +409,40 @@ def test_shared_prefix_length_stops_at_the_first_difference():
   # Left padding: rows do not start alike.
   assert evaluate.shared_prefix_length(t[..., ::-1], om[..., ::-1],
                                        am[..., ::-1]) == 0
+
+
+def test_each_client_caches_its_own_start(setup):
+  """k-shot prompts open with each client's own demonstrations: the starts
+  differ across clients, and each client's is cached and read back."""
+  model, base, loras, arrays = setup
+  a = prefixed(make_arrays(), prefix_len=20, seed=7)
+  b = prefixed(make_arrays(), prefix_len=24, seed=8)   # client 1's start
+  arrays = {k: np.concatenate([a[k][:1], b[k][1:, ..., 4:]], 0)
+            if k in ('tokens', 'option_mask', 'attention_mask') else a[k]
+            for k in a}
+  # Client 1's rows are b's shifted left by 4: a different 20-token start.
+  starts = evaluate.client_prefixes(arrays['tokens'], arrays['option_mask'],
+                                    arrays['attention_mask'])
+  assert starts.shape == (N, 20)
+  assert not np.array_equal(starts[0], starts[1])
+  assert evaluate.shared_prefix_length(
+      arrays['tokens'], arrays['option_mask'], arrays['attention_mask']) == 0
+  for lora in (loras, None):
+    fast = evaluate.option_scores(model, base, lora, arrays, chunk=3)
+    slow = evaluate.option_scores(model, base, lora, arrays, chunk=3,
+                                  share_prefix=False)
+    finite = np.isfinite(slow)
+    np.testing.assert_array_equal(np.isfinite(fast), finite)
+    np.testing.assert_allclose(fast[finite], slow[finite], rtol=1e-5,
+                               atol=1e-5)
+  # A client with no rows takes another's start; under 16 shared tokens,
+  # nothing is cached.
+  empty = {k: v.copy() for k, v in arrays.items()}
+  for k in ('tokens', 'option_mask', 'attention_mask'):
+    empty[k][1] = 0
+  starts = evaluate.client_prefixes(empty['tokens'], empty['option_mask'],
+                                    empty['attention_mask'])
+  np.testing.assert_array_equal(starts[1], starts[0])
+  assert evaluate.client_prefixes(
+      arrays['tokens'], arrays['option_mask'], arrays['attention_mask'],
+      minimum=21).shape == (N, 0)

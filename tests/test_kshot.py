@@ -9,6 +9,7 @@ import pytest
 from configs import common
 from fdlora_jax import data
 from fdlora_jax import tokenizer as tokenizer_lib
+from fdlora_jax.errors import ConfigError
 
 SHARED = pathlib.Path(__file__).parents[1].parent / 'shared' / 'data'
 LOGHUB = SHARED / 'loghub'
@@ -96,23 +97,26 @@ def test_prompt_holds_exactly_k_own_training_examples(setup):
     assert np.all(arrays.demos_used[c, len(part.test[c]):] == 0)
 
 
-def test_small_max_length_drops_demos_not_the_question(setup):
+def test_context_length_drops_demos_not_the_question(setup):
   task, tok, part = setup
   demos = data.demonstrations(part.train, K, seed=0)
-  zero_shot = data.encode_options(tok, task, part.test, bgl_cfg())
+  # Every window fits alone (none is cut), not every prompt with all K
+  # demonstrations (each up to ~3000 tokens).
+  context = 4096
+  cfg = bgl_cfg(max_length=context)
+  zero_shot = data.encode_options(tok, task, part.test, cfg)
+  assert data.encode_options(tok, task, part.train, cfg).truncated == 0
   answer_len = int(zero_shot.option_mask.sum(-1).max())
   own = zero_shot.attention_mask[:, :, 0].sum(-1) - zero_shot.option_mask[
       :, :, 0].sum(-1)
-  # Every test prompt fits alone (no truncation), not every one with all K
-  # demonstrations (each up to ~3000 tokens).
-  max_length = 2048
-  assert int(own.max()) + answer_len + 1 <= max_length
-  cfg = bgl_cfg(max_length=max_length)
-  arrays = data.encode_options(tok, task, part.test, cfg, demos=demos)
+  assert int(own.max()) + answer_len + 1 <= context
+  arrays = data.encode_options(tok, task, part.test, cfg, demos=demos,
+                               context_length=context)
   used = arrays.demos_used[arrays.valid]
   assert arrays.truncated == 0
-  assert (used < K).all() and ((used > 0) & (used < K)).any()  # some kept
-  assert arrays.attention_mask.sum(-1).max() <= max_length
+  assert ((used > 0) & (used < K)).any()   # some dropped, some kept
+  assert arrays.attention_mask.sum(-1).max() <= context
+  assert arrays.tokens.shape[-1] == context   # padded to the budget at most
   question = cfg.questions['loghub']
   for c in range(part.num_clients):
     for row, i in enumerate(part.test[c]):
@@ -125,6 +129,39 @@ def test_small_max_length_drops_demos_not_the_question(setup):
       assert prompt == ''.join(_render(task, j, cfg)
                                for j in demos[c][:used]) + (
                                    data.build_prompt(e, cfg.template, cfg))
+  with pytest.raises(ConfigError, match='max_length=4096'):
+    data.encode_options(tok, task, part.test, cfg, demos=demos,
+                        context_length=1024)
+
+
+def test_every_example_is_cut_as_it_is_alone(setup):
+  """With max_length cutting windows, the question is exactly the zero-shot
+  prompt and each demonstration is its example's prompt cut alone (the text
+  training sees), followed by its answer."""
+  task, tok, part = setup
+  cfg = bgl_cfg(max_length=1024)
+  demos = data.demonstrations(part.train, K, seed=0)
+  zero_shot = data.encode_options(tok, task, part.test, cfg)
+  train = data.encode_options(tok, task, part.train, cfg)
+  assert zero_shot.truncated > 0 and train.truncated > 0
+  arrays = data.encode_options(tok, task, part.test, cfg, demos=demos,
+                               context_length=(K + 1) * 1024)
+  assert arrays.truncated == zero_shot.truncated
+  assert (arrays.demos_used[arrays.valid] == K).all()
+  cut_demos = 0
+  for c in range(part.num_clients):
+    where = {int(j): r for r, j in enumerate(part.train[c])}
+    shown = []
+    for j in demos[c]:
+      alone = _prompt(tok, train, c, where[int(j)])
+      cut_demos += alone != data.build_prompt(task.examples[j], cfg.template,
+                                              cfg)
+      shown.append(alone + cfg.answer_prefix + task.examples[j].answer +
+                   '\n\n')
+    for row in range(len(part.test[c])):
+      assert _prompt(tok, arrays, c, row) == ''.join(shown) + _prompt(
+          tok, zero_shot, c, row)
+  assert cut_demos > 0
 
 
 def test_truncation_only_with_no_demos_left(setup):
@@ -173,3 +210,19 @@ def test_no_demos_is_zero_shot_unchanged(setup):
                                 none.attention_mask, none.labels, none.valid,
                                 none.truncated)
   assert np.array_equal(old_style.demos_used, none.demos_used)
+
+
+def test_k_shot_budget_default_and_bad_value():
+  from fdlora_jax.fl.methods import k_shot   # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.data.max_length = 256
+  # Room for 5 demonstrations and the question, within the model.
+  assert k_shot.context_length(c, max_positions=8192) == 6 * 256
+  assert k_shot.context_length(c, max_positions=1024) == 1024
+  assert k_shot.context_length(c, max_positions=128) == 256
+  c.k_shot.max_length = 512
+  assert k_shot.context_length(c, max_positions=8192) == 512
+  k_shot.validate(c)
+  c.k_shot.max_length = 100
+  with pytest.raises(ConfigError, match=r'k_shot\.max_length=100'):
+    k_shot.validate(c)

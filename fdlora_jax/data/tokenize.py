@@ -29,10 +29,11 @@ k-shot prompts (`encode_options(..., demos=...)`): each evaluation prompt is
 preceded by demonstrations from the client's own training split, each
 rendered as `build_prompt(demo) + answer_prefix + demo.answer + '\\n\\n'`,
 in order, all in one text encoded like a plain prompt (so one <s> first).
-When that exceeds the same token budget as above, demonstrations are dropped
-from the end until it fits; the example's own prompt is never cut while a
-demonstration remains, and only with none left does the truncation above
-apply. `demonstrations()` draws them.
+Every example, asked or shown, is first cut alone as above (so the question
+is the zero-shot prompt's, and a demonstration is the text the model trains
+on); when the whole exceeds the k-shot token budget (`context_length`,
+default c.data.max_length), demonstrations are dropped from the end until it
+fits. `demonstrations()` draws them.
 """
 
 from collections.abc import Sequence
@@ -159,19 +160,20 @@ def _shorter(example: Example, k: int) -> Example:
   return with_text(example, ' '.join(example.text.split(' ')[:k]))
 
 
-def _fit(tokenizer, example: Example, budget: int,
-         data_cfg: ml_collections.ConfigDict) -> list[int]:
-  """Prompt ids of `example` cut to `budget` tokens (binary search)."""
+def _cut(tokenizer, example: Example, budget: int,
+         data_cfg: ml_collections.ConfigDict) -> tuple[Example, list[int]]:
+  """`example` cut to the most lines (words) whose prompt fits `budget`
+  tokens, and that prompt's ids (binary search)."""
   n_units = len(example.lines) if example.lines else len(
       example.text.split(' '))
   lo, hi, best = 0, n_units - 1, None
   while lo <= hi:  # largest k whose prompt fits
     k = (lo + hi) // 2
-    ids = _prompt_ids(tokenizer, [build_prompt(_shorter(example, k),
-                                               data_cfg.template, data_cfg)],
-                      data_cfg)[0]
+    short = _shorter(example, k)
+    ids = _prompt_ids(tokenizer, [build_prompt(short, data_cfg.template,
+                                               data_cfg)], data_cfg)[0]
     if len(ids) <= budget:
-      best, lo = ids, k + 1
+      best, lo = (short, ids), k + 1
     else:
       hi = k - 1
   if best is None:
@@ -180,6 +182,12 @@ def _fit(tokenizer, example: Example, budget: int,
         f'question alone do not fit with the answer ({example.source} '
         'example)')
   return best
+
+
+def _fit(tokenizer, example: Example, budget: int,
+         data_cfg: ml_collections.ConfigDict) -> list[int]:
+  """Prompt ids of `example` cut to `budget` tokens."""
+  return _cut(tokenizer, example, budget, data_cfg)[1]
 
 
 def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
@@ -244,30 +252,53 @@ def demonstrations(train_indices_per_client: Sequence[np.ndarray], k: int,
 
 def encode_prompts_with_demos(
     tokenizer, task: Task, per_client_indices: Sequence[np.ndarray],
-    demos: Sequence[Sequence[int]], data_cfg: ml_collections.ConfigDict
+    demos: Sequence[Sequence[int]], data_cfg: ml_collections.ConfigDict,
+    context_length: int | None = None
 ) -> tuple[list[list[int]], list[list[int]], int, list[int]]:
   """(prompt ids, answer ids, number truncated, demos used) per example.
 
-  Examples are in client order, as in encode_options. Client c's prompts are
+  Examples are in client order, as in encode_options. Every example, asked
+  or shown, is first cut exactly as encode_prompts cuts it alone (to
+  c.data.max_length), so the question is the zero-shot prompt's and each
+  demonstration is the text the model trains on. Client c's prompts are
   preceded by the examples `demos[c]` (an example is never its own
-  demonstration); demonstrations are dropped from the end until the prompt
-  fits the budget of encode_prompts, and only with none left is the
-  example's own body truncated (exactly as encode_prompts does).
+  demonstration); demonstrations are dropped from the end until the whole
+  prompt fits `context_length` tokens (None: c.data.max_length) with the
+  longest answer and eos. `truncated` counts the questions cut.
   """
   if len(demos) != len(per_client_indices):
     raise ValueError(f'demos has {len(demos)} clients, per_client_indices '
                      f'{len(per_client_indices)}')
+  total = data_cfg.max_length if context_length is None else context_length
+  if total < data_cfg.max_length:
+    raise ConfigError(f'k-shot context length {total} is shorter than '
+                      f'config.data.max_length={data_cfg.max_length}')
   answers = _answer_ids(tokenizer, task.options, data_cfg)
-  budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
+  tail = max(len(a) for a in answers) + 1  # eos
+  flat = [int(i) for idx in per_client_indices
+          for i in np.asarray(idx, np.int64).tolist()]
+  shown = sorted({int(j) for d in demos for j in d})
+  _check_options(task, [task.examples[i] for i in flat + shown])
+  # Each example alone, cut as encode_prompts cuts it.
+  unique = sorted(set(flat) | set(shown))
+  alone = _prompt_ids(tokenizer, [
+      build_prompt(task.examples[i], data_cfg.template, data_cfg)
+      for i in unique], data_cfg)
+  cut = {}
+  for i, ids in zip(unique, alone):
+    e = task.examples[i]
+    cut[i] = (_cut(tokenizer, e, data_cfg.max_length - tail, data_cfg)[0]
+              if len(ids) > data_cfg.max_length - tail else e)
+  truncated = sum(cut[i] is not task.examples[i] for i in flat)
   owns, shots = [], []  # per example: own prompt, demonstration texts
+  k = 0
   for c, idx in enumerate(per_client_indices):
     mine = [int(j) for j in demos[c]]
-    _check_options(task, [task.examples[j] for j in mine])
-    rendered = {j: _demo_text(task.examples[j], data_cfg) for j in mine}
-    for i in np.asarray(idx, np.int64).tolist():
-      e = task.examples[i]
-      _check_options(task, [e])
-      owns.append(build_prompt(e, data_cfg.template, data_cfg))
+    rendered = {j: _demo_text(cut[j], data_cfg) for j in mine}
+    for _ in range(len(idx)):
+      i = flat[k]
+      k += 1
+      owns.append(build_prompt(cut[i], data_cfg.template, data_cfg))
       shots.append([rendered[j] for j in mine if j != i])
   prompts = [None] * len(owns)
   used = [len(s) for s in shots]
@@ -276,24 +307,16 @@ def encode_prompts_with_demos(
     texts = [''.join(shots[j][:used[j]]) + owns[j] for j in todo]
     retry = []
     for j, ids in zip(todo, _prompt_ids(tokenizer, texts, data_cfg)):
-      if len(ids) <= budget or used[j] == 0:
+      if len(ids) <= total - tail or used[j] == 0:
         prompts[j] = ids
       else:
         used[j] -= 1
         retry.append(j)
     todo = retry
-  truncated = 0
-  flat = [int(i) for idx in per_client_indices
-          for i in np.asarray(idx, np.int64).tolist()]
-  for j, ids in enumerate(prompts):
-    if len(ids) > budget:  # no demonstration left
-      prompts[j] = _fit(tokenizer, task.examples[flat[j]], budget, data_cfg)
-      truncated += 1
   dropped = sum(len(s) - u for s, u in zip(shots, used))
   if dropped:
     logging.info('k-shot: %d demonstrations dropped from %d prompts to fit '
-                 'c.data.max_length=%d', dropped, len(prompts),
-                 data_cfg.max_length)
+                 '%d tokens', dropped, len(prompts), total)
   return prompts, answers, truncated, used
 
 
@@ -350,8 +373,8 @@ def encode_clients(tokenizer, task: Task,
 def encode_options(tokenizer, task: Task,
                    per_client_indices: Sequence[np.ndarray],
                    data_cfg: ml_collections.ConfigDict,
-                   demos: Sequence[Sequence[int]] | None = None
-                   ) -> OptionArrays:
+                   demos: Sequence[Sequence[int]] | None = None,
+                   context_length: int | None = None) -> OptionArrays:
   """Scoring arrays: for each example, prompt + each option (no eos).
 
   Args:
@@ -376,10 +399,12 @@ def encode_options(tokenizer, task: Task,
     used = [0] * len(prompts)
   else:
     prompts, answers, truncated, used = encode_prompts_with_demos(
-        tokenizer, task, per_client_indices, demos, data_cfg)
+        tokenizer, task, per_client_indices, demos, data_cfg, context_length)
   longest = max([len(p) for p in prompts], default=0) + max(
       len(a) for a in answers)
-  length = bucket_length(longest, data_cfg.length_buckets, data_cfg.max_length)
+  length = bucket_length(longest, data_cfg.length_buckets,
+                         max(data_cfg.max_length, context_length or 0)
+                         if demos is not None else data_cfg.max_length)
   m = max(max(counts, default=0), 1)
   tokens = np.full((n, m, o, length), tokenizer.pad_token_id, np.int32)
   option_mask = np.zeros((n, m, o, length), np.float32)

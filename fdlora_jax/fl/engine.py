@@ -129,6 +129,8 @@ class Method:
   client_weights: ``[N]`` server weights before the health mask.
   context_shots: k in-context examples of the client's own training split
     put in every evaluation prompt (k-shot); 0 for none.
+  context_length: the token budget of such a prompt, demonstrations
+    included (0: ``data.max_length``).
   """
   name: str
   init: Callable
@@ -138,6 +140,7 @@ class Method:
   progress_rows: Optional[Callable] = None
   client_weights: Optional[np.ndarray] = None
   context_shots: int = 0
+  context_length: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
