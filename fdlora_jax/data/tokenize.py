@@ -402,9 +402,14 @@ def encode_options(tokenizer, task: Task,
         tokenizer, task, per_client_indices, demos, data_cfg, context_length)
   longest = max([len(p) for p in prompts], default=0) + max(
       len(a) for a in answers)
-  length = bucket_length(longest, data_cfg.length_buckets,
-                         max(data_cfg.max_length, context_length or 0)
-                         if demos is not None else data_cfg.max_length)
+  if demos is not None and longest > data_cfg.max_length:
+    # k-shot prompts run past the buckets: the longest, up to 64 tokens
+    # more (the tokens after each client's cached start are what runs).
+    length = min(max(data_cfg.max_length, context_length or 0),
+                 -(-longest // 64) * 64)
+  else:
+    length = bucket_length(longest, data_cfg.length_buckets,
+                           data_cfg.max_length)
   m = max(max(counts, default=0), 1)
   tokens = np.full((n, m, o, length), tokenizer.pad_token_id, np.int32)
   option_mask = np.zeros((n, m, o, length), np.float32)
