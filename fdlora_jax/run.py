@@ -132,12 +132,19 @@ def check_resumable(saved_path: Path, c: ml_collections.ConfigDict) -> None:
   # (FDLoRA: its search phase's settings).
   allowed = RESUMABLE_CHANGES + tuple(
       getattr(METHODS.get(c.method), 'RESUMABLE', ()))
-  details = config_changes(json.loads(saved_path.read_text()), c, allowed)
+  details = config_changes(json.loads(saved_path.read_text()), c,
+                           allowed + other_methods(c))
   if details:
     raise ConfigError(
         f'{saved_path.parent} holds a run with a different config ({details}'
         f'); use a new --workdir, or change only {", ".join(allowed)} when '
         f'resuming')
+
+
+def other_methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config blocks of every method but ``c.method`` (``'fedkd.'``, ...):
+  no method reads another's block, so they never change what a run did."""
+  return tuple(f'{name}.' for name in METHODS if name != c.method)
 
 
 def config_changes(saved: dict, c: ml_collections.ConfigDict,

@@ -155,7 +155,8 @@ def run_suite(suite: dict, workdir: str | Path, root: Path = Path('.'),
               if (work / p['id'] / 'results.json').is_file()}
   for pid in sorted(finished):          # a finished point must still match
     saved = json.loads((work / pid / 'results.json').read_text())['config']
-    changes = run_lib.config_changes(saved, configs[pid])
+    changes = run_lib.config_changes(saved, configs[pid],
+                                     run_lib.other_methods(configs[pid]))
     if changes:
       raise ConfigError(
           f'suite point {pid}: its finished results.json was run with a '

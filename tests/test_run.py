@@ -277,6 +277,13 @@ def test_resume_may_change_only_fields_that_do_not_shape_the_state(tmp_path):
   c.eval.every = 3
   c.fdlora.fusion.steps = 9        # FDLoRA's own RESUMABLE fields
   run_lib.check_resumable(saved, c)
+  # Another method's block is never read by this run: changed, or added by
+  # a later version of the code, it does not matter.
+  c.fedkd.mentee_rank = 7
+  saved_dict = json.loads(saved.read_text())
+  del saved_dict['k_shot']
+  saved.write_text(json.dumps(saved_dict))
+  run_lib.check_resumable(saved, c)
   c.fdlora.outer_lr = 0.5
   with pytest.raises(ConfigError, match=r'fdlora\.outer_lr'):
     run_lib.check_resumable(saved, c)
