@@ -7,9 +7,9 @@
 Each run is the CPU workload of `configs/logs.py` / `configs/medical.py`
 (what they reduce from the paper, and why, is written there), cut further
 toward 2 hours for the 42 runs on the 2-core machine, with Table 6's fusion
-baselines scored on the logs. At 256 tokens no 5-shot demonstration fits
-beside a log window (0-0.1 used per prompt), so Table 4's 5-shot row is in
-effect 0-shot. Reduced from `paper.py`:
+baselines scored on the logs. Its 5-shot runs put 5 demonstrations, each
+cut to 256 tokens as in training, before every prompt (k_shot.max_length
+defaults to room for all of them). Reduced from `paper.py`:
 * one Dirichlet alpha (0.5, the paper's default) instead of {0.1, 0.5, 1.0},
   and PubMedQA only for the medical scenario, with three methods;
 * RQ2-RQ4 (curves over N, K, H) and RQ6 (batch) are left to `paper.py`:
@@ -21,11 +21,11 @@ effect 0-shot. Reduced from `paper.py`:
   instead of 300 (38 test windows), PubMedQA prompts cut at 256 tokens
   instead of 384 (most of the abstract is lost; question and options kept).
 Measured on the 2-core machine (2026-11-23, real samples): the whole
-suite took 2 h 12.5 min (7,947 s in its 42 runs, about 5 minutes of it
-from other jobs beside it), 12.5 minutes over the 2-hour target; FDLoRA
-424 s per logs run, FedAvg 195 s, Local 140 s (the README has the results).
-Before this cut, at the 10-minute defaults, one FDLoRA logs run took 457 s,
-FedRoD 574 s and FedAvg 289 s.
+suite took 1 h 51 min 17 s (6,670 s in its 42 runs; FDLoRA 320 s per logs
+run, FedAvg 159 s, Local 119 s), then its three 5-shot runs took 255 s
+instead of 61 s once they showed all 5 demonstrations: about 1 h 55 min in
+all (the README has the results). Before the prompt-start KV cache the
+same suite took 2 h 12.5 min.
 """
 
 
