@@ -184,10 +184,19 @@ def _cut(tokenizer, example: Example, budget: int,
   return best
 
 
-def _fit(tokenizer, example: Example, budget: int,
-         data_cfg: ml_collections.ConfigDict) -> list[int]:
-  """Prompt ids of `example` cut to `budget` tokens."""
-  return _cut(tokenizer, example, budget, data_cfg)[1]
+def _each_cut(tokenizer, examples: Sequence[Example], budget: int,
+              data_cfg: ml_collections.ConfigDict
+              ) -> tuple[list[Example], list[list[int]]]:
+  """Every example alone, cut where its prompt exceeds `budget` tokens (the
+  same object where it fits), and its prompt ids."""
+  out = list(examples)
+  prompts = _prompt_ids(tokenizer, [build_prompt(e, data_cfg.template,
+                                                 data_cfg)
+                                    for e in examples], data_cfg)
+  for j, e in enumerate(examples):
+    if len(prompts[j]) > budget:
+      out[j], prompts[j] = _cut(tokenizer, e, budget, data_cfg)
+  return out, prompts
 
 
 def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
@@ -198,14 +207,8 @@ def encode_prompts(tokenizer, task: Task, indices: np.ndarray,
   budget = data_cfg.max_length - max(len(a) for a in answers) - 1  # eos
   examples = [task.examples[i] for i in indices]
   _check_options(task, examples)
-  prompts = _prompt_ids(tokenizer, [build_prompt(e, data_cfg.template,
-                                                 data_cfg)
-                                    for e in examples], data_cfg)
-  truncated = 0
-  for j, e in enumerate(examples):
-    if len(prompts[j]) > budget:
-      prompts[j] = _fit(tokenizer, e, budget, data_cfg)
-      truncated += 1
+  cut, prompts = _each_cut(tokenizer, examples, budget, data_cfg)
+  truncated = sum(c is not e for c, e in zip(cut, examples))
   return prompts, answers, truncated
 
 
@@ -281,14 +284,9 @@ def encode_prompts_with_demos(
   _check_options(task, [task.examples[i] for i in flat + shown])
   # Each example alone, cut as encode_prompts cuts it.
   unique = sorted(set(flat) | set(shown))
-  alone = _prompt_ids(tokenizer, [
-      build_prompt(task.examples[i], data_cfg.template, data_cfg)
-      for i in unique], data_cfg)
-  cut = {}
-  for i, ids in zip(unique, alone):
-    e = task.examples[i]
-    cut[i] = (_cut(tokenizer, e, data_cfg.max_length - tail, data_cfg)[0]
-              if len(ids) > data_cfg.max_length - tail else e)
+  cut = dict(zip(unique, _each_cut(
+      tokenizer, [task.examples[i] for i in unique],
+      data_cfg.max_length - tail, data_cfg)[0]))
   truncated = sum(cut[i] is not task.examples[i] for i in flat)
   owns, shots = [], []  # per example: own prompt, demonstration texts
   k = 0

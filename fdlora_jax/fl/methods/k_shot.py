@@ -7,8 +7,9 @@ never from its test split. Every example, asked or shown, is cut to
 ``data.max_length`` as it is for zero-shot scoring and training, so the
 question is the zero-shot prompt's; the whole prompt gets
 ``k_shot.max_length`` tokens, by default room for all k demonstrations
-((k + 1) x ``data.max_length``, within the model's positions), and drops demonstrations from the end
-beyond that (:func:`fdlora_jax.data.tokenize.encode_options`). Scoring runs
+((k + 1) x ``data.max_length``, within the model's positions), and drops
+demonstrations from the end beyond that
+(:func:`fdlora_jax.data.tokenize.encode_options`). Scoring runs
 each client's shared start, demonstrations included, once into a KV cache
 (:func:`fdlora_jax.evaluate.option_scores`).
 """
