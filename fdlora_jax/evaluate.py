@@ -30,7 +30,8 @@ import numpy as np
 
 from fdlora_jax.model import (apply_after_prefix, empty_cache,
                               num_targets_bucket, positions_from_mask, prefill,
-                              prefix_length, shared_prefix_length,
+                              prefix_length, shared_prefix,
+                              shared_prefix_length,
                               target_log_probs)
 
 PyTree = Any
@@ -138,15 +139,12 @@ def client_prefixes(tokens, option_mask, attention_mask,
   n = tokens.shape[0]
   if not len(owners):
     return np.zeros((n, 0), tokens.dtype)
-  p = min(shared_prefix_length(tokens[c], option_mask[c], attention_mask[c],
-                               minimum=0) for c in owners)
+  own = {c: shared_prefix(tokens[c], option_mask[c], attention_mask[c],
+                         minimum=0) for c in owners}
+  p = min(len(start) for start in own.values())
   if p < minimum:
     return np.zeros((n, 0), tokens.dtype)
-  out = np.zeros((n, p), tokens.dtype)
-  for c in range(n):
-    own = c if has[c].any() else owners[0]
-    out[c] = tokens[own][option_mask[own].sum(-1) > 0][0, :p]
-  return out
+  return np.stack([own.get(c, own[owners[0]])[:p] for c in range(n)])
 
 
 def shares_prompt_single_token(tokens, option_mask, attention_mask) -> bool:

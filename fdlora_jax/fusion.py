@@ -48,8 +48,8 @@ import optax
 from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
-from fdlora_jax.model import (num_targets_bucket, prefill,
-                              shared_prefix_length, target_log_probs)
+from fdlora_jax.model import (num_targets_bucket, prefill, shared_prefix,
+                              target_log_probs)
 
 PyTree = Any
 Array = jax.Array
@@ -226,11 +226,9 @@ def make_fitness_fn(model, base: PyTree, personal: PyTree, global_: PyTree,
   shots = {k: jnp.asarray(fewshot[k]) for k in ('tokens', 'loss_mask',
                                                   'attention_mask')}
   # The prompt start all shots share runs once per fused adapter.
-  p = shared_prefix_length(fewshot['tokens'], fewshot['loss_mask'],
-                           fewshot['attention_mask'])
-  real = np.asarray(fewshot['loss_mask']).sum(-1) > 0
-  start = (jnp.asarray(np.asarray(fewshot['tokens'])[real][0, :p]) if p
-           else None)
+  start = shared_prefix(fewshot['tokens'], fewshot['loss_mask'],
+                        fewshot['attention_mask'])
+  start = jnp.asarray(start) if start.size else None
   return jax.tree_util.Partial(
       _FusedFitness(model, num_targets_bucket(fewshot['loss_mask'])), base,
       personal, global_, shots, jnp.float32(lam), start)

@@ -579,6 +579,17 @@ def shared_prefix_length(tokens, target_mask, attention_mask,
   return p if p >= minimum else 0
 
 
+def shared_prefix(tokens, target_mask, attention_mask,
+                  minimum: int = 16) -> np.ndarray:
+  """The tokens :func:`shared_prefix_length` counts, ``[P]`` (``[0]`` when
+  none): what :func:`prefill` caches."""
+  p = shared_prefix_length(tokens, target_mask, attention_mask, minimum)
+  tokens = np.asarray(tokens)
+  if not p:
+    return np.zeros(0, tokens.dtype)
+  return tokens[np.asarray(target_mask).sum(-1) > 0][0, :p]
+
+
 def target_log_probs(model: 'Llama', variables: dict, tokens: Array,
                      target_mask: Array, attention_mask: Array,
                      num_targets: Optional[int] = None,

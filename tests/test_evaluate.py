@@ -424,7 +424,8 @@ def test_each_client_caches_its_own_start(setup):
   starts = evaluate.client_prefixes(arrays['tokens'], arrays['option_mask'],
                                     arrays['attention_mask'])
   assert starts.shape == (N, 20)
-  assert not np.array_equal(starts[0], starts[1])
+  np.testing.assert_array_equal(starts[0], a['tokens'][0, 0, 0, :20])
+  np.testing.assert_array_equal(starts[1], b['tokens'][1, 0, 0, 4:24])
   assert evaluate.shared_prefix_length(
       arrays['tokens'], arrays['option_mask'], arrays['attention_mask']) == 0
   for lora in (loras, None):
