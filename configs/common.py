@@ -90,9 +90,13 @@ def base_config() -> ml_collections.ConfigDict:
   # use '{options}').
   c.data.questions = ml_collections.ConfigDict(dict(QUESTIONS))
   # Joins the prompt and the answer: tokens(prompt) + tokens(prefix + answer)
-  # + eos. With a sentencepiece LLaMA tokenizer, which adds its own leading
-  # space marker, '' gives the usual tokenization of the answer word.
-  c.data.answer_prefix = ' '
+  # + eos. 'auto': ' ' after a plain prompt ("### Response: yes"), '' with
+  # the chat template, where the answer opens the assistant's turn (an
+  # instruct model starts a turn with "yes", not " yes": SmolLM2-135M-
+  # Instruct gives " yes" p < 1e-4 there, "yes" 0.02). Any other value is
+  # used as it is (with a sentencepiece LLaMA tokenizer, which adds its own
+  # leading space marker, '' gives the usual tokenization of the answer).
+  c.data.answer_prefix = 'auto'
   # Wrap each prompt in the tokenizer's chat template as one user turn, then
   # the assistant's turn: 'auto' (when the tokenizer has a template: instruct
   # models such as SmolLM2-135M-Instruct; the embedded tokenizer has none),

@@ -180,7 +180,8 @@ def build_model(c, task):
     texts = data_lib.tokenizer_texts(task, c.data)
     tokenizer = embedded_tokenizer(
         texts, c.model.tokenizer_vocab_size, c.model.tokenizer_cache,
-        whole=[c.data.answer_prefix + o for o in task.options])
+        whole=[data_lib.plain_answer_prefix(c.data) + o
+               for o in task.options])
     cfg = PRESETS[c.model.preset].replace(**execution)
     if len(tokenizer) > cfg.vocab_size:
       cfg = cfg.replace(vocab_size=len(tokenizer))
@@ -264,8 +265,9 @@ def _label_counts(task, indices) -> np.ndarray:
 
 def _option_ids(tokenizer, task, data_cfg):
   """First token of each answer option, or None if two options share it."""
-  first = [tokenizer(data_cfg.answer_prefix + o, add_special_tokens=False)[
-      'input_ids'][0] for o in task.options]
+  prefix = data_lib.answer_prefix(tokenizer, data_cfg)
+  first = [tokenizer(prefix + o, add_special_tokens=False)['input_ids'][0]
+           for o in task.options]
   return np.asarray(first, np.int32) if len(set(first)) == len(first) \
       else None
 

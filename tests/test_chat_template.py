@@ -57,3 +57,32 @@ def test_on_without_a_template_is_a_config_error(setup):
       decoded_prompts(c, task, tok)
   finally:
     c.data.chat_template = 'auto'
+
+
+def answer_tokens(c, task, tok):
+  """Per option, the token ids scored after the prompt."""
+  arrays = data_lib.encode_options(tok, task, [np.arange(1)], c.data)
+  return [tuple(arrays.tokens[0, 0, j][arrays.option_mask[0, 0, j] > 0])
+          for j in range(len(task.options))]
+
+
+def test_auto_answer_prefix_is_a_space_in_plain_text_and_none_in_a_turn(
+    setup):
+  c, task, tok = setup
+  assert c.data.answer_prefix == 'auto'
+  ids = lambda text: tuple(tok(text, add_special_tokens=False)['input_ids'])
+  assert data_lib.answer_prefix(tok, c.data) == ' '
+  assert answer_tokens(c, task, tok) == [ids(' ' + o) for o in task.options]
+  tok.chat_template = TEMPLATE
+  try:
+    # The answer opens the assistant's turn: "[BOT]yes", not "[BOT] yes".
+    assert data_lib.answer_prefix(tok, c.data) == ''
+    assert answer_tokens(c, task, tok) == [ids(o) for o in task.options]
+    assert ids('yes') != ids(' yes')
+    # k-shot demonstrations are plain text inside the user's turn.
+    assert data_lib.plain_answer_prefix(c.data) == ' '
+    c.data.answer_prefix = ' '       # an explicit prefix is used as it is
+    assert answer_tokens(c, task, tok) == [ids(' ' + o) for o in task.options]
+  finally:
+    tok.chat_template = None
+    c.data.answer_prefix = 'auto'

@@ -54,8 +54,8 @@ def _prompt(tok, arrays, c, row):
 
 def _render(task, j, cfg):
   e = task.examples[j]
-  return (data.build_prompt(e, cfg.template, cfg) + cfg.answer_prefix +
-          e.answer + '\n\n')
+  return (data.build_prompt(e, cfg.template, cfg) +
+          data.plain_answer_prefix(cfg) + e.answer + '\n\n')
 
 
 def test_demonstrations_are_own_training_examples_seeded():
@@ -159,8 +159,8 @@ def test_every_example_is_cut_as_it_is_alone(setup):
       alone = _prompt(tok, train, c, where[int(j)])
       cut_demos += alone != data.build_prompt(task.examples[j], cfg.template,
                                               cfg)
-      shown.append(alone + cfg.answer_prefix + task.examples[j].answer +
-                   '\n\n')
+      shown.append(alone + data.plain_answer_prefix(cfg) +
+                   task.examples[j].answer + '\n\n')
     for row in range(len(part.test[c])):
       assert _prompt(tok, arrays, c, row) == ''.join(shown) + _prompt(
           tok, zero_shot, c, row)

@@ -10,6 +10,8 @@ from fdlora_jax.data.tasks import class_counts
 from fdlora_jax.data.tasks import load_task
 from fdlora_jax.data.tokenize import ClientArrays
 from fdlora_jax.data.tokenize import OptionArrays
+from fdlora_jax.data.tokenize import answer_prefix
+from fdlora_jax.data.tokenize import plain_answer_prefix
 from fdlora_jax.data.tokenize import demonstrations
 from fdlora_jax.data.tokenize import encode_clients
 from fdlora_jax.data.tokenize import encode_options

@@ -10,7 +10,13 @@ are encoded separately and concatenated, so the answer's tokens are the same
 whatever the prompt ends with; training (loss on the answer tokens and the
 eos) and option scoring (log-likelihood of `tokens(answer_prefix + option)`
 after the same prompt tokens) see exactly the same prompt and answer tokens.
-`answer_prefix` is c.data.answer_prefix (' ': "### Response: yes").
+`answer_prefix` is c.data.answer_prefix, resolved by :func:`answer_prefix`:
+'auto' (the default) is ' ' for a plain prompt ("### Response: yes") and ''
+with the chat template, where the answer opens the assistant's turn
+("<|im_start|>assistant\nyes"): an instruct model starts a turn with "yes" /
+"Yes", almost never with " yes" (SmolLM2-135M-Instruct: p(" yes") < 1e-4
+against p("yes") = 0.02 after a LogHub prompt), so a leading space makes the
+first steps learn the format instead of the answer.
 
 Truncation: when prompt + longest option + eos exceeds c.data.max_length,
 whole log lines are dropped from the END of the window (the kept lines are
@@ -27,7 +33,7 @@ Sequences are right-padded with the pad token to a length bucket
 
 k-shot prompts (`encode_options(..., demos=...)`): each evaluation prompt is
 preceded by demonstrations from the client's own training split, each
-rendered as `build_prompt(demo) + answer_prefix + demo.answer + '\\n\\n'`,
+rendered as `build_prompt(demo) + plain prefix + demo.answer + '\\n\\n'`,
 in order, all in one text encoded like a plain prompt (so one <s> first).
 Every example, asked or shown, is first cut alone as above (so the question
 is the zero-shot prompt's, and a demonstration is the text the model trains
@@ -148,9 +154,30 @@ def _prompt_ids(tokenizer, texts: list[str],
   return _ids(tokenizer, chats, False)
 
 
+PLAIN_ANSWER_PREFIX = ' '   # "### Response:" + " yes"
+
+
+def plain_answer_prefix(data_cfg: ml_collections.ConfigDict) -> str:
+  """What joins a prompt and its answer in plain text (a k-shot
+  demonstration, a prompt without the chat template)."""
+  prefix = data_cfg.answer_prefix
+  return PLAIN_ANSWER_PREFIX if prefix == 'auto' else prefix
+
+
+def answer_prefix(tokenizer, data_cfg: ml_collections.ConfigDict) -> str:
+  """c.data.answer_prefix as the answer tokens see it: 'auto' is '' when
+  prompts go through the chat template (the answer opens the assistant's
+  turn), else ' '; any other value is used as it is."""
+  if data_cfg.answer_prefix == 'auto' and uses_chat_template(tokenizer,
+                                                             data_cfg):
+    return ''
+  return plain_answer_prefix(data_cfg)
+
+
 def _answer_ids(tokenizer, options: tuple[str, ...],
                 data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
-  return _ids(tokenizer, [data_cfg.answer_prefix + o for o in options], False)
+  prefix = answer_prefix(tokenizer, data_cfg)
+  return _ids(tokenizer, [prefix + o for o in options], False)
 
 
 def _shorter(example: Example, k: int) -> Example:
@@ -221,7 +248,7 @@ def _check_options(task: Task, examples: Sequence[Example]) -> None:
 
 def _demo_text(example: Example, data_cfg: ml_collections.ConfigDict) -> str:
   return (build_prompt(example, data_cfg.template, data_cfg) +
-          data_cfg.answer_prefix + example.answer + '\n\n')
+          plain_answer_prefix(data_cfg) + example.answer + '\n\n')
 
 
 def demonstrations(train_indices_per_client: Sequence[np.ndarray], k: int,
@@ -489,4 +516,5 @@ def tokenizer_texts(task: Task, data_cfg: ml_collections.ConfigDict
   """The run's own text (every prompt, every option) to train a tokenizer."""
   texts = [build_prompt(e, data_cfg.template, data_cfg)
            for e in task.examples]
-  return texts + [data_cfg.answer_prefix + o for o in task.options]
+  prefix = plain_answer_prefix(data_cfg)
+  return texts + [prefix + o for o in task.options]
