@@ -20,8 +20,10 @@ first steps learn the format instead of the answer.
 
 Truncation: when prompt + longest option + eos exceeds c.data.max_length,
 whole log lines are dropped from the END of the window (the kept lines are
-the window's first ones, still consecutive and in time order); the template,
-the question and the response marker are never cut. Texts without lines
+the window's first ones, still consecutive and in time order); a window
+whose first line alone is too long keeps that line's first words (it never
+loses all of its text); the template, the question and the response marker
+are never cut. Texts without lines
 (medical) lose words from the end of their text (the context, as the
 question comes first). The same truncated prompt is used for every option of
 an example. A log window keeps its label when lines are cut, so a cut
@@ -187,13 +189,15 @@ def _shorter(example: Example, k: int) -> Example:
   return with_text(example, ' '.join(example.text.split(' ')[:k]))
 
 
-def _cut(tokenizer, example: Example, budget: int,
-         data_cfg: ml_collections.ConfigDict) -> tuple[Example, list[int]]:
-  """`example` cut to the most lines (words) whose prompt fits `budget`
-  tokens, and that prompt's ids (binary search)."""
+def _largest_fit(tokenizer, example: Example, lo: int, budget: int,
+                 data_cfg: ml_collections.ConfigDict
+                 ) -> tuple[Example, list[int]] | None:
+  """`example` cut to the most units (lines, else words), at least `lo`,
+  whose prompt fits `budget` tokens, and that prompt's ids; None if even
+  `lo` units do not fit (binary search; the whole example does not fit)."""
   n_units = len(example.lines) if example.lines else len(
       example.text.split(' '))
-  lo, hi, best = 0, n_units - 1, None
+  hi, best = n_units - 1, None
   while lo <= hi:  # largest k whose prompt fits
     k = (lo + hi) // 2
     short = _shorter(example, k)
@@ -203,6 +207,24 @@ def _cut(tokenizer, example: Example, budget: int,
       best, lo = (short, ids), k + 1
     else:
       hi = k - 1
+  return best
+
+
+def _cut(tokenizer, example: Example, budget: int,
+         data_cfg: ml_collections.ConfigDict) -> tuple[Example, list[int]]:
+  """`example` cut to the most whole lines (words) whose prompt fits
+  `budget` tokens, and that prompt's ids. A window keeps at least its first
+  line: when that alone is too long, it keeps the line's first words (a
+  window never loses all of its text)."""
+  best = _largest_fit(tokenizer, example, 1 if example.lines else 0, budget,
+                      data_cfg)
+  if best is None and example.lines:
+    first = example.lines[0]
+    words = _largest_fit(tokenizer, with_text(example, first, lines=()), 1,
+                         budget, data_cfg)
+    if words is not None:
+      short, ids = words
+      best = with_text(short, short.text, lines=(short.text,)), ids
   if best is None:
     raise ConfigError(
         f'config.data.max_length={data_cfg.max_length}: the template and '
