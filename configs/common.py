@@ -77,8 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   # task. Medical: a directory with the task's file (fdlora_jax/data/medical.py
   # PATTERNS). Empty: built-in synthetic logs (never presented as real).
   c.data.dir = ''
-  # Comma-separated files (relative to `dir` unless absolute) instead of
-  # searching `dir`.
+  # Comma-separated files or glob patterns (relative to `dir` unless
+  # absolute; 'BGL*.log,Thunderbird*.log' matches the samples and the full
+  # logs alike) instead of searching `dir`.
   c.data.files = ''
   c.data.window_size = 50    # paper: 50 consecutive log lines per window
   c.data.window_stride = 50  # = window_size: disjoint windows
@@ -123,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_examples_per_client = 4
   c.data.train_fraction = 0.8     # paper: 8:2 local train/test split
   # Split each client's examples per label (each label it holds twice or
-  # more lands in its test set too); False: one random split (paper silent).
+  # more lands in its test set too), and draw its few-shot set with every
+  # label it holds; False: one random split and draw (paper silent).
   c.data.stratify = False
   c.data.few_shot = 5             # paper: 5 few-shot examples for AdaFusion
   # Keep every label as often as the rarest one (a seeded subsample, before

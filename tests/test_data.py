@@ -12,6 +12,7 @@ from fdlora_jax import data
 from fdlora_jax import errors
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.data import logs
+from fdlora_jax.data.partition import few_shot_draw
 from fdlora_jax.data.partition import train_test_split
 from fdlora_jax.data import synthetic
 from fdlora_jax.data import tokenize
@@ -76,6 +77,20 @@ def test_bgl_windows(size, windows, anomalous):
 
 
 @needs_shared
+def test_files_take_glob_patterns():
+  # A pattern names the sample (BGL_2k.log) and a full log (BGL.log) alike;
+  # Spirit's pre-windowed JSON, which no pattern names, is left out.
+  task = data.load_task(logs_cfg(dir=str(LOGHUB),
+                                 files='BGL*.log,Thunderbird*.log',
+                                 window_size=50, window_stride=50), 0)
+  assert {e.source for e in task.examples} == {'BGL', 'Thunderbird'}
+  assert len(task.examples) == 80
+  assert 'BGL_2k.log' in task.data_source
+  assert 'Thunderbird_2k.log' in task.data_source
+  assert 'Spirit' not in task.data_source
+
+
+@needs_shared
 def test_overlapping_windows():
   stats = logs.ParseStats('x')
   records = logs.parse_lines(logs.read_lines(LOGHUB / 'BGL_2k.log'), 'BGL',
@@ -136,6 +151,8 @@ def test_missing_dir_names_path_and_source(tmp_path):
     data.load_task(logs_cfg(dir=str(tmp_path), files='BGL_9k.log'), 0)
   with pytest.raises(FileNotFoundError, match='no log files'):
     data.load_task(logs_cfg(dir=str(tmp_path)), 0)
+  with pytest.raises(FileNotFoundError, match=r'no log file matches .*BGL\*'):
+    data.load_task(logs_cfg(dir=str(tmp_path), files='BGL*.log'), 0)
 
 
 def test_missing_medical_file_names_source(tmp_path):
@@ -570,6 +587,40 @@ def test_partition_by_source_and_json(tmp_path):
   assert 'BGL:40' in table and 'client' in table and 'real:' in table
 
 
+
+def test_stratified_few_shot_holds_every_label_the_client_trains_on():
+  # 10% anomalous: 5 random draws from a client's training split often
+  # miss its few anomalies; the stratified draw never does.
+  examples = [data.Example('x', ('no', 'yes'), int(i % 10 == 0), 's')
+              for i in range(200)]
+  task = data.Task('loghub', examples, ('no', 'yes'), 'f1', 'test', False)
+  labels = task.labels()
+  missed = 0
+  for seed in range(10):
+    plain = data.partition(task, 5, logs_cfg(), seed)
+    strat = data.partition(task, 5, logs_cfg(stratify=True), seed)
+    for i in range(5):
+      few = strat.few_shot[i]
+      assert len(few) == min(5, len(strat.train[i])) == len(set(few))
+      assert set(few) <= set(strat.train[i])
+      assert set(labels[few]) == set(labels[strat.train[i]])
+      missed += int(set(labels[plain.few_shot[i]]) !=
+                    set(labels[plain.train[i]]))
+  assert missed > 0  # the random draw does miss a label
+
+
+def test_few_shot_draw_rarest_label_first_and_k_caps_it():
+  labels = np.array([0] * 8 + [1] * 3 + [2])
+  train = np.arange(12)
+  rng = np.random.default_rng(0)
+  one = few_shot_draw(train, 1, rng, labels)
+  assert labels[one].tolist() == [2]
+  two = few_shot_draw(train, 2, rng, labels)
+  assert sorted(labels[two].tolist()) == [1, 2]
+  assert len(few_shot_draw(train, 50, rng, labels)) == 12
+  assert len(few_shot_draw(train, 3, rng, None)) == 3
+
+
 # ---- Tokenization -----------------------------------------------------------
 
 
@@ -630,6 +681,27 @@ def test_truncation_drops_lines_from_the_end(tok):
   assert text.endswith('line number '
                        f'{text.count("line number") - 1} of the window\n\n'
                        '### Response: yes')
+
+
+def test_a_line_too_long_for_the_budget_keeps_its_first_words(tok):
+  # A one-line window (data.window_size=1) whose line alone is too long
+  # keeps the line's first words; it never becomes an empty window with a
+  # label.
+  cfg = logs_cfg(max_length=128, length_buckets=(128,))
+  line = ' '.join(f'word{i}' for i in range(60))
+  long = data.Example(line, ('no', 'yes'), 1, 'BGL', (line,))
+  short = data.Example('fits', ('no', 'yes'), 0, 'BGL', ('fits',))
+  task = data.Task('loghub', [long, short], ('no', 'yes'), 'f1', 'test',
+                   False)
+  arrays = data.encode_clients(tok, task, [np.array([0, 1])], cfg)
+  assert arrays.truncated == 1 and arrays.lengths[0, 0] <= 128
+  text = tok.decode(arrays.tokens[0, 0, :arrays.lengths[0, 0]],
+                    skip_special_tokens=True)
+  kept = text.split('yes or no.\n', 1)[1].split('\n\n### Response')[0]
+  assert kept.startswith('word0 word1') and 'word59' not in kept
+  assert line.startswith(kept)
+  # Without the fix the window kept 0 lines: an empty log.
+  assert len(kept.split()) >= 2
 
 
 def test_sample_steps_shapes_order_and_empty_clients(tok):

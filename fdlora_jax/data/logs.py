@@ -25,6 +25,7 @@ is skipped and counted.
 import collections
 from collections.abc import Iterable, Iterator
 import dataclasses
+import glob
 import json
 import pathlib
 import re
@@ -227,6 +228,15 @@ def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
       p = pathlib.Path(name.strip()).expanduser()
       if not p.is_absolute() and root is not None:
         p = root / p
+      if glob.has_magic(str(p)):  # a pattern: every file it matches
+        hits = [pathlib.Path(h) for h in sorted(glob.glob(str(p)))
+                if pathlib.Path(h).is_file()]
+        if not hits:
+          raise MissingFileError(
+              f'config.data.files={data_cfg.files!r}: no log file matches '
+              f'{p}; raw logs come from {LOGHUB_SOURCE}')
+        files += [h for h in hits if h not in files]
+        continue
       if not p.is_file():
         raise MissingFileError(
             f'config.data.files={data_cfg.files!r}: log file {p.resolve()} '

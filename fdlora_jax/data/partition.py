@@ -13,7 +13,7 @@ Each client's examples are then split train/test at random
 (`train_fraction`, paper 8:2, at least one of each; with `stratify`, per
 label, so each label a client holds twice or more is in its test set), and
 `few_shot` examples (paper 5) are drawn from its training set for the
-AdaFusion stage. All of it is a function of the seed.
+AdaFusion stage (with `stratify`, every label it holds at least once). All of it is a function of the seed.
 """
 
 import collections
@@ -240,18 +240,42 @@ def partition(task: Task, num_clients: int,
     raise AssertionError(data_cfg.partition)
   labels = task.labels()
   if data_cfg.stratify:
-    method += ', train/test split stratified by label'
+    method += (', train/test split and few-shot draw stratified by label')
   train, test, few = [], [], []
   for i, idx in enumerate(parts):
     split_rng = np.random.default_rng([seed, 1, i])
     tr, te = train_test_split(
         idx, data_cfg.train_fraction, split_rng,
         labels if data_cfg.stratify else None)
-    k = min(data_cfg.few_shot, len(tr))
     train.append(tr)
     test.append(te)
-    few.append(np.sort(split_rng.choice(tr, k, replace=False)))
+    few.append(few_shot_draw(tr, data_cfg.few_shot, split_rng,
+                             labels if data_cfg.stratify else None))
   return Partition(train, test, few, method)
+
+
+def few_shot_draw(train: np.ndarray, k: int, rng: np.random.Generator,
+                  labels: np.ndarray | None = None) -> np.ndarray:
+  """``min(k, len(train))`` of a client's training indices, sorted: its
+  few-shot set (AdaFusion's fitness data).
+
+  With ``labels`` (``data.stratify``) every label the client holds is drawn
+  once first (as many as ``k`` allows, rarest first), the rest at random.
+  Without, all ``k`` at random: on a skewed client 5 random draws are often
+  all of its majority label, and a fitness on those cannot see that the
+  adapter it favours never answers the minority.
+  """
+  train = np.asarray(train, np.int64)
+  k = min(k, len(train))
+  if labels is None:
+    return np.sort(rng.choice(train, k, replace=False))
+  held, counts = np.unique(labels[train], return_counts=True)
+  first = []
+  for label in held[np.argsort(counts, kind='stable')][:k]:
+    first.append(rng.choice(train[labels[train] == label]))
+  rest = np.setdiff1d(train, first)
+  more = rng.choice(rest, k - len(first), replace=False)
+  return np.sort(np.concatenate([np.asarray(first, np.int64), more]))
 
 
 def write_partition(path: str | pathlib.Path,
