@@ -109,12 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
   # them with tfds.data_source (the plain file readers are the default).
   c.data.use_tfds = False
   c.data.tfds_dir = '~/.cache/fdlora_jax/tfds'
+  # Log systems the task holds: files in `dir` of other systems are skipped
+  # (one named in `files` is an error), and the synthetic logs are made of
+  # these.
+  c.data.systems = 'BGL,Thunderbird,Spirit'
   # Built-in synthetic logs (used only when `dir` and `files` are empty):
-  # windows in all, systems, lines per window (small, so that a window fits
+  # windows in all, lines per window (small, so that a window fits
   # max_length=256 with the embedded 512-token BPE: at most 235 tokens
   # measured for seed 0), anomalous fraction.
   c.data.synthetic_windows = 300
-  c.data.synthetic_systems = 'BGL,Thunderbird,Spirit'
   c.data.synthetic_window_size = 6
   c.data.synthetic_anomaly_rate = 0.3
   c.data.max_length = 256   # tokens per example after truncation

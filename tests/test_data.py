@@ -91,6 +91,41 @@ def test_files_take_glob_patterns():
 
 
 @needs_shared
+def test_logs_default_reads_one_balanced_line_per_example():
+  # configs/logs.py on the samples: BGL and Thunderbird lines, one per
+  # example, every anomalous BGL line (143) and as many normal ones.
+  from configs import logs as logs_default  # pylint: disable=g-import-not-at-top
+  cfg = logs_default.get_config().data
+  cfg.dir = str(LOGHUB)
+  task = data.load_task(cfg, 0)
+  assert len(task.examples) == 286 and sum(task.labels()) == 143
+  assert {e.source for e in task.examples} == {'BGL', 'Thunderbird'}
+  assert all(len(e.lines) == 1 and e.text == e.lines[0]
+             for e in task.examples)
+  assert all(e.source == 'BGL' for e in task.examples if e.label)
+  assert 'balanced: 143 per label' in task.data_source
+
+
+@needs_shared
+def test_systems_skip_other_files_and_refuse_a_named_one():
+  task = data.load_task(logs_cfg(dir=str(LOGHUB), systems='BGL,Thunderbird',
+                                 window_size=50, window_stride=50), 0)
+  assert {e.source for e in task.examples} == {'BGL', 'Thunderbird'}
+  assert 'Spirit' not in task.data_source
+  spirit = data.load_task(logs_cfg(dir=str(LOGHUB), systems='Spirit'), 0)
+  assert {e.source for e in spirit.examples} == {'Spirit'}
+  assert len(spirit.examples) == 200
+  with pytest.raises(errors.ConfigError, match=r'a Spirit log, but config'
+                     r"\.data\.systems='BGL'"):
+    data.load_task(logs_cfg(dir=str(LOGHUB), systems='BGL',
+                            files='Spirit/alpaca_input_w-10_spirit.json'), 0)
+  # The synthetic logs are made of the same systems.
+  synth = data.load_task(logs_cfg(systems='BGL,Thunderbird'), 0)
+  assert {e.source for e in synth.examples} == {'synthetic:BGL',
+                                                 'synthetic:Thunderbird'}
+
+
+@needs_shared
 def test_overlapping_windows():
   stats = logs.ParseStats('x')
   records = logs.parse_lines(logs.read_lines(LOGHUB / 'BGL_2k.log'), 'BGL',
@@ -248,9 +283,9 @@ _BAD_INPUT = {
     'window_size': (lambda t: (
         lambda: data.load_task(logs_cfg(dir=str(t), window_size=0), 0),
         'config.data.window_size=0'), errors.ConfigError),
-    'synthetic_systems': (lambda t: (
-        lambda: data.load_task(logs_cfg(synthetic_systems='BGL,HDFS'), 0),
-        "config.data.synthetic_systems='BGL,HDFS'"), errors.ConfigError),
+    'systems': (lambda t: (
+        lambda: data.load_task(logs_cfg(systems='BGL,HDFS'), 0),
+        "config.data.systems='BGL,HDFS'"), errors.ConfigError),
 }
 
 

@@ -35,6 +35,7 @@ import ml_collections
 
 from fdlora_jax.data import synthetic
 from fdlora_jax.data.examples import Example
+from fdlora_jax.errors import ConfigError
 from fdlora_jax.errors import DataError
 from fdlora_jax.errors import MissingFileError
 from fdlora_jax.errors import need
@@ -260,6 +261,21 @@ def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
   return files
 
 
+def selected_systems(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The systems of c.data.systems ('BGL,Thunderbird', ...), checked."""
+  systems = tuple(s.strip() for s in data_cfg.systems.split(',') if s.strip())
+  need(systems and all(s in HEADER_FIELDS for s in systems), 'data.systems',
+       data_cfg.systems,
+       f'choose a comma-separated subset of {sorted(HEADER_FIELDS)}')
+  return systems
+
+
+def file_system(path: pathlib.Path) -> str | None:
+  """The system a log file holds, from its name (pre-windowed JSON is
+  Spirit's); None when only its first line can tell."""
+  return 'Spirit' if path.suffix == '.json' else system_of(path)
+
+
 def file_examples(path: pathlib.Path, size: int, stride: int,
                   stats: ParseStats) -> Iterator[Example]:
   """Examples of one log file: raw lines are windowed, JSON is pre-windowed."""
@@ -302,27 +318,63 @@ def load_real(data_cfg: ml_collections.ConfigDict
   lines (raw logs) or records (Spirit JSON) skipped in it, 0 included.
   """
   check_windows(data_cfg)
+  systems = selected_systems(data_cfg)
   size, stride = data_cfg.window_size, data_cfg.window_stride
   examples, described, skipped = [], [], {}
-  for path in find_log_files(data_cfg):
+  files = selected_files(data_cfg)
+  for path in files:
     stats = ParseStats(str(path.resolve()))
     got = list(file_examples(path, size, stride, stats))
     check_stats(stats, len(got), size)
+    if not _wanted(path, got[0].source, systems, data_cfg):  # sniffed
+      continue
     examples += got
     skipped[stats.path] = skipped.get(stats.path, 0) + stats.skipped
     origin = SPIRIT_JSON_SOURCE if path.suffix == '.json' else 'LogHub'
     described.append(f'{path.resolve()} ({origin}; {len(got)} windows, '
                      f'{sum(e.label for e in got)} anomalous)')
+  if not examples:
+    raise MissingFileError(
+        f'config.data.dir={data_cfg.dir!r}: none of its log files '
+        f'({", ".join(str(p) for p in files)}) holds a system of '
+        f'config.data.systems={data_cfg.systems!r}')
   return examples, 'real: ' + '; '.join(described), skipped
+
+
+def selected_files(data_cfg: ml_collections.ConfigDict
+                   ) -> list[pathlib.Path]:
+  """find_log_files, less those of a system not in c.data.systems (known
+  from the file name; a file only its first line can tell is kept here and
+  checked when read)."""
+  systems = selected_systems(data_cfg)
+  files = find_log_files(data_cfg)
+  kept = [p for p in files if _wanted(p, file_system(p), systems, data_cfg)]
+  if not kept:
+    raise MissingFileError(
+        f'config.data.dir={data_cfg.dir!r}: no log file of '
+        f'config.data.systems={data_cfg.systems!r} among '
+        f'{", ".join(p.name for p in files)}')
+  return kept
+
+
+def _wanted(path: pathlib.Path, system: str | None, systems: tuple[str, ...],
+            data_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether to read `path` (of `system`, None: not known yet): files found
+  in c.data.dir of another system are skipped; one named in c.data.files
+  is an error."""
+  if system is None or system in systems:
+    return True
+  if data_cfg.files:
+    raise ConfigError(f'config.data.files={data_cfg.files!r} names '
+                      f'{path.resolve()}, a {system} log, but '
+                      f'config.data.systems={data_cfg.systems!r}')
+  return False
 
 
 def load_synthetic(data_cfg: ml_collections.ConfigDict,
                    seed: int) -> tuple[list[Example], str]:
   """(examples, data_source) from the built-in generator (no real data)."""
-  systems = [s.strip() for s in data_cfg.synthetic_systems.split(',')]
-  need(all(s in synthetic.SYSTEMS for s in systems), 'data.synthetic_systems',
-       data_cfg.synthetic_systems,
-       f'choose a comma-separated subset of {sorted(synthetic.SYSTEMS)}')
+  systems = selected_systems(data_cfg)
   need(data_cfg.synthetic_windows >= 1, 'data.synthetic_windows',
        data_cfg.synthetic_windows, 'must be >= 1')
   need(data_cfg.synthetic_window_size >= 1, 'data.synthetic_window_size',

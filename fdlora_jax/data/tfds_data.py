@@ -168,7 +168,7 @@ def builder_for(data_cfg: ml_collections.ConfigDict
   data_dir = str(pathlib.Path(data_cfg.tfds_dir).expanduser())
   if data_cfg.task == 'loghub':
     logs.check_windows(data_cfg)
-    files = logs.find_log_files(data_cfg)
+    files = logs.selected_files(data_cfg)
     cfg = LogConfig(
         name=(f'w{data_cfg.window_size}_s{data_cfg.window_stride}_'
               f'{fingerprint(files)}'),
