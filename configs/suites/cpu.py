@@ -16,12 +16,15 @@ defaults to room for all of them). Reduced from `paper.py`:
   each needs its own FDLoRA runs per setting;
 * RQ5 and RQ7 read the RQ1 runs (plus zero- and 5-shot runs), and Figure 5
   is one curve per method (FDLoRA, FedAvg) at N = 5, from the same runs;
-* per run, against the 10-minute defaults: 8 local steps instead of 24
-  (logs) / 4 instead of 8 (medical), 2 rounds instead of 3, 200 log windows
-  instead of 300 (38 test windows), PubMedQA prompts cut at 256 tokens
-  instead of 384 (most of the abstract is lost; question and options kept).
-Measured on the 2-core machine (2026-11-23, real samples): the whole
-suite took 1 h 51 min 17 s (6,670 s in its 42 runs; FDLoRA 320 s per logs
+* per run, against the 10-minute defaults: 8 local steps instead of 64
+  (logs) / 4 instead of 8 (medical), 2 rounds instead of 8 (logs) / 2,
+  200 log examples instead of 300 (38 test examples), PubMedQA prompts cut
+  at 256 tokens instead of 384 (most of the abstract is lost; question and
+  options kept).
+Measured on the 2-core machine (2026-11-23, real samples, with the logs
+default of that day: 3-line windows of all three systems at 256 tokens, 24
+local steps, 3 rounds of K = 3 at the paper's outer lr, the answer after a
+space; not re-run on today's one-line default): the whole suite took 1 h 51 min 17 s (6,670 s in its 42 runs; FDLoRA 320 s per logs
 run, FedAvg 159 s, Local 119 s), then its three 5-shot runs took 255 s
 instead of 61 s once they showed all 5 demonstrations: about 1 h 55 min in
 all (the README has the results). Before the prompt-start KV cache the
