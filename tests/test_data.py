@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -123,6 +124,16 @@ def test_systems_skip_other_files_and_refuse_a_named_one():
   synth = data.load_task(logs_cfg(systems='BGL,Thunderbird'), 0)
   assert {e.source for e in synth.examples} == {'synthetic:BGL',
                                                  'synthetic:Thunderbird'}
+
+
+@needs_shared
+def test_a_dir_without_the_systems_files_is_refused(tmp_path):
+  (tmp_path / 'Spirit').mkdir()
+  shutil.copy(LOGHUB / 'Spirit' / 'alpaca_input_w-10_spirit.json',
+              tmp_path / 'Spirit')
+  with pytest.raises(errors.MissingFileError,
+                     match="no log file of config.data.systems='BGL'"):
+    data.load_task(logs_cfg(dir=str(tmp_path), systems='BGL'), 0)
 
 
 @needs_shared
