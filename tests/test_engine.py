@@ -1,5 +1,7 @@
 """Exact identities of the engine (fdlora_jax/fl/engine.py) on the tiny model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -342,6 +344,37 @@ def test_client_steps_in_epochs_and_steps():
       engine_lib.client_steps(counts, 1.5, 'epochs', 2), [8, 3, 0])
   np.testing.assert_array_equal(
       engine_lib.client_steps(counts, 3, 'steps', 2), [3, 3, 0])
+
+
+def test_setup_builds_the_two_standard_phases_and_example_weights():
+  """Setup.local_phase / round_phase read fl.* (the schedule every method
+  but k-shot shares); example_weights are shares of the training data."""
+  fl = ml_collections.ConfigDict(dict(
+      local_steps=0, local_epochs=1.0, stage1_chunk=4, rounds=3,
+      inner_steps=2, inner_unit='steps', batch_size=2))
+  s = engine_lib.Setup(model=None, base=None,
+                       config=ml_collections.ConfigDict({'fl': fl}),
+                       num_clients=3, train_counts=np.array([10, 3, 0]),
+                       label_counts=None, few_shot={}, lora_init=None)
+  loss = lambda fwd, train, download, batch, rng: (0.0, 1)
+  local = s.local_phase(loss=loss)
+  assert (local.name, local.first_round, local.chunk, local.repeats) == (
+      'local', 0, 4, 1)
+  np.testing.assert_array_equal(local.steps, [5, 2, 0])   # 1 epoch, batch 2
+  assert local.loss is loss
+  rounds = s.round_phase(loss=loss, reset_opt=True)
+  assert (rounds.name, rounds.first_round, rounds.repeats) == ('rounds', 1, 3)
+  np.testing.assert_array_equal(rounds.steps, [2, 2, 0])
+  assert rounds.reset_opt and rounds.loss is loss
+  own = np.array([7, 7, 7], np.int32)
+  np.testing.assert_array_equal(s.round_phase(steps=own).steps, own)
+  fl.local_steps = 6
+  np.testing.assert_array_equal(s.local_phase().steps, [6, 6, 0])
+  np.testing.assert_allclose(s.example_weights('examples'),
+                             [10 / 13, 3 / 13, 0])
+  assert s.example_weights('uniform') is None
+  empty = dataclasses.replace(s, train_counts=np.zeros(3))
+  np.testing.assert_array_equal(empty.example_weights('examples'), 0)
 
 
 def test_option_logits_are_the_logits_before_the_answer(setup):

@@ -172,6 +172,27 @@ class Setup:
       return self.steps(fl.local_steps, 'steps')
     return self.steps(fl.local_epochs, 'epochs')
 
+  def local_phase(self, **rules) -> Phase:
+    """The phase before round 1 (``first_round`` 0): :meth:`local_steps`
+    per client, in compiled calls of at most ``fl.stage1_chunk`` steps.
+    ``rules`` are the :class:`Phase`'s other fields (start, loss, ...)."""
+    return Phase('local', steps=self.local_steps(), first_round=0,
+                 chunk=self.config.fl.stage1_chunk, **rules)
+
+  def round_phase(self, **rules) -> Phase:
+    """The federated rounds: ``fl.rounds`` repeats of ``fl.inner_steps``
+    (in ``fl.inner_unit``) per client, unless ``rules`` set ``steps``."""
+    fl = self.config.fl
+    rules.setdefault('steps', self.steps(fl.inner_steps, fl.inner_unit))
+    return Phase('rounds', repeats=fl.rounds, **rules)
+
+  def example_weights(self, weighting: str) -> Optional[np.ndarray]:
+    """The server's client weights: ``[N]`` shares of the training examples
+    for ``'examples'``; ``None`` (uniform) otherwise."""
+    if weighting != 'examples':
+      return None
+    return self.train_counts / max(self.train_counts.sum(), 1)
+
 
 def client_steps(counts: np.ndarray, amount: float, unit: str,
                  batch_size: int) -> np.ndarray:

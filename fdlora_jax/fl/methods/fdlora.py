@@ -136,18 +136,14 @@ def build(s: Setup) -> Method:
   start_personal = lambda client, download: client['personal']
   start_download = lambda client, download: download
   phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, start=start_personal,
-            loss=loss, finish=local_finish, server=local_server),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit),
-            broadcast=lambda server, t: server['global'],
-            start=start_download, loss=loss, finish=round_finish,
-            server=round_server, reset_opt=m.reset_inner_opt),
+      s.local_phase(start=start_personal, loss=loss, finish=local_finish,
+                    server=local_server),
+      s.round_phase(broadcast=lambda server, t: server['global'],
+                    start=start_download, loss=loss, finish=round_finish,
+                    server=round_server, reset_opt=m.reset_inner_opt),
       Phase('fusion', search=fusion),
   )
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(
       NAME, init, phases, rows, headline='fused',
       progress_rows=lambda server, client: {

@@ -58,7 +58,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.losses import proximal
 from fdlora_jax.fl.server import (delta_cosine, flatten_clients, mix,
                                   pairwise_cosine)
@@ -103,7 +103,7 @@ def attention_weights(cos: jax.Array, weights: jax.Array, sigma: float,
 
 
 def build(s: Setup) -> Method:
-  c, m, n = s.config, s.config.fedamp, s.num_clients
+  m, n = s.config.fedamp, s.num_clients
 
   def init(key):
     fresh = lora_lib.replicate(s.lora_init(key), n)
@@ -130,15 +130,12 @@ def build(s: Setup) -> Method:
 
   finish = lambda client, train, download, t: (dict(client, lora=train), train)
   phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk,
-            start=lambda client, download: client['lora'], loss=nll,
-            finish=finish, server=server),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit),
-            broadcast=lambda state, t: state['u'], personal_download=True,
-            start=lambda client, download: download, loss=prox_nll,
-            finish=finish, server=server),
+      s.local_phase(start=lambda client, download: client['lora'], loss=nll,
+                    finish=finish, server=server),
+      s.round_phase(broadcast=lambda state, t: state['u'],
+                    personal_download=True,
+                    start=lambda client, download: download, loss=prox_nll,
+                    finish=finish, server=server),
   )
   rows = lambda state, client: {'personalized': client['lora']}
   return Method(NAME, init, phases, rows, progress_rows=rows)

@@ -19,7 +19,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.server import pseudo_gradient, tree_norm
 
 NAME = 'fedavg'
@@ -60,15 +60,9 @@ def build(s: Setup) -> Method:
                     train, batch, rng),
                 finish=lambda client, train, download, t: (client, train),
                 server=server)
-  phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **common),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
-  )
+  phases = (s.local_phase(**common), s.round_phase(**common))
   rows = lambda state, client: {
       'global': lora_lib.replicate(state['global'], n)}
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if c.fedavg.weighting == 'examples' else None)
+  weights = s.example_weights(c.fedavg.weighting)
   return Method(NAME, init, phases, rows, progress_rows=rows,
                 client_weights=weights)

@@ -71,7 +71,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError, need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.losses import bernoulli_kl, categorical_kl
 from fdlora_jax.fl.server import weighted_mean
 
@@ -177,19 +177,13 @@ def build(s: Setup) -> Method:
                                                 'mentee': download},
                 loss=loss, finish=finish, server=server,
                 wire_bytes=lora_lib.svd_wire_bytes)
-  phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **common),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
-  )
+  phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):
     scaled = own_scale({'mentor': client['mentor'],
                         'mentee': lora_lib.replicate(state['mentee'], n)})
     return {'mentor': scaled['mentor'], 'mentee': scaled['mentee']}
 
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='mentor',
                 progress_rows=rows, client_weights=weights)

@@ -180,18 +180,15 @@ def build(s: Setup) -> Method:
                                                          a_dir))}
 
   phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **stage),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **stage),
+      s.local_phase(**stage),
+      s.round_phase(**stage),
       Phase('personalize', steps=stage_steps,
             first_round=c.fl.rounds + 1, chunk=c.fl.stage1_chunk,
             broadcast=broadcast, start=local_start, loss=loss,
             trainable=lambda train, i: b_magnitudes_mask(train),
             finish=local_finish),
   )
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='personalized',
                 progress_rows=lambda state, client: {
                     'global': rows(state, client)['global']},

@@ -40,7 +40,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.server import pseudo_gradient, tree_norm
 
 NAME = 'fedrep'
@@ -68,7 +68,7 @@ def validate(c) -> None:
 
 
 def build(s: Setup) -> Method:
-  c, m, n = s.config, s.config.fedrep, s.num_clients
+  m, n = s.config.fedrep, s.num_clients
   num_layers = s.model.cfg.num_hidden_layers
   nb = lora_lib.head_start(m.head_layers, num_layers)   # body layers
   need(nb >= 1, 'fedrep.head_layers', m.head_layers,
@@ -104,18 +104,12 @@ def build(s: Setup) -> Method:
       finish=lambda client, train, download, t: (
           dict(client, head=train['head']), train['body']),
       server=server)
-  phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **common),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
-  )
+  phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):
     body = lora_lib.replicate(state['body'], n)
     return {'personalized': jax.vmap(lora_lib.join_layers)(body,
                                                            client['head'])}
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='personalized',
                 progress_rows=rows, client_weights=weights)

@@ -58,7 +58,7 @@ import numpy as np
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError, need
 from fdlora_jax.fl import losses
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.server import pseudo_gradient, tree_norm
 
 NAME = 'fedrod'
@@ -141,12 +141,7 @@ def build(s: Setup) -> Method:
           dict(client, personal=train['personal']),
           {'body': train['body'], 'generic': train['generic']}),
       server=server)
-  phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **common),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
-  )
+  phases = (s.local_phase(**common), s.round_phase(**common))
 
   def generic_rows(state, client):
     g = lora_lib.join_layers(state['body'], state['generic'])
@@ -158,7 +153,6 @@ def build(s: Setup) -> Method:
     return {'personalized': jax.vmap(personalized)(body, generic,
                                                    client['personal']),
             **generic_rows(state, client)}
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='personalized',
                 progress_rows=generic_rows, client_weights=weights)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from fdlora_jax import lora as lora_lib
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 
 NAME = 'local'
 
@@ -27,7 +27,7 @@ def validate(c) -> None:
 
 
 def build(s: Setup) -> Method:
-  c, n = s.config, s.num_clients
+  n = s.num_clients
 
   def init(key):
     return {}, {'lora': lora_lib.replicate(s.lora_init(key), n)}
@@ -37,11 +37,6 @@ def build(s: Setup) -> Method:
                     train, batch, rng),
                 finish=lambda client, train, download, t: (
                     dict(client, lora=train), None))
-  phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, **common),
-      Phase('rounds', repeats=c.fl.rounds,
-            steps=s.steps(c.fl.inner_steps, c.fl.inner_unit), **common),
-  )
+  phases = (s.local_phase(**common), s.round_phase(**common))
   rows = lambda server, client: {'local': client['lora']}
   return Method(NAME, init, phases, rows, progress_rows=rows)

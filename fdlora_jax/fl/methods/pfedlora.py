@@ -77,7 +77,7 @@ import numpy as np
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.engine import Method, Setup
 from fdlora_jax.fl.server import tree_norm, weighted_mean
 
 NAME = 'pfedlora'
@@ -198,16 +198,15 @@ def build(s: Setup) -> Method:
             'shared': scaled(shared, shared_rank)}
 
   phases = (
-      Phase('local', steps=s.local_steps(),
-            first_round=0, chunk=c.fl.stage1_chunk, start=local_start,
-            loss=local_loss, trainable=local_trainable, finish=local_finish),
-      Phase('rounds', repeats=c.fl.rounds, steps=round_steps,
-            broadcast=lambda state, t: state['shared'], start=round_start,
-            loss=round_loss, trainable=round_trainable, finish=round_finish,
-            server=server),
+      s.local_phase(start=local_start, loss=local_loss,
+                    trainable=local_trainable, finish=local_finish),
+      s.round_phase(steps=round_steps,
+                    broadcast=lambda state, t: state['shared'],
+                    start=round_start, loss=round_loss,
+                    trainable=round_trainable, finish=round_finish,
+                    server=server),
   )
-  weights = (s.train_counts / max(s.train_counts.sum(), 1)
-             if m.weighting == 'examples' else None)
+  weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='personalized',
                 progress_rows=lambda state, client: {
                     'personalized': rows(state, client)['personalized']},
