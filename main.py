@@ -11,13 +11,11 @@ the field or file, with exit status 2. Library logs are off below WARNING;
 --verbosity=0 brings back INFO.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fdlora_jax import run
-from fdlora_jax.errors import UserError
+from fdlora_jax.errors import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/logs.py', 'Experiment config file.', lock_config=True)
@@ -30,11 +28,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # orbax, data INFO: --verbosity=0
-  try:
+  with exit_on_user_error():
     run.run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

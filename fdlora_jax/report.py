@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
-from fdlora_jax.errors import UserError
+from fdlora_jax.errors import UserError, exit_on_user_error, fail
 
 # ---------------------------------------------------------------------------
 # Reading
@@ -362,13 +361,9 @@ def _cli():
   def main(argv):
     del argv
     if not workdir.value:
-      print('error: --workdir is required', file=sys.stderr)
-      sys.exit(2)
-    try:
+      fail('--workdir is required')
+    with exit_on_user_error():
       write_report(workdir.value, out.value)
-    except UserError as e:
-      print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-      sys.exit(2)
 
   app.run(main)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 from fdlora_jax import run as run_lib
-from fdlora_jax.errors import ConfigError, UserError
+from fdlora_jax.errors import ConfigError, UserError, exit_on_user_error, fail
 
 def load_file(path: str | Path, function: str) -> Any:
   """Calls ``function()`` of the Python file at ``path``."""
@@ -217,18 +216,14 @@ def _cli():
   def main(argv):
     del argv
     if not suite_flag.value or not workdir.value:
-      print('error: --suite and --workdir are required', file=sys.stderr)
-      sys.exit(2)
+      fail('--suite and --workdir are required')
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
-    try:
+    with exit_on_user_error():
       suite = load_file(suite_flag.value, 'get_suite')
       enable_compilation_cache(Path(workdir.value))
       run_suite(suite, workdir.value, Path('.'),
                 tuple(g for g in only.value.split(',') if g), dry.value)
-    except UserError as e:
-      print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-      sys.exit(2)
 
   app.run(main)
 
