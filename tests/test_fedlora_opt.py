@@ -2,8 +2,6 @@
 direction of each LoRA rank component (fdlora_jax/lora.py), A's directions
 federated and renormalised, B's magnitudes tuned locally, B never sent."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
