@@ -801,3 +801,22 @@ def test_tfds_build_and_data_source(tmp_path):
   assert len(source) == 10
   assert source[3]['text'].decode() == plain.examples[3].text
   assert 'tensorflow' not in sys.modules  # built and read without TF
+
+
+@needs_shared
+def test_tfds_medical_task_reads_the_same_examples(tmp_path):
+  """A medical task through TFDS: the file found as without TFDS
+  (medical.task_path), the same examples back, and a missing file still
+  named before anything is built."""
+  pytest.importorskip('fdlora_jax.data.tfds_data')
+  cfg = medical_cfg('pubmedqa', tfds_dir=str(tmp_path / 'tfds'))
+  plain = data.load_task(cfg, 0)
+  cfg.use_tfds = True
+  via_tfds = data.load_task(cfg, 0)
+  assert via_tfds.examples == plain.examples and len(plain.examples) > 0
+  assert via_tfds.options == plain.options
+  assert 'TFDS array_record' in via_tfds.data_source
+  cfg.files = 'nothing.json'
+  with pytest.raises(FileNotFoundError, match='nothing.json'):
+    data.load_task(cfg, 0)
+  assert not list((tmp_path / 'tfds').rglob('*nothing*'))

@@ -76,6 +76,28 @@ def find_file(task: str, root: pathlib.Path) -> pathlib.Path:
       f'expected {" or ".join(PATTERNS[task])} from {SOURCES[task]}')
 
 
+def task_path(data_cfg) -> pathlib.Path:
+  """The file of the medical task of ``data_cfg`` (the ``c.data`` block):
+  ``data.files`` if set, else found in ``data.dir``."""
+  task = data_cfg.task
+  if not data_cfg.dir and not data_cfg.files:
+    raise MissingFileError(
+        f"config.data.dir='': the {task} task has no built-in data; set it to "
+        f'a directory with {" or ".join(PATTERNS[task])} from '
+        f'{SOURCES[task]}')
+  root = pathlib.Path(data_cfg.dir or '.').expanduser()
+  if data_cfg.files:
+    path = pathlib.Path(data_cfg.files.split(',')[0].strip()).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+      raise MissingFileError(
+          f'config.data.files={data_cfg.files!r}: {task} file '
+          f'{path.resolve()} does not exist; it comes from '
+          f'{SOURCES[task]}')
+    return path
+  return find_file(task, root)
+
+
 def _key(path: pathlib.Path) -> str:
   return str(path.resolve())
 

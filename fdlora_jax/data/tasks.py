@@ -1,7 +1,5 @@
 """`load_task`: from `c.data` to a Task, for both scenarios."""
 
-import pathlib
-
 from absl import logging
 import ml_collections
 import numpy as np
@@ -10,31 +8,9 @@ from fdlora_jax.data import logs
 from fdlora_jax.data import medical
 from fdlora_jax.data.examples import Example
 from fdlora_jax.data.examples import Task
-from fdlora_jax.errors import MissingFileError
 from fdlora_jax.errors import need
 
 TASKS = ('loghub',) + tuple(medical.READERS)
-
-
-def medical_path(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
-  """The file of a medical task: c.data.files if set, else found in dir."""
-  task = data_cfg.task
-  if not data_cfg.dir and not data_cfg.files:
-    raise MissingFileError(
-        f"config.data.dir='': the {task} task has no built-in data; set it to "
-        f'a directory with {" or ".join(medical.PATTERNS[task])} from '
-        f'{medical.SOURCES[task]}')
-  root = pathlib.Path(data_cfg.dir or '.').expanduser()
-  if data_cfg.files:
-    path = pathlib.Path(data_cfg.files.split(',')[0].strip()).expanduser()
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-      raise MissingFileError(
-          f'config.data.files={data_cfg.files!r}: {task} file '
-          f'{path.resolve()} does not exist; it comes from '
-          f'{medical.SOURCES[task]}')
-    return path
-  return medical.find_file(task, root)
 
 
 def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
@@ -51,7 +27,7 @@ def read_examples(data_cfg: ml_collections.ConfigDict, seed: int
       return examples, logs.OPTIONS, source, True, {}
     examples, source, skipped = logs.load_real(data_cfg)
     return examples, logs.OPTIONS, source, False, skipped
-  path = medical_path(data_cfg)
+  path = medical.task_path(data_cfg)
   examples, options, skipped = medical.READERS[data_cfg.task](path)
   source = f'real: {path.resolve()} ({medical.SOURCES[data_cfg.task]})'
   return examples, options, source, False, skipped

@@ -24,7 +24,6 @@ import tensorflow_datasets as tfds
 
 from fdlora_jax.data import logs
 from fdlora_jax.data import medical
-from fdlora_jax.data import tasks
 from fdlora_jax.data.examples import Example
 from fdlora_jax.errors import ConfigError
 
@@ -177,7 +176,7 @@ def builder_for(data_cfg: ml_collections.ConfigDict
         files=tuple(str(f.resolve()) for f in files))
     return FdloraLoghub(config=cfg, data_dir=data_dir,
                         file_format='array_record')
-  path = tasks.medical_path(data_cfg)
+  path = medical.task_path(data_cfg)
   cfg = MedicalConfig(name=f'{data_cfg.task}_{fingerprint([path])}',
                       task=data_cfg.task, file=str(path.resolve()))
   return FdloraMedical(config=cfg, data_dir=data_dir,
