@@ -368,6 +368,7 @@ def test_setup_builds_the_two_standard_phases_and_example_weights():
   assert rounds.reset_opt and rounds.loss is loss
   own = np.array([7, 7, 7], np.int32)
   np.testing.assert_array_equal(s.round_phase(steps=own).steps, own)
+  np.testing.assert_array_equal(s.local_phase(steps=own).steps, own)
   fl.local_steps = 6
   np.testing.assert_array_equal(s.local_phase().steps, [6, 6, 0])
   np.testing.assert_allclose(s.example_weights('examples'),

@@ -174,10 +174,12 @@ class Setup:
 
   def local_phase(self, **rules) -> Phase:
     """The phase before round 1 (``first_round`` 0): :meth:`local_steps`
-    per client, in compiled calls of at most ``fl.stage1_chunk`` steps.
-    ``rules`` are the :class:`Phase`'s other fields (start, loss, ...)."""
-    return Phase('local', steps=self.local_steps(), first_round=0,
-                 chunk=self.config.fl.stage1_chunk, **rules)
+    per client unless ``rules`` set ``steps``, in compiled calls of at most
+    ``fl.stage1_chunk`` steps. ``rules`` are the :class:`Phase`'s other
+    fields (start, loss, ...)."""
+    rules.setdefault('steps', self.local_steps())
+    return Phase('local', first_round=0, chunk=self.config.fl.stage1_chunk,
+                 **rules)
 
   def round_phase(self, **rules) -> Phase:
     """The federated rounds: ``fl.rounds`` repeats of ``fl.inner_steps``
