@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,13 @@ def machine() -> dict:
           'platform': platform.platform(), 'python': platform.python_version(),
           'jax': jax.__version__, 'backend': jax.default_backend(),
           'date': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  try:   # the code measured: commit, and whether the tree had changes
+    rev = subprocess.run(['git', 'describe', '--always', '--dirty'],
+                         cwd=REPO, capture_output=True, text=True, timeout=10)
+    if rev.returncode == 0:
+      info['commit'] = rev.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:

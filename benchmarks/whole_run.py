@@ -18,7 +18,10 @@ next to the subprocess's own wall time (adds Python/JAX start-up) and its
 peak resident memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, the largest
 child; main.py is the only one) and CPU time (user + sys). ``/proc/loadavg`` is recorded before and
 after: on a shared machine the wall times are only as good as the load.
-Writes ``benchmarks/results/whole_run.json``.
+Writes ``--out`` (a path), by default ``benchmarks/results/<name>.json``
+with a name that says what ran: ``whole_run_<config>`` plus each override, e.g.
+``whole_run_logs__data.dir-loghub__method-fedavg`` (directories by their last
+part), so a result file never claims to be "the default" when it is not.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -59,6 +63,17 @@ def phase_walls(metrics_path: Path) -> dict[str, float]:
     if 'wall_s' in r and r.get('phase') not in (None, 'final'):
       out[r['phase']] = out.get(r['phase'], 0.0) + float(r['wall_s'])
   return out
+
+
+def default_name(config: str, overrides: list[str]) -> str:
+  """``whole_run_<config stem>`` and ``__<field>-<value>`` per override."""
+  parts = [f'whole_run_{Path(config).stem}']
+  for o in overrides:
+    field, _, value = o.removeprefix('--').removeprefix('config.').partition(
+        '=')
+    value = Path(value.rstrip('/')).name if '/' in value else value
+    parts.append(f'{field}-{value}' if value else field)
+  return re.sub(r'[^A-Za-z0-9._-]+', '_', '__'.join(parts))
 
 
 def main():
@@ -107,7 +122,7 @@ def main():
         f'before: {load_before}; after: {load_after}')
   print(f'{results["task"]} ({results["data_source"]}), mean {metric}: '
         + ', '.join(f'{k} {v:.3f}' for k, v in scores.items()))
-  common.write_json('whole_run', {
+  common.write_json(default_name(a.config, a.override), {
       **common.machine(), 'command': cmd, 'model': results.get('model'),
       'data_source': results.get('data_source'),
       'is_synthetic': results.get('is_synthetic'),

@@ -101,9 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Wrap each prompt in the tokenizer's chat template as one user turn, then
   # the assistant's turn: 'auto' (when the tokenizer has a template: instruct
   # models such as SmolLM2-135M-Instruct; the embedded tokenizer has none),
-  # 'on' (required) or 'off'. Measured on the real LogHub samples with
-  # SmolLM2-135M-Instruct zero-shot: mean F1 over 5 clients 0.579 with the
-  # template, 0.090 without (benchmarks/results/zero_shot_loghub_*.json).
+  # 'on' (required) or 'off'. Without the template SmolLM2-135M-Instruct
+  # zero-shot never answers "yes" on the logs default (docs/results.md).
   c.data.chat_template = 'auto'
   # Build the files into a TFDS array_record dataset under tfds_dir and read
   # them with tfds.data_source (the plain file readers are the default).

@@ -10,8 +10,8 @@ log generator is used (and every output says so).
 
 The workload is the paper's (`configs/logs_paper.py`) reduced so that a
 whole run fits a 2-core CPU in under 10 minutes; each reduction is marked
-`CPU` below. Measured on the real samples (README, "A real pretrained
-model"): ~5 minutes and 3 GiB a run.
+`CPU` below. Its measured time, memory and scores on the real samples are
+in docs/results.md (from benchmarks/results/logs_default_seeds.json).
 """
 
 from configs import logs_paper
@@ -40,8 +40,9 @@ def get_config():
   c.data.systems = 'BGL,Thunderbird'
   # CPU: keep every anomalous line and as many normal ones (seeded), at
   # most 300 (the samples give 143 + 143). With ~1 in 14 lines anomalous,
-  # a few dozen local steps per client learn only that prior (measured: F1
-  # 0 with the natural mix of 5-line windows, see the README).
+  # a few dozen local steps per client learn only that prior (measured on
+  # the natural mix of 5-line windows: benchmarks/results/archive/
+  # default_search_natural_source.json).
   c.data.balance = True
   c.data.max_examples = 300
   c.data.stratify = True      # every client with anomalies is tested on some

@@ -21,14 +21,10 @@ defaults to room for all of them). Reduced from `paper.py`:
   200 log examples instead of 300 (38 test examples), PubMedQA prompts cut
   at 256 tokens instead of 384 (most of the abstract is lost; question and
   options kept).
-Measured on the 2-core machine (2026-11-23, real samples, with the logs
-default of that day: 3-line windows of all three systems at 256 tokens, 24
-local steps, 3 rounds of K = 3 at the paper's outer lr, the answer after a
-space; not re-run on today's one-line default): the whole suite took 1 h 51 min 17 s (6,670 s in its 42 runs; FDLoRA 320 s per logs
-run, FedAvg 159 s, Local 119 s), then its three 5-shot runs took 255 s
-instead of 61 s once they showed all 5 demonstrations: about 1 h 55 min in
-all (the README has the results). Before the prompt-start KV cache the
-same suite took 2 h 12.5 min.
+It has not been run on today's one-line logs default. Its last run, on the
+logs default of that time (3-line windows of all three systems, the answer
+after a space), is archived with its report in
+benchmarks/results/archive/cpu_suite_3line/ (see the archive's README).
 """
 
 
