@@ -1,0 +1,579 @@
+"""Writes every measured figure in README.md and docs/ from its results file.
+
+  python benchmarks/publish.py           # rewrite the generated blocks
+  python benchmarks/publish.py --check   # exit 1 where a block differs
+
+A generated block in a Markdown file is
+
+  <!-- figures: NAME -->
+  ...written by RENDERERS[NAME] from benchmarks/results/*.json...
+  <!-- /figures -->
+
+To change a figure, change the results file (re-measure) or the renderer,
+then run this script; never edit inside a block. ``tests/test_docs.py`` runs
+``--check``, so a block that disagrees with its file fails the tests. Each
+block ends with the files it read and when and where they were measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import common
+
+REPO = common.REPO
+RESULTS = common.RESULTS
+PAGES = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
+BLOCK = re.compile(r'(<!-- figures: (?P<name>[\w-]+) -->\n)(?P<body>.*?)'
+                   r'(<!-- /figures -->)', re.S)
+DATASHEET_BF16_FLOPS = 989e12   # H100/H200 SXM dense bf16, the datasheet's
+
+
+# ---------------------------------------------------------------- helpers
+
+def load(name: str) -> dict:
+  return json.loads((RESULTS / name).read_text())
+
+
+def f3(x) -> str:
+  return '-' if x is None else f'{x:.3f}'
+
+
+def secs(x) -> str:
+  return f'{x:,.0f} s' if x >= 10 else f'{x:.1f} s'
+
+
+def gib(mib) -> str:
+  return f'{mib / 1024:.1f} GiB'
+
+
+def table(header, rows) -> str:
+  out = ['| ' + ' | '.join(header) + ' |',
+         '|' + '|'.join('---' for _ in header) + '|']
+  out += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
+  return '\n'.join(out)
+
+
+def day(date: str) -> str:
+  return date.split(' ')[0] if date else 'undated'
+
+
+def where(d: dict) -> str:
+  """The machine of a results record, in words."""
+  if d.get('backend') == 'gpu' or 'NVIDIA' in str(d.get('device', '')):
+    return f'one {d.get("device", "GPU")}, jax {d.get("jax")}'
+  return f'the 2-core CPU machine ({d.get("cpu", "x86_64")}), jax {d.get("jax")}'
+
+
+def source(*items) -> str:
+  """``items``: (file, record) pairs; the line naming them."""
+  parts = []
+  for name, d in items:
+    when = day(d.get('date', '')) if isinstance(d, dict) else ''
+    parts.append(f'`benchmarks/results/{name}`' + (f' ({when})' if when
+                                                      and when != 'undated'
+                                                      else ''))
+  return '_Source: ' + ', '.join(parts) + '._'
+
+
+def counts(row: dict, tests: list[dict]) -> dict:
+  """Pooled confusion counts of an F1 row from its per-client metrics and
+  each client's test labels ({'yes': P, 'no': N})."""
+  tp = fp = fn = tn = 0
+  for c, t in zip(row['per_client'], tests):
+    pos, n = t.get('yes', 0), c['n']
+    neg = n - pos
+    correct = round(c['accuracy'] * n)
+    t_p = round(c['recall'] * pos)
+    t_n = correct - t_p
+    tp, fn, tn, fp = tp + t_p, fn + pos - t_p, tn + t_n, fp + neg - t_n
+  return {'tp': tp, 'fp': fp, 'fn': fn, 'tn': tn, 'errors': fp + fn,
+          'n': tp + fp + fn + tn,
+          'pooled_f1': 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+
+
+def mean_std(xs) -> str:
+  return f'{np.mean(xs):.3f} ± {np.std(xs):.3f}'
+
+
+def with_std(row: dict) -> dict:
+  """A results row with ``std`` (population, as evaluate computes it)."""
+  if 'std' in row:
+    return row
+  used = [c for c in row['per_client'] if c['n']]
+  keys = [k for k in row['mean'] if k != 'n']
+  return {**row, 'std': {k: float(np.std([c[k] for c in used]))
+                         for k in keys}}
+
+
+# ------------------------------------------------------------- renderers
+
+def first_run() -> str:
+  """README: what command 1 prints and how long it takes."""
+  from fdlora_jax import evaluate
+  s = load('synthetic_default_seed0.json')
+  names = ['f1', 'precision', 'recall', 'accuracy']
+  rows = {k: with_std(v) for k, v in s['rows'].items()}
+  for k, v in s['reference'].items():
+    rows[{'majority': 'majority (no model)',
+          'always_positive': 'always "yes" (no model)'}.get(k, k)] = (
+              with_std(v))
+  t = s['timing']
+  g = load('whole_run_h200_logs.json')
+  gt = g['results']['timing']
+  return '\n'.join([
+      'It trains FDLoRA\'s three phases with progress bars, then prints one '
+      'row per evaluated adapter: F1 of the anomalous class (mean ± std over '
+      'the 5 clients, in %), then each client\'s F1. On the built-in '
+      'synthetic lines, seed 0:',
+      '',
+      '```text',
+      evaluate.format_table(rows, names),
+      '```',
+      '',
+      f'On the 2-core CPU that run took **{secs(s["process_wall_s"])}** from '
+      f'start to exit (data {secs(t["data_s"])}, training '
+      f'{secs(t["train_s"])}, AdaFusion {secs(t["search_s"])}, evaluation '
+      f'{secs(t["eval_s"])}) at a peak RSS of {gib(s["peak_rss_mib"])}. On '
+      f'one {g["env"]["nvidia_smi"]["name"]} the same config on the LogHub '
+      f'samples took **{secs(g["process_wall_s"])}** (data '
+      f'{secs(gt["data_s"])}, training {secs(gt["train_s"])}, AdaFusion '
+      f'{secs(gt["search_s"])}, evaluation {secs(gt["eval_s"])}).',
+      '',
+      source(('synthetic_default_seed0.json', s),
+             ('whole_run_h200_logs.json', g['results'] | {
+                 'date': g['env']['versions'].get('date', '')}))])
+
+
+ROW_NAMES = {'zero_shot': 'zero-shot', 'always_positive': 'always "yes"',
+             'majority': 'majority guess'}
+
+
+def logs_seeds() -> str:
+  """results.md: FDLoRA on the logs default, seeds 0-2."""
+  d = load('logs_default_seeds.json')
+  header = ['seed', 'test lines (anomalous)', 'personalized', 'global',
+            '**fused**', 'zero-shot', 'zero-shot, no chat template',
+            'majority guess', 'always "yes"', 'fused errors', 'wall, peak RSS']
+  rows, cols = [], {k: [] for k in header[2:9]}
+  for r in d['runs']:
+    f = r['fdlora']
+    tests = [c['test'] for c in r['clients']]
+    vals = [f['rows']['personalized']['mean']['f1'],
+            f['rows']['global']['mean']['f1'], f['rows']['fused']['mean']['f1'],
+            r['zero_shot']['rows']['zero_shot']['mean']['f1'],
+            r['zero_shot_plain_prompt']['rows']['zero_shot']['mean']['f1'],
+            f['reference']['majority']['mean']['f1'],
+            f['reference']['always_positive']['mean']['f1']]
+    for k, v in zip(header[2:9], vals):
+      cols[k].append(v)
+    n = sum(t['yes'] + t['no'] for t in tests)
+    pos = sum(t['yes'] for t in tests)
+    c = counts(f['rows']['fused'], tests)
+    rows.append([r['seed'], f'{n} ({pos})', *map(f3, vals),
+                 f'{c["errors"]} of {n}',
+                 f'{secs(f["process_wall_s"])}, {gib(f["peak_rss_mib"])}'])
+  rows.append(['mean ± std', '', *(mean_std(cols[k]) for k in header[2:9]),
+               '', ''])
+  return '\n'.join([
+      table(header, rows), '',
+      'F1 of the anomalous class, mean over the 5 clients (a client with no '
+      'anomalous test line scores F1 0 on every row and still counts in the '
+      'mean); std over seeds. "fused errors": wrong answers of the fused '
+      'adapter over all test lines of the seed.',
+      '',
+      source(('logs_default_seeds.json', d['runs'][0]['fdlora']))])
+
+
+def methods_seed0() -> str:
+  """results.md: every method, seed 0 of the logs default."""
+  seeds = load('logs_default_seeds.json')
+  r0 = next(r for r in seeds['runs'] if r['seed'] == 0)
+  tests = [c['test'] for c in r0['clients']]
+  m = load('methods_logs_default_seed0.json')
+  from configs.suites.paper import PAPER_TABLE3_LOGS
+  paper = PAPER_TABLE3_LOGS['values']
+  runs = [{'method': 'fdlora', 'headline': 'fused', 'rows': r0['fdlora']['rows'],
+           'process_wall_s': r0['fdlora']['process_wall_s'],
+           'peak_rss_mib': r0['fdlora']['peak_rss_mib'], 'bytes_total': None},
+          *m['runs'],
+          {'method': 'zero_shot', 'headline': 'zero_shot',
+           'rows': r0['zero_shot']['rows'],
+           'process_wall_s': r0['zero_shot']['process_wall_s'],
+           'peak_rss_mib': r0['zero_shot']['peak_rss_mib'], 'bytes_total': 0}]
+  rows = []
+  for r in runs:
+    h = r['rows'][r['headline']]
+    c = counts(h, tests)
+    per = ' '.join(f'{x["f1"]:.2f}' for x in h['per_client'])
+    b = r['bytes_total']
+    rows.append([f'`{r["method"]}`', r['headline'], f3(h['mean']['f1']),
+                 f3(c['pooled_f1']), f'{c["errors"]} of {c["n"]}', per,
+                 secs(r['process_wall_s']), gib(r['peak_rss_mib']),
+                 'not recorded' if b is None else ('0' if b == 0 else f'{b / 1e6:,.1f} MB'),
+                 f'{paper[r["method"]]:.2f}' if r['method'] in paper else ''])
+  for k in ('majority', 'always_positive'):
+    h = r0['fdlora']['reference'][k]
+    c = counts(h, tests)
+    rows.append([f'_{ROW_NAMES[k]} (no model)_', '', f3(h['mean']['f1']),
+                 f3(c['pooled_f1']), f'{c["errors"]} of {c["n"]}',
+                 ' '.join(f'{x["f1"]:.2f}' for x in h['per_client']),
+                 '', '', '', ''])
+  header = ['method', 'row', 'client-mean F1', 'pooled F1', 'errors',
+            'F1 per client', 'wall', 'peak RSS', 'bytes sent, whole run',
+            PAPER_TABLE3_LOGS['title'] + ', LLaMA-2-7B, its data']
+  return '\n'.join([
+      table(header, rows), '',
+      '"pooled F1": over all test lines of the 5 clients together. Bytes are '
+      'everything each client sent and received over the run, counted by the '
+      'engine (`results.json` `communication`), summed over clients; '
+      'FDLoRA\'s run predates that record. The paper\'s column is its own '
+      'model, data and budget: it is not a target and not comparable number '
+      'for number.',
+      '',
+      source(('methods_logs_default_seed0.json', m['runs'][0]),
+             ('logs_default_seeds.json', r0['fdlora']))])
+
+
+def medical() -> str:
+  """results.md: the medical default (PubMedQA), FDLoRA and zero-shot."""
+  f = load('medical_default_seed0.json')
+  z = load('zero_shot_medical_default_seed0.json')
+  rows = [[k, f3(v['mean']['accuracy']),
+           ' '.join(f'{c["accuracy"]:.2f}' for c in v['per_client'])]
+          for k, v in f['rows'].items()]
+  rows += [['zero-shot', f3(z['rows']['zero_shot']['mean']['accuracy']),
+            ' '.join(f'{c["accuracy"]:.2f}'
+                     for c in z['rows']['zero_shot']['per_client'])]]
+  rows += [[f'_{ROW_NAMES[k]} (no model)_', f3(v['mean']['accuracy']),
+            ' '.join(f'{c["accuracy"]:.2f}' for c in v['per_client'])]
+           for k, v in f['reference'].items()]
+  n = f['rows']['fused']['mean']['n']
+  return '\n'.join([
+      table(['row', 'accuracy (client mean)', 'per client'], rows), '',
+      f'{n} test questions over 5 clients; FDLoRA\'s run took '
+      f'{secs(f["process_wall_s"])} at a peak RSS of {gib(f["peak_rss_mib"])}.',
+      '', source(('medical_default_seed0.json', f),
+                 ('zero_shot_medical_default_seed0.json', z))])
+
+
+def h200_runs() -> str:
+  """results.md / performance.md: whole runs on the H200."""
+  out = []
+  for name, title in (('whole_run_h200_logs.json',
+                       '`configs/logs.py` (the CPU default)'),
+                      ('whole_run_h200_logs_paper.json',
+                       '`configs/logs_paper.py` (the paper\'s settings)')):
+    g = load(name)
+    res = g['results']
+    t = res['timing']
+    rows = [[k, f3(v['mean']['f1']),
+             ' '.join(f'{c["f1"]:.2f}' for c in v['per_client'])]
+            for k, v in res['models'].items()]
+    rows += [[f'_{ROW_NAMES.get(k, k)} (no model)_', f3(v['mean']['f1']),
+              ' '.join(f'{c["f1"]:.2f}' for c in v['per_client'])]
+             for k, v in res['reference'].items()]
+    sizes = ' / '.join(str(c['n']) for c in
+                       res['models'][res['headline']]['per_client'])
+    out += [f'{title} on the LogHub samples, seed 0: '
+            f'{secs(g["process_wall_s"])} from start to exit, peak host RSS '
+            f'{gib(g["peak_rss_mib"])} (data {secs(t["data_s"])}, training '
+            f'{secs(t["train_s"])}, AdaFusion {secs(t["search_s"])}, '
+            f'evaluation {secs(t["eval_s"])}). Test examples per client: '
+            f'{sizes}.', '',
+            table(['row', 'F1 (client mean)', 'per client'], rows), '']
+  out.append(source(*((n, {'date': load(n)['env']['versions'].get('date')})
+                      for n in ('whole_run_h200_logs.json',
+                                'whole_run_h200_logs_paper.json'))))
+  return '\n'.join(out)
+
+
+def h200_env() -> str:
+  g = load('accelerator_h200.json')
+  env = g['env']
+  smi, v = env['nvidia_smi'], env['versions']
+  names = ['python', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint',
+           'evosax', 'gguf', 'transformers', 'torch', 'peft', 'numpy']
+  return '\n'.join([
+      f'One {smi["name"]} ({smi["memory.total [MiB]"]}, driver '
+      f'{smi["driver_version"]}, SM clock up to {smi["clocks.max.sm [MHz]"]}), '
+      f'{g["machine"]}, at commit `{v.get("commit", "?")}` on '
+      f'{day(v.get("date", g.get("date", "")))}. Versions: '
+      + ', '.join(f'{k} {v[k]}' for k in names if k in v) + '.',
+      '', source(('accelerator_h200.json', g))])
+
+
+def h200_step() -> str:
+  g = load('accelerator_h200.json')
+  a = g['args']
+  rows = []
+  for r in g['rows']:
+    tflops = r['tokens_per_s'] * r['flops_per_token'] / 1e12
+    rows.append([r['clients'], 'yes' if r['remat'] else 'no',
+                 f'{r["step_s"]:.3f}', f'{r["tokens_per_s"]:,.0f}',
+                 f'{tflops:.0f}', f'{r["mfu"]:.3f}',
+                 f'{tflops * 1e12 / DATASHEET_BF16_FLOPS:.3f}',
+                 f'{r["compiled_gib"]:.1f}'])
+  peak = g['peak_flops'] / 1e12
+  return '\n'.join([
+      f'`python benchmarks/accelerator.py --preset {a["preset"]} --seq '
+      f'{a["seq"]} --rank {a["rank"]} --targets {a["targets"]} --steps '
+      f'{a["steps"]}`: random weights, {a["dtype"]}, attention '
+      f'{g.get("auto_attention", a["attention"])}, K = {a["steps"]} AdamW '
+      f'steps per call. "measured peak" is the script\'s own 8192^3 bf16 '
+      f'matmul in the same process ({peak:.0f} TFLOP/s); the datasheet\'s '
+      f'dense bf16 peak is {DATASHEET_BF16_FLOPS / 1e12:.0f} TFLOP/s.', '',
+      table(['N', 'remat', 'step (s)', 'tokens/s', 'TFLOP/s',
+             'MFU vs measured peak', 'MFU vs datasheet', 'compiled GiB'],
+            rows), '',
+      f'Largest N predicted from compiled memory with remat at T = '
+      f'{a["seq"]}: {g.get("max_clients_remat_predicted")}.', '',
+      source(('accelerator_h200.json', g))])
+
+
+def _throughput(g: dict) -> list:
+  rows = []
+  for r in g['rows']:
+    rows.append([r['clients'], f'{r["jax_vmap_tok_s"]:,.0f}',
+                 f'{r["jax_seq_tok_s"]:,.0f}',
+                 f'{r["torch_tok_s"]:,.0f}' if 'torch_tok_s' in r else '',
+                 f'{r["vmap/seq"]:.2f}',
+                 f'{r["vmap/torch"]:.2f}' if 'vmap/torch' in r else '',
+                 f'{r["jax_vmap_mfu"]:.3f}'])
+  return rows
+
+
+THROUGHPUT_HEADER = ['N', '(a) vmap tok/s', '(b) one by one tok/s',
+                     '(c) torch + peft tok/s', '(a)/(b)', '(a)/(c)',
+                     '(a) MFU vs measured peak']
+
+
+def h200_throughput() -> str:
+  g = load('client_throughput_h200.json')
+  a = g['args']
+  return '\n'.join([
+      f'`python benchmarks/client_throughput.py --model= --preset '
+      f'{a["preset"]} --seq {a["seq"]} --steps {a["steps"]} --targets '
+      f'{a["targets"]}`: {g["model"]}, {g["dtype"]}, rank {a["rank"]}.',
+      '', table(THROUGHPUT_HEADER, _throughput(g)), '',
+      source(('client_throughput_h200.json', g))])
+
+
+def cpu_throughput() -> str:
+  out = []
+  for name in ('client_throughput.json', 'client_throughput_smollm2.json'):
+    g = load(name)
+    a = g['args']
+    what = (g.get('model') if a.get('model') else f'preset {a["preset"]}')
+    out += [f'{what}, T = {a["seq"]}, K = {a["steps"]}, targets '
+            f'{a["targets"]}, {g.get("dtype", "float32")}, torch with '
+            f'{g["torch_threads"]} threads:', '',
+            table(THROUGHPUT_HEADER, _throughput(g)), '',
+            source((name, g)), '']
+  return '\n'.join(out[:-1])
+
+
+def cpu_step_time() -> str:
+  g = load('step_time.json')
+  rows = [[r['preset'], r['layers'], r['hidden'], r['clients'], r['seq'],
+           f'{r["compile_s"]:.1f}', f'{r["step_s_median"] * 1e3:.1f}',
+           f'{r["tokens_per_s"]:,.0f}'] for r in g['rows']]
+  return '\n'.join([
+      table(['preset', 'layers', 'width', 'N', 'T', 'compile (s)',
+             'step (ms)', 'tokens/s'], rows), '',
+      f'{g["note"]}.', '', source(('step_time.json', g))])
+
+
+def cpu_memory() -> str:
+  g = load('memory.json')
+  a = g['args']
+  by = {}
+  for r in g['rows']:
+    by.setdefault(r['impl'], {})[r['clients']] = r
+  rows = []
+  for impl, rs in by.items():
+    lo, hi = rs[min(rs)], rs[max(rs)]
+    rows.append([impl, f'{lo["peak_mib"]:,.0f} / {lo["delta_mib"]:,.0f}',
+                 f'{hi["peak_mib"]:,.0f} / {hi["delta_mib"]:,.0f}',
+                 f'{hi["peak_mib"] / lo["peak_mib"]:.2f}'])
+  base = g['rows'][0]['base_weights_mib']
+  return '\n'.join([
+      f'A base of {a["layers"]} layers x {a["hidden"]} wide ({base:,.0f} MiB '
+      f'of weights), T = {a["seq"]}, rank {a["rank"]} on {a["targets"]}; a '
+      'fresh process per row; delta over the loaded base.', '',
+      table(['impl', f'N = {min(rs)} peak / delta (MiB)',
+             f'N = {max(rs)} peak / delta (MiB)', 'peak ratio'], rows), '',
+      source(('memory.json', g))])
+
+
+def cpu_fusion() -> str:
+  g = load('fusion_speed.json')
+  r = g['rows'][0]
+  return '\n'.join([
+      f'{r["evaluations"]} fitness evaluations (N = {r["clients"]}, '
+      f'population {r["population"]}, {r["steps"]} steps, preset '
+      f'{r["preset"]}): the vmapped search took {secs(r["vmapped_search_s"])}, '
+      f'a Python loop over single candidates {secs(r["loop_s"])} '
+      f'(loop / vmapped {r["loop/vmapped_search"]:.2f}). {g["notes"]}', '',
+      source(('fusion_speed.json', g))])
+
+
+def cpu_prefix() -> str:
+  g = load('prefix_cache_logs.json')
+  sw, sc = g['scoring_whole_s']['steady'], g['scoring_cached_s']['steady']
+  fw, fc = g['fitness_whole_s']['steady'], g['fitness_cached_s']['steady']
+  return '\n'.join([
+      f'`configs/logs.py` with {", ".join(g["overrides"])} (the logs config '
+      f'of that date: see the data line), {g["shared_prefix_tokens"]} shared '
+      f'tokens of {g["length"]}, {g["test_examples"]} test examples:', '',
+      table(['what', 'whole rows', 'shared start cached', 'change'],
+            [['option scoring', secs(sw), secs(sc), f'{sc / sw - 1:+.0%}'],
+             ['AdaFusion fitness', secs(fw), secs(fc),
+              f'{fc / fw - 1:+.0%}']]), '',
+      f'Largest score difference {g["scoring_max_abs_diff"]:.1e}; every '
+      f'prediction agreed: {g["scoring_predictions_agree"]}. Data: '
+      f'{g["data_source"].split(": ", 1)[0]} LogHub samples.', '',
+      source(('prefix_cache_logs.json', g))])
+
+
+def cpu_tfds() -> str:
+  g = load('build_tfds_logs.json')
+  m = g['medians']
+  read = next(r for r in g['runs'] if r['phase'] == 'tfds_read')
+  return '\n'.join([
+      f'{g["lines"]:,} BGL-format lines ({g["file_bytes"] / 2**20:,.0f} MiB, '
+      f'{m["stream"]["items"]:,} windows of {g["window"]}; {g["data"]}): '
+      f'streaming parse {secs(m["stream"]["seconds_median"])} at a peak RSS '
+      f'of {m["stream"]["peak_rss_mib_median"]:,.0f} MiB; TFDS array_record '
+      f'build {secs(m["tfds_build"]["seconds_median"])}, peak '
+      f'{m["tfds_build"]["peak_rss_mib_median"]:,.0f} MiB; random read '
+      f'{read["random_read_ms"]:.3f} ms.', '',
+      source(('build_tfds_logs.json', {}))])
+
+
+def cpu_whole_runs() -> str:
+  rows = []
+  items = []
+  def add(label, d, name):
+    t = d['timing']
+    ph = d.get('phase_wall_s', {})
+    rows.append([label, secs(d['process_wall_s']), secs(t['data_s']),
+                 ', '.join(f'{k} {secs(v)}' for k, v in ph.items()),
+                 secs(t['search_s']), secs(t['eval_s']),
+                 gib(d['peak_rss_mib'])])
+    items.append((name, d))
+  add('`configs/logs.py`, synthetic lines (README command 1)',
+      load('synthetic_default_seed0.json'), 'synthetic_default_seed0.json')
+  for r in load('logs_default_seeds.json')['runs']:
+    add(f'`configs/logs.py`, LogHub samples, seed {r["seed"]}', r['fdlora'],
+        'logs_default_seeds.json')
+  add('`configs/medical.py`, PubMedQA sample',
+      load('medical_default_seed0.json'), 'medical_default_seed0.json')
+  tiny = RESULTS / 'whole_run_tiny.json'
+  if tiny.is_file():
+    add('`configs/tiny.py` (tiny random model)', load(tiny.name), tiny.name)
+  seen, uniq = set(), []
+  for n, d in items:
+    if n not in seen:
+      seen.add(n)
+      uniq.append((n, d))
+  return '\n'.join([
+      table(['run (FDLoRA, seed 0 unless named)', 'wall', 'data',
+             'training phases', 'AdaFusion', 'evaluation', 'peak RSS'], rows),
+      '', source(*uniq)])
+
+
+def central_probes() -> str:
+  """methods.md: how fast one adapter on the pooled task learns, per data
+  layout (the evidence for one line per example)."""
+  rows, items = [], []
+  for name, label in (('central_probe_3line_space.json',
+                       '3-line windows, answer after a space'),
+                      ('central_probe_3line.json',
+                       '3-line windows, answer opens the turn'),
+                      ('central_probe_lines.json',
+                       'one line per example (today\'s default)')):
+    g = load(name)
+    items.append((name, g))
+    ev = g['rows']
+    rows.append([label, ', '.join(f'{r["auc"]:.2f}' for r in ev),
+                 ', '.join(f'{r["accuracy"]:.2f}' for r in ev),
+                 ', '.join(f'{r["said_yes"]:.2f}' for r in ev),
+                 f'{ev[0]["loss"]:.2f}', secs(ev[-1]['elapsed_s'])])
+  steps = ', '.join(str(r['step']) for r in load(items[0][0])['rows'])
+  first = load(items[0][0])['rows'][0]['step']
+  return '\n'.join([
+      f'`python benchmarks/central_probe.py`: one adapter trained on the '
+      f'whole task pooled into one client (batch 1, the default\'s lr), the '
+      f'test split scored after steps {steps}.', '',
+      table(['data', 'AUC of score(yes) - score(no)', 'accuracy',
+             'share answered "yes"', f'mean train loss, steps 1-{first}',
+             'time'], rows), '',
+      source(*items)])
+
+
+RENDERERS = {
+    'first-run': first_run, 'logs-seeds': logs_seeds,
+    'methods-seed0': methods_seed0, 'medical': medical,
+    'h200-runs': h200_runs, 'h200-env': h200_env, 'h200-step': h200_step,
+    'h200-throughput': h200_throughput, 'cpu-throughput': cpu_throughput,
+    'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,
+    'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
+    'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
+}
+
+
+# ------------------------------------------------------------------ main
+
+def render(text: str, page: Path) -> str:
+  cache = {}
+
+  def fill(m):
+    name = m.group('name')
+    if name not in RENDERERS:
+      raise SystemExit(f'{page}: unknown figures block {name!r} (known: '
+                       f'{", ".join(sorted(RENDERERS))})')
+    if name not in cache:
+      cache[name] = RENDERERS[name]().rstrip('\n') + '\n'
+    return m.group(1) + cache[name] + m.group(4)
+  return BLOCK.sub(fill, text)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--check', action='store_true',
+                 help='change nothing; exit 1 where a block differs')
+  p.add_argument('pages', nargs='*', type=Path, default=PAGES)
+  a = p.parse_args(argv)
+  stale = []
+  for page in a.pages:
+    text = page.read_text()
+    new = render(text, page)
+    if new == text:
+      continue
+    if a.check:
+      stale.append(page)
+      diff = difflib.unified_diff(text.splitlines(), new.splitlines(),
+                                  str(page), 'from the results files',
+                                  lineterm='', n=0)
+      print('\n'.join(list(diff)[:40]))
+    else:
+      page.write_text(new)
+      print(f'wrote {page}')
+  if stale:
+    print(f'{len(stale)} page(s) disagree with their results files: '
+          f'{", ".join(str(s) for s in stale)}; run python '
+          'benchmarks/publish.py', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
