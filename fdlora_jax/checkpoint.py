@@ -429,8 +429,9 @@ def load_peft_adapter(directory: str | os.PathLike, cfg: LlamaConfig,
 # GGUF (llama.cpp) files -> a cached Hugging Face directory
 # ---------------------------------------------------------------------------
 GGUF_CACHE_DIR = '~/.cache/fdlora_jax/gguf'
-# Part of every cache key: bump it when the converted output changes.
-GGUF_FORMAT_VERSION = 'gguf-hf-v1'
+# Part of every cache key: bump it when the converted output changes (v2:
+# the tokenizer is built from the metadata, digits split as llama.cpp does).
+GGUF_FORMAT_VERSION = 'gguf-hf-v2'
 _TMP_MAX_AGE_S = 6 * 3600  # older '.tmp' dirs are debris of killed conversions
 
 # blk.N.<gguf name>.weight -> model.layers.N.<HF name>.weight
@@ -688,42 +689,178 @@ def _gguf_hf_tensors(reader, path: Path, config: dict) -> dict[str, np.ndarray]:
   return out
 
 
+# llama.cpp's token types (``tokenizer.ggml.token_type``).
+_GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
+
+# llama.cpp's llama3 split (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA3).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# tokenizer.ggml.pre -> (regexes that split the text first, then GPT-2's
+# split or not, ignore_merges, add_bos when the file does not say), as
+# llama.cpp's llama-vocab.cpp sets them for a byte-level BPE vocabulary.
+# GPT-2's split is the one ``pre_tokenizers.ByteLevel(use_regex=True)`` has.
+_GGUF_BPE_PRE = {}
+for _name in ('gpt-2', 'phi-2', 'exaone4'):
+  _GGUF_BPE_PRE[_name] = ((), True, False, False)
+for _name in ('starcoder', 'refact', 'command-r', 'smollm', 'codeshell',
+              'exaone', 'minerva-7b'):
+  # Every digit its own piece, then GPT-2's split: SmolLM2's own tokenizer
+  # (a Digits pre-tokenizer before ByteLevel) does the same.
+  _GGUF_BPE_PRE[_name] = ((r'\p{N}',), True, False, False)
+for _name in ('llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1',
+              'pixtral', 'midm-2.0', 'lfm2'):
+  _GGUF_BPE_PRE[_name] = ((_LLAMA3_SPLIT,), False, True, True)
+del _name
+
+
+def _byte_level_alphabet() -> list[str]:
+  """GPT-2's printable spelling of each byte value (``bytes_to_unicode``)."""
+  printable = set(range(ord('!'), ord('~') + 1)) | set(
+      range(ord('\xa1'), ord('\xac') + 1)) | set(range(ord('\xae'), 256))
+  spelling, extra = [], 256
+  for b in range(256):
+    if b in printable:
+      spelling.append(chr(b))
+    else:
+      spelling.append(chr(extra))
+      extra += 1
+  return spelling
+
+
 def _gguf_tokenizer(reader, path: Path):
   """The file's tokenizer as a transformers fast tokenizer, or None.
 
-  Built from the metadata with transformers' own GGUF tokenizer builders,
-  read through ``gguf.GGUFReader``: ``AutoTokenizer.from_pretrained(...,
-  gguf_file=...)`` gives the same tokenizer but imports torch (its GGUF
-  reader does), which is only a test dependency here.
+  Built from the GGUF metadata with the public ``tokenizers`` API and wrapped
+  in ``transformers.PreTrainedTokenizerFast``; transformers' own GGUF code
+  (internal, changed between versions, and its reader imports torch) is not
+  used. Only byte-level BPE vocabularies (``tokenizer.ggml.model`` "gpt2",
+  SmolLM2's) are supported, split as llama.cpp does for the file's
+  ``tokenizer.ggml.pre``; sentencepiece ("llama") and other vocabularies are
+  refused.
   """
   if 'tokenizer.ggml.tokens' not in reader.fields:
     return None
-  import transformers  # pylint: disable=g-import-not-at-top
-  from transformers.integrations.gguf import gguf_tokenizer_mapping as tm  # pylint: disable=g-import-not-at-top
-  groups = {}
-  for group, renames in tm.GGUF_TOKENIZER_MAPPING.items():
-    groups[group] = {
-        name: reader.fields[f'tokenizer.{key}'].contents()
-        for key, name in renames.items()
-        if f'tokenizer.{key}' in reader.fields}
-  tokenizer_dict, init_kwargs = groups['tokenizer'], groups['tokenizer_config']
-  if tokenizer_dict.get('tokenizer_type') == 'llama':
-    # As transformers does: sentencepiece vocabularies add <s> by default.
-    init_kwargs.setdefault('add_bos_token', True)
-  tokens = tokenizer_dict['tokens']
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  from tokenizers import decoders
+  from tokenizers import models
+  from tokenizers import pre_tokenizers
+  from tokenizers import processors
+  import transformers
+  # pylint: enable=g-import-not-at-top
+
+  def value(key, default=None):
+    return _gguf_value(reader, f'tokenizer.{key}', path, default)
+
+  vocab_type = value('ggml.model')
+  if vocab_type != 'gpt2':
+    raise CheckpointError(
+        f'{path}: tokenizer.ggml.model is {vocab_type!r}; only "gpt2" '
+        f'(byte-level BPE) tokenizers can be built from a GGUF file')
+  pre = value('ggml.pre')
+  if pre is None:
+    logging.warning('GGUF %s states no tokenizer.ggml.pre; splitting text '
+                    'as GPT-2 does', path)
+    pre = 'gpt-2'
+  if pre not in _GGUF_BPE_PRE:
+    raise CheckpointError(
+        f'{path}: tokenizer.ggml.pre {pre!r} is not supported; supported: '
+        f'{", ".join(sorted(_GGUF_BPE_PRE))}')
+  splits, gpt2_split, ignore_merges, add_bos_default = _GGUF_BPE_PRE[pre]
+
+  tokens = value('ggml.tokens')
+  types = value('ggml.token_type') or [1] * len(tokens)
+  if len(types) != len(tokens):
+    raise CheckpointError(f'{path}: {len(tokens)} tokens but {len(types)} '
+                          f'token types')
+  spelling = _byte_level_alphabet()
+  alphabet = set(spelling)
+  vocab, special, added = {}, [], []
+  for i, (token, token_type) in enumerate(zip(tokens, types)):
+    spelled = set(token) <= alphabet
+    if token_type == _GGUF_TOKEN_USER_DEFINED:
+      # Matched whole in the text, as llama.cpp does; kept under its own
+      # spelling so the added token finds its id.
+      added.append(tokenizers.AddedToken(token, special=False,
+                                         normalized=False))
+    elif not spelled:
+      # Not written in the byte alphabet (a control token llama.cpp marked
+      # by mistake, say): spell it so, as an ordinary token.
+      token = ''.join(spelling[b] for b in token.encode('utf-8'))
+    elif token_type == _GGUF_TOKEN_CONTROL:
+      special.append(tokenizers.AddedToken(token, special=True,
+                                           normalized=False))
+    if vocab.setdefault(token, i) != i:
+      raise CheckpointError(f'{path}: token {token!r} appears twice in the '
+                            f'vocabulary (ids {vocab[token]} and {i})')
+  if 'tokenizer.ggml.merges' not in reader.fields:
+    raise CheckpointError(f'{path}: a BPE vocabulary without '
+                          f'tokenizer.ggml.merges')
+  merges = []
+  for merge in value('ggml.merges'):
+    pair = merge.split(' ')
+    if len(pair) != 2:
+      raise CheckpointError(f'{path}: merge {merge!r} is not two tokens')
+    merges.append(tuple(pair))
+  try:
+    tok = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=merges, dropout=None, unk_token=None,
+        continuing_subword_prefix='', end_of_word_suffix='', fuse_unk=False,
+        byte_fallback=False, ignore_merges=ignore_merges))
+  except Exception as e:  # the Rust side raises plain Exceptions
+    raise CheckpointError(f'{path}: cannot build its BPE tokenizer '
+                          f'({e})') from e
+  steps = [pre_tokenizers.Split(tokenizers.Regex(r), behavior='isolated')
+           for r in splits]
+  steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                        use_regex=gpt2_split))
+  tok.pre_tokenizer = (steps[0] if len(steps) == 1
+                       else pre_tokenizers.Sequence(steps))
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(special)
+  tok.add_tokens(added)
+  if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
+    raise CheckpointError(f'{path}: the tokenizer built has '
+                          f'{tok.get_vocab_size(with_added_tokens=True)} '
+                          f'tokens, the file {len(tokens)}')
+
+  names = {}
   for name, key in (('bos_token', 'bos_token_id'),
                     ('eos_token', 'eos_token_id'),
                     ('unk_token', 'unknown_token_id'),
                     ('pad_token', 'padding_token_id')):
-    token_id = _gguf_value(reader, f'tokenizer.ggml.{key}', path, None)
-    init_kwargs[name] = tokens[int(token_id)] if token_id is not None else None
+    token_id = value(f'ggml.{key}')
+    if token_id is not None:
+      if not 0 <= int(token_id) < len(tokens):
+        raise CheckpointError(f'{path}: tokenizer.ggml.{key} {token_id} is '
+                              f'not a token id (vocabulary of {len(tokens)})')
+      names[name] = tok.id_to_token(int(token_id))
+  add_bos = bool(value('ggml.add_bos_token', add_bos_default))
+  add_eos = bool(value('ggml.add_eos_token', False))
+  for flag, name in ((add_bos, 'bos_token'), (add_eos, 'eos_token')):
+    if flag and name not in names:
+      raise CheckpointError(f'{path}: the tokenizer adds a {name} but the '
+                            f'file names none')
+  # What transformers' add_bos_token/add_eos_token build, set here too so
+  # the saved tokenizer.json says it whatever the transformers version.
+  first = [names['bos_token']] if add_bos else []
+  last = [names['eos_token']] if add_eos else []
   try:
-    backend, extra = tm.convert_gguf_tokenizer(
-        _gguf_value(reader, 'general.architecture', path), tokenizer_dict)
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f'{path}: cannot build its tokenizer ({e})') from e
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
-                                              **init_kwargs, **extra)
+    tok.post_processor = processors.TemplateProcessing(
+        single=[*first, '$A:0', *last],
+        pair=[*first, '$A:0', *last, *[f'{t}:1' for t in first], '$B:1',
+              *[f'{t}:1' for t in last]],
+        special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(
+            first + last)])
+  except Exception as e:  # a token with ':' cannot be written in a template
+    raise CheckpointError(f'{path}: cannot add {first + last} to every '
+                          f'text ({e})') from e
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, **names, add_bos_token=add_bos,
+      add_eos_token=add_eos, chat_template=value('chat_template'),
+      clean_up_tokenization_spaces=False)
 
 
 def _gguf_cache_key(path: Path) -> str:

