@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
-LIMIT=${LIMIT:-570}          # seconds this call may use in all
+LIMIT=${LIMIT:-570}   # seconds this call may use in all; its parts share them
 left() { echo $(( LIMIT - $(elapsed) )); }
 
 # The pinned wheels, installed over the image's packages for this process.
@@ -42,15 +42,16 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 - "$OUT/versions.json" <<'EOF'
-import importlib, json, platform, subprocess, sys, time
+import importlib.metadata, json, platform, subprocess, sys, time
 v = {'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
      'python': platform.python_version()}
-for m in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'evosax',
-          'gguf', 'transformers', 'tokenizers', 'torch', 'peft', 'numpy'):
+for m in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'flax', 'optax',
+          'orbax-checkpoint', 'evosax', 'gguf', 'transformers', 'tokenizers',
+          'torch', 'peft', 'numpy'):
   try:
-    v[m] = importlib.import_module(m).__version__
-  except Exception as e:  # pylint: disable=broad-except
-    v[m] = f'missing: {e}'
+    v[m] = importlib.metadata.version(m)
+  except importlib.metadata.PackageNotFoundError:
+    v[m] = 'not installed'
 try:
   v['commit'] = subprocess.run(['git', 'describe', '--always', '--dirty'],
                                capture_output=True, text=True).stdout.strip()
@@ -62,16 +63,21 @@ json.dump(v, open(sys.argv[1], 'w'), indent=1)
 print(v)
 EOF
 
+PARTS_LEFT=$#
 for PART in "$@"; do
-  echo "[$(elapsed) s] $PART"
+  SHARE=$(( $(left) / PARTS_LEFT ))    # this part's seconds: a fair share
+  PART_END=$(( $(elapsed) + SHARE ))
+  PARTS_LEFT=$(( PARTS_LEFT - 1 ))
+  until_end() { echo $(( PART_END - $(elapsed) )); }
+  echo "[$(elapsed) s] $PART (up to $SHARE s)"
   case $PART in
   7b)
     ATTN=auto   # cuDNN flash attention; XLA's if the small smoke fails
-    timeout 120 python3 benchmarks/accelerator.py --preset small --seq 256 \
+    timeout 90 python3 benchmarks/accelerator.py --preset small --seq 256 \
       --clients 2 --rank 8 --sweep '' --sweep-no-remat '' --variants '' \
       --repeats 2 --out "$OUT/smoke.json" > "$OUT/smoke.log" 2>&1 \
       || { echo "smoke failed (smoke.log): --attention xla"; ATTN=xla; }
-    timeout $(( $(left) - 20 )) python3 benchmarks/accelerator.py \
+    timeout $(( $(until_end) - 5 )) python3 benchmarks/accelerator.py \
       --preset llama2_7b --seq 2048 --clients 5 --steps 3 --rank 64 \
       --targets q_proj,v_proj --attention $ATTN --repeats 3 \
       --sweep-no-remat 5 --sweep '' --variants '' --profile /tmp/prof7b \
@@ -81,11 +87,11 @@ for PART in "$@"; do
     [ -n "$f" ] && cp "$f" "$OUT/trace_7b_n5.json.gz"
     ;;
   throughput)
-    timeout $(( $(left) / 2 )) python3 benchmarks/client_throughput.py \
+    timeout $(( $(until_end) * 2 / 3 )) python3 benchmarks/client_throughput.py \
       --model= --preset smollm2_135m --seq 512 --clients 1,5 --steps 3 \
       --repeats 3 --warmup 1 --targets q_proj,v_proj \
       --out "$OUT/client_throughput_gpu.json" 2>&1 | grep -v -i warn
-    timeout $(( $(left) - 10 )) python3 benchmarks/client_throughput.py \
+    timeout $(( $(until_end) - 5 )) python3 benchmarks/client_throughput.py \
       --model= --preset smollm2_135m --seq 512 --clients 20 --steps 3 \
       --repeats 3 --warmup 1 --targets q_proj,v_proj --impls jax_vmap,jax_seq \
       --out "$OUT/client_throughput_gpu_n20.json" 2>&1 | grep -v -i warn
@@ -101,8 +107,8 @@ for PART in "$@"; do
     cat .gpu/a/gguf.part1 .gpu/b/gguf.part2 > $G
     echo "$(cat .gpu/b/gguf.sha256)  $G" | sha256sum -c - || exit 3
     for CFG in logs logs_paper; do
-      [ "$(left)" -gt 60 ] || { echo "no time left for $CFG"; break; }
-      /usr/bin/time -v timeout $(( $(left) - 15 )) python3 main.py \
+      [ "$(until_end)" -gt 60 ] || { echo "no time left for $CFG"; break; }
+      /usr/bin/time -v timeout $(( $(until_end) - 10 )) python3 main.py \
         --config=configs/$CFG.py --config.data.dir=.gpu/data/loghub \
         --workdir=/tmp/run_$CFG > "$OUT/run_$CFG.log" 2>&1
       tail -25 "$OUT/run_$CFG.log"
