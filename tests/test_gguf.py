@@ -21,6 +21,7 @@ from tokenizers import pre_tokenizers
 
 from conftest import make_hf_llama
 from fdlora_jax import checkpoint as ckpt
+from fdlora_jax.checkpoint import gguf as gguf_lib
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.model import Llama
 
@@ -218,14 +219,14 @@ def test_cache_is_keyed_and_atomic(tmp_path, tiny, monkeypatch):
   def boom(*args, **kwargs):
     raise KeyboardInterrupt
   with monkeypatch.context() as m:
-    m.setattr(ckpt, 'write_safetensors', boom)
+    m.setattr(gguf_lib, 'write_safetensors', boom)
     with pytest.raises(KeyboardInterrupt):
       ckpt.gguf_to_hf(path, cache)
   assert list(cache.iterdir()) == []
   first = ckpt.gguf_to_hf(path, cache)
   # The second call reads nothing from the GGUF.
   with monkeypatch.context() as m:
-    m.setattr(ckpt, '_open_gguf', boom)
+    m.setattr(gguf_lib, '_open_gguf', boom)
     assert ckpt.gguf_to_hf(path, cache) == first
   # A changed file (same name) gets a new entry.
   copy = tmp_path / 'x' / path.name
@@ -300,7 +301,7 @@ def write_tokenizer_gguf(path, *, model='gpt2', pre='gpt-2', user=(),
 
 
 def gguf_tokenizer(path):
-  return ckpt._gguf_tokenizer(ckpt._open_gguf(path), path)
+  return gguf_lib._gguf_tokenizer(gguf_lib._open_gguf(path), path)
 
 
 def ids_of(tokens, pieces):
