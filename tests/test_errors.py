@@ -1,6 +1,7 @@
 """The user-facing errors (fdlora_jax/errors.py) and the command lines that
 print them: one line, exit status 2; anything else keeps its traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs import tiny
+from fdlora_jax import checkpoint, run
 from fdlora_jax.errors import (ConfigError, DataError, UserError,
                                exit_on_user_error, fail, need)
 from fdlora_jax.fl.methods import METHODS
@@ -129,3 +131,27 @@ def test_fdlora_rejects_a_bad_fusion_field_as_a_user_error(field, value):
   c.fdlora.fusion[field] = value
   with pytest.raises(UserError, match=rf'config\.fdlora\.fusion\.{field}='):
     METHODS['fdlora'].validate(c)
+
+
+@pytest.mark.parametrize('field, value', [
+    ('lora.dropout', 1.5), ('model.attention', 'flash'),
+    ('model.dtype', 'float99'), ('model.param_dtype', 'int8')])
+def test_run_checks_the_fields_the_model_reads(field, value):
+  c = method_config('fedavg')
+  group, name = field.split('.')
+  c[group][name] = value
+  with pytest.raises(ConfigError, match=rf'config\.{group}\.{name}='):
+    run.validate_config(c)
+
+
+@pytest.mark.parametrize('change, says', [
+    ({'num_key_value_heads': 3}, 'num_key_value_heads'),
+    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 2.0}}, "'yarn'"),
+])
+def test_a_bad_checkpoint_config_json_is_a_user_error(tmp_path, change, says):
+  hf = {'model_type': 'llama', 'vocab_size': 96, 'hidden_size': 32,
+        'intermediate_size': 64, 'num_hidden_layers': 2,
+        'num_attention_heads': 4, **change}
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  with pytest.raises(checkpoint.CheckpointError, match=says):
+    checkpoint.load_hf_config(tmp_path)
