@@ -74,6 +74,23 @@ def one_error_line(argv, cwd=REPO):
   return err[0]
 
 
+# Without --config, ml_collections applies the overrides to the default
+# config while main.py defines the flag; with it, while absl parses argv.
+@pytest.mark.parametrize('config', [['--config=configs/tiny.py'], []])
+@pytest.mark.parametrize('override, says', [
+    ('--config.fl.roundz=3',
+     'error: config.fl.roundz: no such field (did you mean fl.rounds?)'),
+    ('--config.fdlora.fuson.steps=3', 'did you mean fdlora.fusion.steps'),
+    ('--config.zz.yy=3', 'error: config.zz.yy: no such field'),
+    ('--config.fl.rounds=abc', '--config.fl.rounds=abc: invalid literal'),
+])
+def test_main_py_bad_override_is_one_line(tmp_path, config, override, says):
+  line = one_error_line(['main.py', *config, override,
+                         f'--workdir={tmp_path}/w'])
+  assert says in line
+  assert not (tmp_path / 'w').exists()
+
+
 def test_main_py_bad_fusion_field_is_one_line(tmp_path):
   line = one_error_line(['main.py', '--config=configs/tiny.py',
                          '--config.fdlora.fusion.steps=0',
