@@ -15,10 +15,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fdlora_jax import run
-from fdlora_jax.errors import exit_on_user_error
+from fdlora_jax.errors import (config_override_errors, exit_on_user_error,
+                               parse_flags)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/logs.py', 'Experiment config file.', lock_config=True)
+_DEFAULT_CONFIG = 'configs/logs.py'
+# Without --config on the command line, ml_collections applies the
+# --config.* overrides here, when the flag is defined.
+with config_override_errors('config', _DEFAULT_CONFIG):
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default',
                                'Where checkpoints, metrics and results go.')
 
@@ -33,4 +38,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, 'config',
+                                                      _DEFAULT_CONFIG))

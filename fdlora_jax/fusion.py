@@ -48,6 +48,7 @@ import optax
 from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
+from fdlora_jax.errors import ConfigError, need
 from fdlora_jax.model import (num_targets_bucket, prefill, shared_prefix,
                               target_log_probs)
 
@@ -222,7 +223,7 @@ def make_fitness_fn(model, base: PyTree, personal: PyTree, global_: PyTree,
       raise ValueError(f'fewshot[{name!r}] must be [N={n}, F, L], got '
                        f'{np.shape(fewshot[name])}')
   if lam < 0:
-    raise ValueError(f'fusion.lam must be >= 0, got {lam}')
+    raise ConfigError(f'fusion.lam must be >= 0, got {lam}')
   shots = {k: jnp.asarray(fewshot[k]) for k in ('tokens', 'loss_mask',
                                                   'attention_mask')}
   # The prompt start all shots share runs once per fused adapter.
@@ -237,43 +238,49 @@ def make_fitness_fn(model, base: PyTree, personal: PyTree, global_: PyTree,
 # ---------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------
-def validate_config(cfg) -> None:
-  """Raises ValueError naming the offending ``fusion.*`` field."""
-  if cfg.strategy not in STRATEGIES:
-    raise ValueError(f'fusion.strategy {cfg.strategy!r} is not a supported '
-                     f'evosax algorithm; choose from {list(STRATEGIES)}')
-  if int(cfg.population_size) < 2:
-    raise ValueError(f'fusion.population_size must be >= 2, got '
-                     f'{cfg.population_size}')
-  if int(cfg.steps) < 1:
-    raise ValueError(f'fusion.steps must be >= 1, got {cfg.steps}')
-  if len(cfg.bounds) != 2 or not float(cfg.bounds[0]) < float(cfg.bounds[1]):
-    raise ValueError(f'fusion.bounds must be (lo, hi) with lo < hi, got '
-                     f'{tuple(cfg.bounds)}')
-  if len(cfg.init) != 2:
-    raise ValueError(f'fusion.init must be (w1, w2), got {tuple(cfg.init)}')
+def validate_config(cfg, field: str = 'fusion') -> None:
+  """Raises :class:`ConfigError` naming the offending ``<field>.*`` entry;
+  ``field`` is where the block sits in the run's config (FDLoRA:
+  ``'fdlora.fusion'``), so the message names the flag to fix."""
+  need(cfg.strategy in STRATEGIES, f'{field}.strategy', cfg.strategy,
+       f'not a supported evosax algorithm; choose from {list(STRATEGIES)}')
+  need(int(cfg.population_size) >= 2, f'{field}.population_size',
+       cfg.population_size, 'must be >= 2')
+  need(int(cfg.steps) >= 1, f'{field}.steps', cfg.steps, 'must be >= 1')
+  need(len(cfg.bounds) == 2 and float(cfg.bounds[0]) < float(cfg.bounds[1]),
+       f'{field}.bounds', tuple(cfg.bounds), 'must be (lo, hi) with lo < hi')
+  need(len(cfg.init) == 2, f'{field}.init', tuple(cfg.init),
+       'must be (w1, w2)')
   lo, hi = map(float, cfg.bounds)
-  if not all(lo <= float(x) <= hi for x in cfg.init):
-    raise ValueError(f'fusion.init {tuple(cfg.init)} lies outside '
-                     f'fusion.bounds {(lo, hi)}')
-  if float(cfg.sigma_init) <= 0:
-    raise ValueError(f'fusion.sigma_init must be > 0, got {cfg.sigma_init}')
+  need(all(lo <= float(x) <= hi for x in cfg.init), f'{field}.init',
+       tuple(cfg.init), f'lies outside {field}.bounds {(lo, hi)}')
+  need(float(cfg.sigma_init) > 0, f'{field}.sigma_init', cfg.sigma_init,
+       'must be > 0')
+  need(float(cfg.lam) >= 0, f'{field}.lam', cfg.lam, 'must be >= 0')
+  _algorithm(cfg, field)   # what only the algorithm knows (Open_ES: even P)
+
+
+def _algorithm(cfg, field: str = 'fusion'):
+  """The evosax algorithm named ``cfg.strategy``, with the initial spread
+  set to ``cfg.sigma_init`` where the algorithm has one."""
+  cls = EVOSAX_ALGORITHMS[cfg.strategy]
+  kwargs = {}
+  if 'std_schedule' in inspect.signature(cls.__init__).parameters:
+    kwargs['std_schedule'] = optax.constant_schedule(float(cfg.sigma_init))
+  try:
+    return cls(population_size=int(cfg.population_size),
+               solution=jnp.zeros(2, jnp.float32), **kwargs)
+  except AssertionError as e:  # e.g. Open_ES needs an even population
+    raise ConfigError(f'config.{field}.population_size='
+                      f'{cfg.population_size}: not valid for '
+                      f'{field}.strategy={cfg.strategy!r}: {e}') from e
 
 
 def make_strategy(cfg):
   """The evosax algorithm named ``cfg.strategy`` and its params, with the
   initial spread set to ``cfg.sigma_init`` where the algorithm has one."""
   validate_config(cfg)
-  cls = EVOSAX_ALGORITHMS[cfg.strategy]
-  kwargs = {}
-  if 'std_schedule' in inspect.signature(cls.__init__).parameters:
-    kwargs['std_schedule'] = optax.constant_schedule(float(cfg.sigma_init))
-  try:
-    es = cls(population_size=int(cfg.population_size),
-             solution=jnp.zeros(2, jnp.float32), **kwargs)
-  except AssertionError as e:  # e.g. Open_ES needs an even population
-    raise ValueError(f'fusion.population_size={cfg.population_size} is not '
-                     f'valid for fusion.strategy={cfg.strategy!r}: {e}') from e
+  es = _algorithm(cfg)
   params = es.default_params
   if hasattr(params, 'std_init'):
     params = params.replace(std_init=jnp.asarray(float(cfg.sigma_init)))

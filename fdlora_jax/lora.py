@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdlora_jax.errors import ConfigError
+
 PyTree = Any
 
 
@@ -34,18 +36,18 @@ class LoraConfig:
 
   def __post_init__(self):
     if isinstance(self.targets, str):
-      raise ValueError(f'lora.targets must be a sequence of names, got the '
-                       f'string {self.targets!r}')
+      raise ConfigError(f'lora.targets must be a sequence of names, got the '
+                        f'string {self.targets!r}')
     # Canonical order, so configs compare equal however targets were listed.
     object.__setattr__(self, 'targets', tuple(sorted(set(self.targets))))
     if self.rank <= 0:
-      raise ValueError(f'lora.rank must be > 0, got {self.rank}')
+      raise ConfigError(f'lora.rank must be > 0, got {self.rank}')
     if self.alpha <= 0:
-      raise ValueError(f'lora.alpha must be > 0, got {self.alpha}')
+      raise ConfigError(f'lora.alpha must be > 0, got {self.alpha}')
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'lora.dropout must be in [0, 1), got {self.dropout}')
+      raise ConfigError(f'lora.dropout must be in [0, 1), got {self.dropout}')
     if not self.targets:
-      raise ValueError('lora.targets must name at least one projection')
+      raise ConfigError('lora.targets must name at least one projection')
 
   @property
   def scale(self) -> float:
@@ -54,8 +56,8 @@ class LoraConfig:
   def validate(self, known: Sequence[str]) -> None:
     unknown = [t for t in self.targets if t not in known]
     if unknown:
-      raise ValueError(f'lora.targets {unknown} are not projections of this '
-                       f'model; choose from {tuple(known)}')
+      raise ConfigError(f'lora.targets {unknown} are not projections of this '
+                        f'model; choose from {tuple(known)}')
 
   @classmethod
   def from_config(cls, c) -> 'LoraConfig':

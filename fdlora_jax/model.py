@@ -43,6 +43,10 @@ Array = jax.Array
 ATTENTION_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
 MLP_PROJECTIONS = ('gate_proj', 'up_proj', 'down_proj')
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Attention implementations (LlamaConfig.attention, config.model.attention).
+ATTENTION = ('auto', 'xla', 'cudnn')
+# rope_type values of LlamaConfig.rope_scaling (Hugging Face's names).
+ROPE_TYPES = ('default', 'linear', 'llama3')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +89,7 @@ class LlamaConfig:
     if self.head_dim is None and self.hidden_size % self.num_attention_heads:
       raise ValueError('LlamaConfig.hidden_size must be divisible by '
                        'num_attention_heads when head_dim is not given')
-    if self.attention not in ('auto', 'xla', 'cudnn'):
+    if self.attention not in ATTENTION:
       raise ValueError(f"LlamaConfig.attention must be 'auto', 'xla' or "
                        f"'cudnn', got {self.attention!r}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # validates names
@@ -170,8 +174,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(medium, smoothed, scaled)
-  raise ValueError(f'Unsupported rope_type {kind!r} (supported: default, '
-                   f'linear, llama3)')
+  raise ValueError(f'Unsupported rope_type {kind!r} (supported: '
+                   f'{", ".join(ROPE_TYPES)})')
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:

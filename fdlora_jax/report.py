@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from fdlora_jax.errors import UserError, exit_on_user_error, fail
+from fdlora_jax.errors import (UserError, exit_on_user_error, fail,
+                               parse_flags)
 
 # ---------------------------------------------------------------------------
 # Reading
@@ -365,7 +366,7 @@ def _cli():
     with exit_on_user_error():
       write_report(workdir.value, out.value)
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -36,7 +37,8 @@ from fdlora_jax.errors import (ConfigError, DataError, MissingFileError,
 from fdlora_jax.fl import engine as engine_lib
 from fdlora_jax.fl.methods import METHODS
 from fdlora_jax.lora import LoraConfig
-from fdlora_jax.model import PRESETS, PROJECTIONS, Llama, init_params
+from fdlora_jax.model import (ATTENTION, PRESETS, PROJECTIONS, Llama,
+                              init_params)
 from fdlora_jax.tokenizer import embedded_tokenizer, load_tokenizer
 
 
@@ -81,6 +83,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        c.data.chat_template, f'choose from {CHAT_TEMPLATE_MODES}')
   need(c.lora.rank > 0, 'lora.rank', c.lora.rank, 'must be > 0')
   need(c.lora.alpha > 0, 'lora.alpha', c.lora.alpha, 'must be > 0')
+  need(0 <= c.lora.dropout < 1, 'lora.dropout', c.lora.dropout,
+       'must be in [0, 1)')
   bad = [t for t in c.lora.targets if t not in PROJECTIONS]
   need(not bad, 'lora.targets', tuple(c.lora.targets),
        f'{bad} are not projections of a LLaMA model; choose from '
@@ -88,6 +92,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.model.checkpoint or c.model.name or c.model.preset in PRESETS,
        'model.preset', c.model.preset,
        f'unknown; choose from {sorted(PRESETS)}')
+  need(c.model.attention in ATTENTION, 'model.attention', c.model.attention,
+       f'choose from {ATTENTION}')
+  for field in ('dtype', 'param_dtype'):
+    need(_is_float_dtype(c.model[field]), f'model.{field}', c.model[field],
+         "not a float dtype: e.g. 'float32' or 'bfloat16'")
   if c.model.name and not c.model.checkpoint:
     need(c.model.name in checkpoint_lib.NAMED_MODELS, 'model.name',
          c.model.name, f'choose from {sorted(checkpoint_lib.NAMED_MODELS)}, '
@@ -107,6 +116,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   for name, module in METHODS.items():
     if name == c.method:
       module.validate(c)
+
+
+def _is_float_dtype(name) -> bool:
+  try:
+    return jnp.issubdtype(jnp.dtype(name), jnp.floating)
+  except TypeError:
+    return False
 
 
 # Fields a resumed run may change: they do not shape the saved state.

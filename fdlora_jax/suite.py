@@ -46,7 +46,8 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 from fdlora_jax import run as run_lib
-from fdlora_jax.errors import ConfigError, UserError, exit_on_user_error, fail
+from fdlora_jax.errors import (ConfigError, UserError, exit_on_user_error,
+                               fail, no_such_field, parse_flags)
 
 def load_file(path: str | Path, function: str) -> Any:
   """Calls ``function()`` of the Python file at ``path``."""
@@ -64,13 +65,16 @@ def load_file(path: str | Path, function: str) -> Any:
 def set_field(c, path: str, value) -> None:
   """``c.a.b = value`` for the dotted ``path``, naming a bad path."""
   *parents, leaf = path.split('.')
+  def missing():    # naming the nearest fields
+    return ConfigError('suite: ' + (no_such_field(path, c) or
+                                    f'config has no field {path!r}'))
   node = c
   for p in parents:
     if p not in node:
-      raise ConfigError(f'suite: config has no field {path!r}')
+      raise missing()
     node = node[p]
   if leaf not in node:
-    raise ConfigError(f'suite: config has no field {path!r}')
+    raise missing()
   field_type = type(node[leaf])
   if isinstance(node[leaf], float) and isinstance(value, int):
     value = float(value)
@@ -225,7 +229,7 @@ def _cli():
       run_suite(suite, workdir.value, Path('.'),
                 tuple(g for g in only.value.split(',') if g), dry.value)
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

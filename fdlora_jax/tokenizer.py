@@ -27,7 +27,7 @@ from tokenizers import processors
 from tokenizers import trainers
 import transformers
 
-from fdlora_jax.errors import MissingFileError
+from fdlora_jax.errors import MissingFileError, need
 
 FORMAT_VERSION = 'bytebpe-v1'
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>', '<pad>')
@@ -65,8 +65,8 @@ def load_tokenizer(
     logging.info('tokenizer %s has no pad token; using %r (id %d)', path,
                  tok.pad_token, tok.pad_token_id)
   if tok.eos_token is None:
-    raise ValueError(f'{path}: the tokenizer has no eos token; the answer '
-                     'must end with one')
+    raise checkpoint.CheckpointError(f'{path}: the tokenizer has no eos '
+                                     'token; the answer must end with one')
   return tok
 
 
@@ -117,9 +117,8 @@ def embedded_tokenizer(texts: Iterable[str], vocab_size: int,
   Returns:
     The tokenizer (pad, bos, eos, unk set).
   """
-  if vocab_size < _MIN_VOCAB:
-    raise ValueError(f'c.model.tokenizer_vocab_size={vocab_size}: a '
-                     f'byte-level BPE needs at least {_MIN_VOCAB}')
+  need(vocab_size >= _MIN_VOCAB, 'model.tokenizer_vocab_size', vocab_size,
+       f'a byte-level BPE needs at least {_MIN_VOCAB}')
   texts = list(texts)
   if not texts:
     raise ValueError('embedded_tokenizer: no text to train on')

@@ -1,14 +1,18 @@
 """The user-facing errors (fdlora_jax/errors.py) and the command lines that
 print them: one line, exit status 2; anything else keeps its traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fdlora_jax.errors import (ConfigError, DataError,
+from configs import tiny
+from fdlora_jax import checkpoint, run
+from fdlora_jax.errors import (ConfigError, DataError, UserError,
                                exit_on_user_error, fail, need)
+from fdlora_jax.fl.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +60,115 @@ def test_suite_and_report_command_lines_fail_in_one_line(tmp_path, argv, says):
   assert len(err) == 1 and says in err[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def one_error_line(argv, cwd=REPO):
+  """Runs ``python *argv``; asserts exit status 2, one ``error:`` line on
+  stderr and no traceback; returns that line."""
+  proc = subprocess.run([sys.executable, *argv], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  err = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(err) == 1, proc.stderr[-2000:]
+  return err[0]
+
+
+# Without --config, ml_collections applies the overrides to the default
+# config while main.py defines the flag; with it, while absl parses argv.
+@pytest.mark.parametrize('config', [['--config=configs/tiny.py'], []])
+@pytest.mark.parametrize('override, says', [
+    ('--config.fl.roundz=3',
+     'error: config.fl.roundz: no such field (did you mean fl.rounds?)'),
+    ('--config.fdlora.fuson.steps=3', 'did you mean fdlora.fusion.steps'),
+    ('--config.zz.yy=3', 'error: config.zz.yy: no such field'),
+    ('--config.fl.rounds=abc', '--config.fl.rounds=abc: invalid literal'),
+])
+def test_main_py_bad_override_is_one_line(tmp_path, config, override, says):
+  line = one_error_line(['main.py', *config, override,
+                         f'--workdir={tmp_path}/w'])
+  assert says in line
+  assert not (tmp_path / 'w').exists()
+
+
+def test_main_py_bad_fusion_field_is_one_line(tmp_path):
+  line = one_error_line(['main.py', '--config=configs/tiny.py',
+                         '--config.fdlora.fusion.steps=0',
+                         f'--workdir={tmp_path}/w'])
+  assert line == 'error: config.fdlora.fusion.steps=0: must be >= 1'
+  assert not (tmp_path / 'w').exists()
+
+
+# One bad value of one field of each method's own block.
+BAD_METHOD_FIELD = {
+    'fdlora': ('outer_lr', 0.0),
+    'fedavg': ('server_lr', 0.0),
+    'fedamp': ('self_weight', 2.0),
+    'fedkd': ('mentee_rank', 0),
+    'k_shot': ('shots', 0),
+    'fedrep': ('head_steps', 0),
+    'fedrod': ('head_layers', -1),
+    'pfedlora': ('shared_rank', 0),
+    'fedlora_opt': ('weighting', 'median'),
+}
+BAD_FUSION_FIELD = [
+    ('strategy', 'CMAES'), ('population_size', 1), ('steps', 0),
+    ('bounds', (1.0, -1.0)), ('init', (2.0, 0.0)), ('sigma_init', 0.0),
+    ('lam', -1.0), ('baselines', ('median',)),
+]
+
+
+def method_config(name):
+  c = tiny.get_config()
+  c.method = name
+  c[name] = METHODS[name].config()
+  METHODS[name].validate(c)         # the defaults pass
+  return c
+
+
+@pytest.mark.parametrize('name', sorted(METHODS))
+def test_every_method_rejects_a_bad_field_as_a_user_error(name):
+  c = method_config(name)
+  if not c[name]:                   # no fields of its own
+    assert name not in BAD_METHOD_FIELD
+    return
+  assert name in BAD_METHOD_FIELD, f'add a bad field of {name} here'
+  field, value = BAD_METHOD_FIELD[name]
+  c[name][field] = value
+  with pytest.raises(UserError, match=rf'{name}\.{field}='):
+    METHODS[name].validate(c)
+
+
+@pytest.mark.parametrize('field, value', BAD_FUSION_FIELD + [
+    ('population_size', 7)])        # with Open_ES: needs an even population
+def test_fdlora_rejects_a_bad_fusion_field_as_a_user_error(field, value):
+  c = method_config('fdlora')
+  if field == 'population_size' and value == 7:
+    c.fdlora.fusion.strategy = 'Open_ES'
+  c.fdlora.fusion[field] = value
+  with pytest.raises(UserError, match=rf'config\.fdlora\.fusion\.{field}='):
+    METHODS['fdlora'].validate(c)
+
+
+@pytest.mark.parametrize('field, value', [
+    ('lora.dropout', 1.5), ('model.attention', 'flash'),
+    ('model.dtype', 'float99'), ('model.param_dtype', 'int8')])
+def test_run_checks_the_fields_the_model_reads(field, value):
+  c = method_config('fedavg')
+  group, name = field.split('.')
+  c[group][name] = value
+  with pytest.raises(ConfigError, match=rf'config\.{group}\.{name}='):
+    run.validate_config(c)
+
+
+@pytest.mark.parametrize('change, says', [
+    ({'num_key_value_heads': 3}, 'num_key_value_heads'),
+    ({'rope_scaling': {'rope_type': 'yarn', 'factor': 2.0}}, "'yarn'"),
+])
+def test_a_bad_checkpoint_config_json_is_a_user_error(tmp_path, change, says):
+  hf = {'model_type': 'llama', 'vocab_size': 96, 'hidden_size': 32,
+        'intermediate_size': 64, 'num_hidden_layers': 2,
+        'num_attention_heads': 4, **change}
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  with pytest.raises(checkpoint.CheckpointError, match=says):
+    checkpoint.load_hf_config(tmp_path)

@@ -255,7 +255,7 @@ def test_baseline_weights():
 
 
 @pytest.mark.parametrize('field,value,match', [
-    ('strategy', 'CMAES', r'fusion\.strategy .*CMA_ES'),
+    ('strategy', 'CMAES', r'fusion\.strategy=.*CMA_ES'),
     ('strategy', 'RandomSearch', r'fusion\.strategy'),
     ('population_size', 1, r'fusion\.population_size'),
     ('steps', 0, r'fusion\.steps'),

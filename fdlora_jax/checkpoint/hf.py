@@ -30,7 +30,7 @@ import numpy as np
 
 from fdlora_jax.errors import MissingFileError, UserError
 from fdlora_jax.model import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS,
-                              LlamaConfig)
+                              ROPE_TYPES, LlamaConfig)
 
 _ST_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
@@ -127,26 +127,32 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, **execution) -> LlamaConfi
   rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
   theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
   kind = rope.get('rope_type', rope.get('type', 'default'))
+  if kind not in ROPE_TYPES:
+    raise CheckpointError(f'{path}: rope_type {kind!r} is not supported '
+                          f'(supported: {", ".join(ROPE_TYPES)})')
   scaling = None if kind == 'default' else tuple(sorted(rope.items()))
   missing = [k for k in ('vocab_size', 'hidden_size', 'intermediate_size',
                          'num_hidden_layers', 'num_attention_heads')
              if k not in hf]
   if missing:
     raise CheckpointError(f'{path}: missing fields {missing}')
-  cfg = LlamaConfig(
-      vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
-      intermediate_size=hf['intermediate_size'],
-      num_hidden_layers=hf['num_hidden_layers'],
-      num_attention_heads=hf['num_attention_heads'],
-      num_key_value_heads=hf.get('num_key_value_heads')
-      or hf['num_attention_heads'],
-      head_dim=hf.get('head_dim'),
-      rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
-      rope_theta=float(theta), rope_scaling=scaling,
-      max_position_embeddings=hf.get('max_position_embeddings', 4096),
-      tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      attention_bias=bool(hf.get('attention_bias', False)),
-      mlp_bias=bool(hf.get('mlp_bias', False)), **execution)
+  try:
+    cfg = LlamaConfig(
+        vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+        intermediate_size=hf['intermediate_size'],
+        num_hidden_layers=hf['num_hidden_layers'],
+        num_attention_heads=hf['num_attention_heads'],
+        num_key_value_heads=hf.get('num_key_value_heads')
+        or hf['num_attention_heads'],
+        head_dim=hf.get('head_dim'),
+        rms_norm_eps=hf.get('rms_norm_eps', 1e-6),
+        rope_theta=float(theta), rope_scaling=scaling,
+        max_position_embeddings=hf.get('max_position_embeddings', 4096),
+        tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        attention_bias=bool(hf.get('attention_bias', False)),
+        mlp_bias=bool(hf.get('mlp_bias', False)), **execution)
+  except ValueError as e:     # e.g. heads not a multiple of kv heads
+    raise CheckpointError(f'{path}: {e}') from e
   if cfg.dim_per_head % 2:
     raise CheckpointError(f'{path}: head_dim {cfg.dim_per_head} must be even')
   return cfg

@@ -70,7 +70,7 @@ def validate(c) -> None:
        f'choose from {GLOBAL_INITS}')
   need(m.weighting in ('uniform', 'examples'), 'fdlora.weighting',
        m.weighting, "must be 'uniform' or 'examples'")
-  fusion_lib.validate_config(m.fusion)
+  fusion_lib.validate_config(m.fusion, 'fdlora.fusion')
   for kind in m.fusion.baselines:
     need(kind in fusion_lib.BASELINES, 'fdlora.fusion.baselines', kind,
          f'choose from {fusion_lib.BASELINES}')
