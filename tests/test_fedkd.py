@@ -49,8 +49,8 @@ def test_svd_compression_keeps_the_thresholds_energy_and_no_more():
   b = rng.normal(size=(4, 6, 20)) * np.geomspace(1, 0.3, 6)[:, None]
   tree = {'a': jnp.asarray(a, jnp.float32), 'b': jnp.asarray(b, jnp.float32)}
   for threshold in (0.5, 0.9, 0.99):
-    c = lora_lib.svd_compress(tree, threshold)
-    back = lora_lib.svd_decompress(c)
+    c = fedkd.svd_compress(tree, threshold)
+    back = fedkd.svd_decompress(c)
     expect_bytes, ks = 0, []
     for name, x in (('a', a), ('b', b)):
       for l in range(4):
@@ -66,12 +66,12 @@ def test_svd_compression_keeps_the_thresholds_energy_and_no_more():
           assert share >= threshold * (1 - 1e-5)
           assert np.sum(s[:k - 1] ** 2) / total < threshold
         expect_bytes += k * (x.shape[1] + x.shape[2] + 1) * 4
-    assert int(lora_lib.svd_wire_bytes(c)) == expect_bytes
+    assert int(fedkd.svd_wire_bytes(c)) == expect_bytes
     assert len(set(ks)) > 2    # the test really spans several k
-  c = lora_lib.svd_compress(tree, 0.9)
+  c = fedkd.svd_compress(tree, 0.9)
   np.testing.assert_array_equal(c['a']['s'][3], 0.0)
   # Threshold 1 keeps every non-zero singular value: exact reconstruction.
-  close(lora_lib.svd_decompress(lora_lib.svd_compress(tree, 1.0)), tree,
+  close(fedkd.svd_decompress(fedkd.svd_compress(tree, 1.0)), tree,
         atol=1e-5)
 
 
@@ -232,7 +232,7 @@ def test_rounds_upload_the_compressed_mentee_update_only(tiny):
             jax.tree.map(lambda x: 0, download))
     # The kept triplets and their bytes, from the SVD of the real update.
     delta = jax.tree.map(lambda x, d: x - d, train['mentee'], download)
-    got = lora_lib.svd_decompress(upload)
+    got = fedkd.svd_decompress(upload)
     mean = jax.tree.map(lambda x: np.mean(x, 0), got)
     for i in range(N):
       expect = 0

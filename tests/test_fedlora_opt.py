@@ -32,7 +32,7 @@ def test_decompose_then_compose_is_the_same_adapter(tiny):
   # One rank component of one b is zero: magnitude 0, still exact.
   q = lora['layers']['self_attn']['q_proj']
   q['b'] = q['b'].at[:, 1, :].set(0.0)
-  parts = lora_lib.decompose(lora)
+  parts = fedlora_opt.decompose(lora)
   for p in lora_lib.adapted_paths(lora):
     node, plain = lora_lib._get(parts, p), lora_lib._get(lora, p)
     # Directions: unit vectors per rank component (a's columns over `in`,
@@ -45,21 +45,22 @@ def test_decompose_then_compose_is_the_same_adapter(tiny):
                                rtol=1e-6)
     assert node['a']['m'].shape == plain['a'].shape[:-2] + (
         plain['a'].shape[-1],)
-  back = lora_lib.compose(parts)
+  back = fedlora_opt.compose(parts)
   # Only A decomposed: B stays the same array, and composing gives lora.
-  half = lora_lib.decompose(lora, ('a',))
+  half = fedlora_opt.decompose(lora, ('a',))
   for p in lora_lib.adapted_paths(lora):
     assert lora_lib._get(half, p)['b'] is lora_lib._get(lora, p)['b']
     np.testing.assert_array_equal(lora_lib._get(half, p)['a']['d'],
                                   lora_lib._get(parts, p)['a']['d'])
-  for x, y in zip(leaves(lora_lib.compose(half)), leaves(lora), strict=True):
+  for x, y in zip(leaves(fedlora_opt.compose(half)), leaves(lora),
+                  strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   for x, y in zip(leaves(back), leaves(lora), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(
       back['layers']['self_attn']['q_proj']['b'][:, 1], 0.0)
   # unit(): finite gradient at a zero vector (a zero row of b).
-  g = jax.grad(lambda x: jnp.sum(lora_lib.unit(x, -1) * 2.0))(
+  g = jax.grad(lambda x: jnp.sum(fedlora_opt.unit(x, -1) * 2.0))(
       jnp.zeros((2, 3)).at[0].set(1.0))
   assert bool(jnp.all(jnp.isfinite(g))) and not np.any(np.asarray(g[1]))
   # A direction's own norm does not matter.
@@ -67,7 +68,7 @@ def test_decompose_then_compose_is_the_same_adapter(tiny):
   for p in lora_lib.adapted_paths(parts):
     node = lora_lib._get(scaled, p)
     node['a'] = dict(node['a'], d=node['a']['d'] * 3.0)
-  for x, y in zip(leaves(lora_lib.compose(scaled)), leaves(lora)):
+  for x, y in zip(leaves(fedlora_opt.compose(scaled)), leaves(lora)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   # The model's output is the plain adapter's.
   tokens = jnp.asarray(random_batches(0, 1)['tokens'][0, 0])
@@ -194,7 +195,7 @@ def test_local_stage_changes_only_b_magnitudes(trained):
                                                a_dir)
   # The tree the stage started from, by the engine's own compiled start.
   start = eng._starts['personalize'](state['client'], a_dir)
-  close = lora_lib.decompose(global_model, ('b',))
+  close = fedlora_opt.decompose(global_model, ('b',))
   for x, y in zip(leaves(start), leaves(close), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   personal = final['client']['personal']
@@ -214,8 +215,8 @@ def test_local_stage_changes_only_b_magnitudes(trained):
   # Rows: the adapters of each stage, composed.
   rows = eng.method.rows(final['server'], final['client'])
   assert list(rows) == ['personalized', 'global']
-  assert_same(rows['personalized'], lora_lib.compose(personal))
-  assert_same(rows['global'], lora_lib.compose(global_model))
+  assert_same(rows['personalized'], fedlora_opt.compose(personal))
+  assert_same(rows['global'], fedlora_opt.compose(global_model))
   assert eng.method.headline == 'personalized'
 
 

@@ -51,6 +51,7 @@ import optax
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import sharding
+from fdlora_jax.fl import losses
 from fdlora_jax.model import (num_targets_bucket, positions_from_mask,
                               target_log_probs)
 
@@ -245,9 +246,7 @@ class Forward(NamedTuple):
 
   def nll(self, lora, batch, rng=None):
     """Mean next-token NLL over the targets, and their count."""
-    logp, mask = self.target_log_probs(lora, batch, rng)
-    count = jnp.sum(mask)
-    return -jnp.sum(logp * mask) / jnp.maximum(count, 1.0), count
+    return losses.mean_nll(*self.target_log_probs(lora, batch, rng))
 
 
 class StepMetrics(NamedTuple):
@@ -600,19 +599,15 @@ class Engine:
 # ---------------------------------------------------------------------------
 # The plain case: one adapter, token NLL (tests and benchmarks)
 # ---------------------------------------------------------------------------
-def _sft_loss(fwd, lora, download, batch, rng):
-  del download
-  return fwd.nll(lora, batch, rng)
-
-
 def sft_clients_update(model, optimizer: optax.GradientTransformation,
                        dropout: bool = False, donate: bool = True,
                        grad_accum: int = 1) -> Callable:
   """``(base, lora[N], opt[N], batches[K, N, ...], rng[N], num_targets=None)
   -> (lora[N], opt[N], healthy[N], StepMetrics[N, K])``: every client trains
   its whole adapter on the token NLL."""
-  many = make_clients_update(model, _sft_loss, optimizer, dropout=dropout,
-                             donate=False, grad_accum=grad_accum)
+  many = make_clients_update(model, losses.token_nll, optimizer,
+                             dropout=dropout, donate=False,
+                             grad_accum=grad_accum)
 
   def update(base, lora, opt_state, batches, rngs, num_targets=None):
     return many(base, lora, opt_state, None, batches, rngs,
@@ -626,7 +621,7 @@ def sft_client_update(model, optimizer: optax.GradientTransformation,
                       dropout: bool = False,
                       num_targets: Optional[int] = None) -> Callable:
   """One client's ``(base, lora, opt, batches[K], rng)`` (not jitted)."""
-  one = make_client_update(_sft_loss, optimizer)
+  one = make_client_update(losses.token_nll, optimizer)
 
   def update(base, lora, opt_state, batches, rng):
     return one(Forward(model, base, num_targets, dropout), lora, opt_state,

@@ -17,9 +17,20 @@ import jax.numpy as jnp
 PyTree = Any
 
 
-def token_nll(fwd, lora: PyTree, batch: dict, rng=None):
-  """Mean next-token NLL of the answer tokens with ``lora``, and the count."""
-  return fwd.nll(lora, batch, rng)
+def mean_nll(logp: jax.Array, mask: jax.Array):
+  """``-sum(logp * mask) / max(sum(mask), 1)``, the mean negative
+  log-likelihood of the targets whose log-probabilities are ``logp`` (e.g.
+  ``[B, A]`` from :meth:`Forward.target_log_probs`) where ``mask`` > 0, and
+  the target count ``sum(mask)``."""
+  count = jnp.sum(mask)
+  return -jnp.sum(logp * mask) / jnp.maximum(count, 1.0), count
+
+
+def token_nll(fwd, train: PyTree, download: PyTree, batch: dict, rng=None):
+  """The plain method loss: :func:`mean_nll` of the answer tokens with the
+  whole trained tree ``train`` as the adapter (``download`` unused)."""
+  del download
+  return fwd.nll(train, batch, rng)
 
 
 def squared_distance(a: PyTree, b: PyTree) -> jax.Array:

@@ -1,13 +1,18 @@
-"""Server side: the outer optimizer step on the mean pseudo-gradient.
+"""Server side: the rules the methods' server functions share.
 
-Shared by the methods whose server averages uploads. Every function takes the
-uploads (``[N, ...]``) and weights, never a client's private state.
+Every function takes the uploads (``[N, ...]``) and weights, never a
+client's private state. Non-finite clients have weight 0 and never enter a
+sum.
 
     delta    = sum_i w_i (theta - theta_i) / sum_i w_i
     theta'   = theta - outer_opt(delta)
 
-With ``optax.sgd(1.0)`` this is FedAvg; with ``optax.sgd(lr, momentum,
-nesterov=True)`` it is DiLoCo's outer step, which FDLoRA uses.
+:func:`mean_step` is FedAvg's server (``outer_opt`` a plain step of
+``lr``); :func:`outer_step` takes any optax optimizer, e.g. ``optax.sgd(lr,
+momentum, nesterov=True)``, DiLoCo's outer step, which FDLoRA uses;
+:func:`replace_step` is for a server that sets its state to a new value.
+All report :func:`step_metrics`. :func:`validate_weighting` checks a
+method's ``weighting`` field.
 """
 
 from __future__ import annotations
@@ -18,7 +23,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdlora_jax.errors import need
+
 PyTree = Any
+# How the server weights the clients: equally, or by training examples.
+WEIGHTINGS = ('uniform', 'examples')
+
+
+def validate_weighting(c, name: str) -> None:
+  """``config.<name>.weighting`` must be one of :data:`WEIGHTINGS`."""
+  value = c[name].weighting
+  need(value in WEIGHTINGS, f'{name}.weighting', value,
+       "must be 'uniform' or 'examples'")
 
 
 def outer_optimizer(lr: float, momentum: float, nesterov: bool = True
@@ -58,18 +74,42 @@ def tree_norm(tree: PyTree) -> jax.Array:
                       for x in jax.tree.leaves(tree)))
 
 
+def step_metrics(delta: PyTree, weights: jax.Array) -> dict:
+  """What an averaging server reports: ``delta_norm``, the norm of the
+  server's change, and ``participants``, the clients with weight > 0."""
+  return {'delta_norm': tree_norm(delta), 'participants': jnp.sum(weights > 0)}
+
+
+def mean_step(theta: PyTree, uploads: PyTree, weights: jax.Array,
+              lr: float = 1.0) -> tuple[PyTree, dict]:
+  """FedAvg's server: ``theta - lr * delta`` with ``delta`` the
+  :func:`pseudo_gradient`; with ``lr = 1`` the weighted mean of the uploads
+  (``theta`` itself when every weight is 0). Returns ``(theta',``
+  :func:`step_metrics` ``)``."""
+  delta = pseudo_gradient(theta, uploads, weights)
+  new = jax.tree.map(lambda x, d: x - lr * d, theta, delta)
+  return new, step_metrics(delta, weights)
+
+
+def replace_step(theta: PyTree, new: PyTree, weights: jax.Array
+                 ) -> tuple[PyTree, dict]:
+  """A server that sets its state to ``new`` (e.g. a :func:`weighted_mean`):
+  ``(new,`` :func:`step_metrics` of ``theta - new`` ``)``."""
+  delta = jax.tree.map(lambda x, y: x - y, theta, new)
+  return new, step_metrics(delta, weights)
+
+
 def outer_step(outer: optax.GradientTransformation, global_lora: PyTree,
                outer_state: PyTree, uploads: PyTree, weights: jax.Array
                ) -> tuple[PyTree, PyTree, dict]:
   """One outer step on the mean pseudo-gradient of ``uploads [N, ...]``.
 
-  Returns ``(global_lora, outer_state, {'delta_norm', 'participants'})``.
+  Returns ``(global_lora, outer_state,`` :func:`step_metrics` ``)``.
   """
   delta = pseudo_gradient(global_lora, uploads, weights)
   updates, outer_state = outer.update(delta, outer_state, global_lora)
   new_global = optax.apply_updates(global_lora, updates)
-  return new_global, outer_state, {'delta_norm': tree_norm(delta),
-                                   'participants': jnp.sum(weights > 0)}
+  return new_global, outer_state, step_metrics(delta, weights)
 
 
 def flatten_clients(uploads: PyTree) -> jax.Array:

@@ -35,7 +35,9 @@ from fdlora_jax import fusion as fusion_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.engine import Method, Phase, Setup
-from fdlora_jax.fl.server import outer_optimizer, outer_step, weighted_mean
+from fdlora_jax.fl.losses import token_nll
+from fdlora_jax.fl.server import (outer_optimizer, outer_step,
+                                  validate_weighting, weighted_mean)
 
 NAME = 'fdlora'
 # Fields a resumed run may change: the fusion search runs after the last
@@ -68,8 +70,7 @@ def validate(c) -> None:
        'H must be >= 1 (inf: never)')
   need(m.global_init in GLOBAL_INITS, 'fdlora.global_init', m.global_init,
        f'choose from {GLOBAL_INITS}')
-  need(m.weighting in ('uniform', 'examples'), 'fdlora.weighting',
-       m.weighting, "must be 'uniform' or 'examples'")
+  validate_weighting(c, NAME)
   fusion_lib.validate_config(m.fusion, 'fdlora.fusion')
   for kind in m.fusion.baselines:
     need(kind in fusion_lib.BASELINES, 'fdlora.fusion.baselines', kind,
@@ -87,9 +88,6 @@ def build(s: Setup) -> Method:
     w0 = jnp.tile(jnp.asarray(m.fusion.init, jnp.float32), (n, 1))
     return ({'global': fresh, 'outer': outer.init(fresh)},
             {'personal': lora_lib.replicate(fresh, n), 'fusion_w': w0})
-
-  def loss(fwd, train, download, batch, rng):
-    return fwd.nll(train, batch, rng)
 
   # -- phase 1: local learning of theta_p --------------------------------------
   def local_finish(client, train, download, t):
@@ -136,10 +134,10 @@ def build(s: Setup) -> Method:
   start_personal = lambda client, download: client['personal']
   start_download = lambda client, download: download
   phases = (
-      s.local_phase(start=start_personal, loss=loss, finish=local_finish,
+      s.local_phase(start=start_personal, loss=token_nll, finish=local_finish,
                     server=local_server),
       s.round_phase(broadcast=lambda server, t: server['global'],
-                    start=start_download, loss=loss, finish=round_finish,
+                    start=start_download, loss=token_nll, finish=round_finish,
                     server=round_server, reset_opt=m.reset_inner_opt),
       Phase('fusion', search=fusion),
   )

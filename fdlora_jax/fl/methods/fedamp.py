@@ -2,50 +2,23 @@
 Cross-Silo Federated Learning on Non-IID Data", AAAI 2021), on LoRA adapters
 of a frozen LLaMA.
 
-Every client owns one adapter ``w_i`` (its whole LoRA: the only trainable
-weights here, so they play the paper's model parameters). Attentive message
-passing runs on the server: for each client it builds a personalized cloud
-adapter ``u_i = sum_j xi_ij w_j`` and sends it to that client only. The
-attention weights are the paper's heuristic form (HeurFedAMP), not
-its attention-inducing function ``A(||w_i - w_j||^2)``:
+Every client owns one adapter ``w_i``. Attentive message passing runs on the
+server: for each client it builds a personalized cloud adapter ``u_i =
+sum_j xi_ij w_j`` and sends it to that client only, with the paper's
+heuristic attention (HeurFedAMP):
 
   xi_ij = (1 - xi_ii) exp(sigma cos(w_i, w_j)) / sum_{h != i} exp(sigma
           cos(w_i, w_h))     for j != i,       xi_ii = ``self_weight``,
 
-with ``cos`` a cosine similarity between two clients' adapters. We use the
-heuristic because the distance-based ``A'`` needs a scale per model size,
-while the cosine is scale-free. ``similarity`` picks what is compared:
+``cos`` being the cosine similarity of two clients' weight deltas ``a b``
+(``similarity='delta'``) or of their flattened parameters (``'adapter'``).
+A client with weight 0 is no one's neighbour and keeps its previous ``u_i``.
 
-* ``'delta'`` (default): the weight deltas ``delta_W = a b`` of every adapted
-  matrix as one vector (``server.delta_cosine``, from ``r x r`` Gram
-  matrices). Every client starts from the same random ``a``, which dominates
-  the raw parameters; ``delta_W`` is what the adapter changes in the model.
-* ``'adapter'``: the flattened parameters (every ``a`` and ``b``), the
-  paper's ``w`` taken literally. Measured on the tiny logs run (3 clients,
-  AdamW 2e-4, 4 rounds): all pairwise cosines >= 0.9945 after the local
-  phase, so ``exp(10 cos)`` gives uniform attention (0.2455-0.2545 for
-  ``xi_ii = 0.5``, 0.2499-0.2501 from round 2); ``'delta'`` on the same
-  run starts at cosines 0.26-0.80 (attention 0.002-0.50).
-
-A client with server weight 0 (non-finite this round) is no one's neighbour
-and keeps its previous ``u_i``; a client without neighbours gets ``u_i =
-w_i``.
-
-Each client then takes the paper's proximal step ``argmin_w F_i(w) +
-lam/2 ||w - u_i||^2`` (``lam`` stands for the paper's ``lambda / alpha_k``;
-fixed here) by K AdamW steps on the token NLL plus the proximal term,
-*starting from* ``u_i``, the centre of the proximal step (the paper does
-not name the starting point; starting from ``w_i`` would make the message
-only a regulariser). Phases:
-
-1. ``local``: ``fl.local_epochs`` epochs of plain NLL on ``w_i`` from a
-   fresh adapter (the paper's initial models ``w_i^0``); each uploads
-   ``w_i``, and the server computes the first ``u``.
-2. ``rounds``: T rounds; client i downloads ``u_i``, trains from it with the
-   proximal term, uploads the result as its new ``w_i``.
-
-Bytes per round per client: ``|w|`` up and ``|w|`` down (its own ``u_i``).
-Evaluated: ``personalized``, the clients' own adapters ``w_i``.
+Each client then takes the proximal step ``argmin_w F_i(w) + lam/2 ||w -
+u_i||^2`` by K AdamW steps on the token NLL plus the proximal term, starting
+from ``u_i``. Phases: ``local`` (plain NLL from a fresh adapter; the server
+computes the first ``u``) and ``rounds``. Evaluated: ``personalized``, the
+clients' own adapters. Choices: docs/methods.md, "Choices per method".
 
 Server state ``{'u' [N]}``; client state ``{'lora' [N]}``.
 """
@@ -59,7 +32,7 @@ import ml_collections
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.engine import Method, Setup
-from fdlora_jax.fl.losses import proximal
+from fdlora_jax.fl.losses import proximal, token_nll
 from fdlora_jax.fl.server import (delta_cosine, flatten_clients, mix,
                                   pairwise_cosine)
 
@@ -121,17 +94,14 @@ def build(s: Setup) -> Method:
     return {'u': u}, {'attention': xi, 'cosine': cos,
                       'participants': jnp.sum(ok)}
 
-  def nll(fwd, train, download, batch, rng):
-    return fwd.nll(train, batch, rng)
-
   def prox_nll(fwd, train, download, batch, rng):
-    value, count = fwd.nll(train, batch, rng)
+    value, count = token_nll(fwd, train, download, batch, rng)
     return value + proximal(train, download, m.lam), count
 
   finish = lambda client, train, download, t: (dict(client, lora=train), train)
   phases = (
-      s.local_phase(start=lambda client, download: client['lora'], loss=nll,
-                    finish=finish, server=server),
+      s.local_phase(start=lambda client, download: client['lora'],
+                    loss=token_nll, finish=finish, server=server),
       s.round_phase(broadcast=lambda state, t: state['u'],
                     personal_download=True,
                     start=lambda client, download: download, loss=prox_nll,

@@ -13,14 +13,13 @@ Server state ``{'global'}``; no client state.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.engine import Method, Setup
-from fdlora_jax.fl.server import pseudo_gradient, tree_norm
+from fdlora_jax.fl.losses import token_nll
+from fdlora_jax.fl.server import mean_step, validate_weighting
 
 NAME = 'fedavg'
 
@@ -33,8 +32,7 @@ def config() -> ml_collections.ConfigDict:
 
 
 def validate(c) -> None:
-  need(c.fedavg.weighting in ('uniform', 'examples'), 'fedavg.weighting',
-       c.fedavg.weighting, "must be 'uniform' or 'examples'")
+  validate_weighting(c, NAME)
   need(c.fedavg.server_lr > 0, 'fedavg.server_lr', c.fedavg.server_lr,
        'must be > 0')
 
@@ -47,17 +45,11 @@ def build(s: Setup) -> Method:
     return {'global': s.lora_init(key)}, {}
 
   def server(state, uploads, weights, t):
-    # theta - lr * sum_i w_i (theta - theta_i) / sum_i w_i: the weighted mean
-    # when lr = 1.
-    delta = pseudo_gradient(state['global'], uploads, weights)
-    g = jax.tree.map(lambda x, d: x - lr * d, state['global'], delta)
-    return {'global': g}, {'delta_norm': tree_norm(delta),
-                           'participants': jnp.sum(weights > 0)}
+    g, metrics = mean_step(state['global'], uploads, weights, lr)
+    return {'global': g}, metrics
 
   common = dict(broadcast=lambda state, t: state['global'],
-                start=lambda client, download: download,
-                loss=lambda fwd, train, download, batch, rng: fwd.nll(
-                    train, batch, rng),
+                start=lambda client, download: download, loss=token_nll,
                 finish=lambda client, train, download, t: (client, train),
                 server=server)
   phases = (s.local_phase(**common), s.round_phase(**common))

@@ -2,68 +2,31 @@
 learning via knowledge distillation", Nature Communications 2022), on LoRA
 adapters of a frozen LLaMA.
 
-The paper's large private *mentor* and small shared *mentee* models become
-two adapters of different rank on the same frozen base: a private mentor of
-rank ``mentor_rank`` (default 16) and a shared mentee of rank
-``mentee_rank`` (default 4). The model applies every adapter at the run's
-LoRA scale ``alpha / lora.rank``; each adapter here runs with its ``b``
-multiplied by ``lora.rank / its_rank`` (``lora.scale_b``), i.e. at PEFT's
-own scale ``alpha / its_rank``, and is exported (rows) that way.
-
-Adaptive mutual distillation, per batch, with ``L_t``, ``L_s`` the mentor's
-and the mentee's token NLL (task losses)::
+The paper's private *mentor* and shared *mentee* models are two adapters of
+different rank on the same base (``mentor_rank``, ``mentee_rank``), each at
+PEFT's scale ``alpha / its rank``. Adaptive mutual distillation, per batch,
+with ``L_t``, ``L_s`` the mentor's and the mentee's token NLL::
 
   mentor: L_t + KL(sg(y_s) || y_t) / sg(L_t + L_s)
   mentee: L_s + KL(sg(y_t) || y_s) / sg(L_t + L_s)
 
-(``sg``: stop-gradient; the two are summed and trained jointly, which is the
-same as two separate optimisers since AdamW is elementwise). Dividing by the
-task losses makes distillation strong when both predict well and weak when
-they do not. Each model learns from the other's prediction, not from its own
-(the authors' code lets both KLs and the divisor reach both models). The
-paper's hidden-state and attention MSE terms are left out: both adapters sit
-on one frozen base whose hidden states the loss does not see, and their
-difference comes from the adapters alone. ``y`` is ``distill``:
+(``sg``: stop-gradient; both trained jointly). ``y`` is ``distill``:
+``'token'``, the target token's probability against all others at every
+answer token, or ``'option'``, the softmax over the answer options.
 
-* ``'token'`` (default): at every answer token, the model's probability of
-  the target token versus all others (``losses.bernoulli_kl`` on
-  ``Forward.target_log_probs``), averaged over the answer tokens. It reuses
-  the NLL's forward pass and works for every task; full-vocabulary KL would
-  need the logits the forward does not return.
-* ``'option'``: the softmax over the answer options' first tokens at the
-  answer position (``Forward.option_logits``; two more forward passes per
-  step; needs options that start with different tokens).
-
-Only the mentee's update ``delta = mentee_trained - mentee_downloaded``
-leaves a client, compressed by truncated SVD (``lora.svd_compress``), one SVD
-per factor matrix per layer (``a_l`` ``[in, r_s]``, ``b_l`` ``[r_s, out]``:
-the mentee's parameter matrices, as the paper compresses each parameter
-matrix's gradient; an SVD of ``delta_W`` would leave the server a rank
-``2 r_s N`` mean to force back into rank ``r_s`` factors), keeping the fewest
-singular values whose energy share is >= ``T(t) = T_start + (T_end -
-T_start) (t - 1) / (T - 1)`` at round t: ``T_start`` at round 1 (and in the
-``local`` phase, round 0), ``T_end`` at the last (the authors' code uses
-``t / T``, never quite ``T_start``). Shapes stay at full rank with the
-dropped triplets zeroed; ``wire_bytes`` counts ``k (m + n + 1)`` floats per
-matrix, which exceeds the raw ``m n`` when ``k = r_s`` (measured on the tiny
-logs run, 7 targets, rank 4: 65-80% of the raw mentee, rising with T). The
-server adds the weighted mean of the decompressed updates to the mentee and
-broadcasts it whole (the paper also compresses this download; its full size
-is counted here).
-
-Bytes per round per client: up ``4 sum_{targets, layers} (k_a (in + r_s +
-1) + k_b (r_s + out + 1))``, down ``|mentee| = 4 sum_{targets} L r_s (in +
-out)``.
-
-Phases: ``local`` (``fl.local_epochs`` epochs, round 0) and ``rounds`` (T
-rounds of K steps), both the same FedKD round. Evaluated: ``mentor`` (each
-client's own, the headline: the authors' code tests the mentor) and
-``mentee`` (shared).
+Only the mentee's update leaves a client, as a truncated SVD of each factor
+matrix (:func:`svd_compress`) keeping the fewest singular values whose
+energy share reaches ``T(t)``, rising linearly from ``T_start`` at round 1
+to ``T_end`` at the last. The server adds the weighted mean of the
+decompressed updates to the mentee. Evaluated: ``mentor`` (the headline)
+and ``mentee``. Choices: docs/methods.md, "Choices per method".
 
 Server state ``{'mentee'}``; client state ``{'mentor' [N]}``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +35,10 @@ import ml_collections
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError, need
 from fdlora_jax.fl.engine import Method, Setup
-from fdlora_jax.fl.losses import bernoulli_kl, categorical_kl
-from fdlora_jax.fl.server import weighted_mean
+from fdlora_jax.fl.losses import bernoulli_kl, categorical_kl, mean_nll
+from fdlora_jax.fl.server import validate_weighting, weighted_mean
 
+PyTree = Any
 NAME = 'fedkd'
 DISTILL = ('token', 'option')
 
@@ -100,8 +64,62 @@ def validate(c) -> None:
        'must be in [T_start, 1]')
   need(m.distill in DISTILL, 'fedkd.distill', m.distill,
        f'choose from {DISTILL}')
-  need(m.weighting in ('uniform', 'examples'), 'fedkd.weighting', m.weighting,
-       "must be 'uniform' or 'examples'")
+  validate_weighting(c, NAME)
+
+
+# ---------------------------------------------------------------------------
+# SVD compression of an adapter update (FedKD)
+# ---------------------------------------------------------------------------
+def energy_rank(s: jax.Array, threshold) -> jax.Array:
+  """The smallest ``k`` with ``sum(s[:k]**2) >= threshold * sum(s**2)``
+  (``s`` descending on its last axis); 0 for an all-zero ``s``."""
+  energy = s.astype(jnp.float32) ** 2
+  cum = jnp.cumsum(energy, axis=-1)
+  total = cum[..., -1:]
+  # k = 1 + the number of prefixes still short of the threshold.
+  k = jnp.sum(cum < threshold * total, axis=-1) + 1
+  return jnp.where(total[..., 0] > 0, jnp.minimum(k, s.shape[-1]), 0)
+
+
+def svd_compress(tree: PyTree, threshold) -> PyTree:
+  """Each leaf ``[..., m, n]`` (e.g. an update of ``a [L, in, r]``) as its
+  truncated SVD, one per matrix: ``{'u': [..., m, q], 's': [..., q],
+  'v': [..., q, n]}`` with ``q = min(m, n)`` (static shapes), of which only
+  the first :func:`energy_rank` ``k`` triplets are kept; the others are zero.
+
+  The kept singular values are all > 0 (a zero one adds no energy, so the
+  threshold was met before it), so ``k = count(s > 0)``.
+  """
+  def one(x):
+    x = x.astype(jnp.float32)
+    u, s, v = jnp.linalg.svd(x, full_matrices=False)
+    k = energy_rank(s, threshold)
+    keep = jnp.arange(s.shape[-1]) < k[..., None]                 # [..., q]
+    return {'u': jnp.where(keep[..., None, :], u, 0.0),
+            's': jnp.where(keep, s, 0.0),
+            'v': jnp.where(keep[..., :, None], v, 0.0)}
+  return jax.tree.map(one, tree)
+
+
+def _is_svd(node) -> bool:
+  return isinstance(node, dict) and set(node) == {'u', 's', 'v'}
+
+
+def svd_decompress(compressed: PyTree) -> PyTree:
+  """``u diag(s) v`` for every compressed leaf of :func:`svd_compress`."""
+  return jax.tree.map(
+      lambda c: jnp.einsum('...mq,...q,...qn->...mn', c['u'], c['s'], c['v']),
+      compressed, is_leaf=_is_svd)
+
+
+def svd_wire_bytes(compressed: PyTree) -> jax.Array:
+  """Bytes of the kept triplets: ``k (m + n + 1)`` floats per matrix."""
+  total = jnp.int32(0)
+  for c in jax.tree.leaves(compressed, is_leaf=_is_svd):
+    m, n = c['u'].shape[-2], c['v'].shape[-1]
+    k = jnp.sum(c['s'] > 0)
+    total = total + k.astype(jnp.int32) * (m + n + 1) * c['s'].dtype.itemsize
+  return total
 
 
 def energy_threshold(t, rounds: int, start: float, end: float):
@@ -120,9 +138,8 @@ def distillation_terms(fwd, train, batch, rng, distill='token',
   rt, rs = jax.random.split(rng) if rng is not None else (None, None)
   lp_t, mask = fwd.target_log_probs(train['mentor'], batch, rt)
   lp_s, _ = fwd.target_log_probs(train['mentee'], batch, rs)
-  count = jnp.sum(mask)
+  (task_t, count), (task_s, _) = mean_nll(lp_t, mask), mean_nll(lp_s, mask)
   mean = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-  task_t, task_s = mean(-lp_t, mask), mean(-lp_s, mask)
   sg = jax.lax.stop_gradient
   if distill == 'token':
     kl_t = mean(bernoulli_kl(sg(lp_s), lp_t), mask)
@@ -165,10 +182,10 @@ def build(s: Setup) -> Method:
     delta = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), delta)
     threshold = energy_threshold(t, c.fl.rounds, m.T_start, m.T_end)
     return (dict(client, mentor=train['mentor']),
-            lora_lib.svd_compress(delta, threshold))
+            svd_compress(delta, threshold))
 
   def server(state, uploads, weights, t):
-    delta = weighted_mean(lora_lib.svd_decompress(uploads), weights)
+    delta = weighted_mean(svd_decompress(uploads), weights)
     mentee = jax.tree.map(jnp.add, state['mentee'], delta)
     return {'mentee': mentee}, {'participants': jnp.sum(weights > 0)}
 
@@ -176,7 +193,7 @@ def build(s: Setup) -> Method:
                 start=lambda client, download: {'mentor': client['mentor'],
                                                 'mentee': download},
                 loss=loss, finish=finish, server=server,
-                wire_bytes=lora_lib.svd_wire_bytes)
+                wire_bytes=svd_wire_bytes)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):

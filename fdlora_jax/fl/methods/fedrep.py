@@ -1,13 +1,11 @@
 """FedRep (Collins et al., ICML 2021, "Exploiting Shared Representations for
 Personalized Federated Learning", Algorithm 1) on one LoRA adapter.
 
-The adapter is split along its layer axis: the LoRA of the lower layers is
-the shared representation (the *body*), the LoRA of the top ``head_layers``
-layers is each client's personal *head* (0: the top quarter, at least one
-layer; at least one layer is always left to the body). In the paper the head
-is the last layer(s) of a small network; here the base model, LM head
-included, is frozen, so the trainable part closest to the output, the LoRA
-of the top decoder layers, plays the head.
+The adapter is split along its layer axis (:mod:`fdlora_jax.fl.layer_split`):
+the LoRA of the lower layers is the shared representation (the *body*), the
+LoRA of the top ``head_layers`` layers is each client's personal *head* (0:
+the top quarter, at least one layer; at least one layer is always left to
+the body).
 
 Every repeat (the stage-1 ``local`` phase and each of the T ``rounds``), a
 client downloads the body and takes its K local steps on the token NLL of
@@ -16,18 +14,10 @@ the whole adapter (body + its own head):
 * steps ``0 .. head_steps - 1`` train the head, the body frozen;
 * steps ``head_steps .. K - 1`` train the body, the head frozen.
 
-Frozen parts stay bit-identical (the engine's ``trainable`` mask by local
-step). The client uploads the body only (its layers sliced off the layer
-axis, so the bytes up and down are the body's); the head never leaves the
-client. The server sets the body to the weighted mean of the uploads
-(``weighting='examples'``, as FedAvg; ``'uniform'``: the paper's plain mean).
-Evaluated: ``personalized``, the body with each client's own head.
-
-K = 1 leaves no step for the body, so ``validate`` refuses ``head_steps >=
-fl.inner_steps`` with ``fl.inner_unit='steps'`` (FedRep needs K >= 2). With
-``'epochs'`` the steps per client vary; a client whose repeat has at most
-``head_steps`` steps (e.g. a stage-1 phase of one step) trains only its head
-in that repeat and uploads the body unchanged.
+The client uploads the body only; the head never leaves the client. The
+server sets the body to the weighted mean of the uploads (``weighting``).
+Evaluated: ``personalized``, the body with each client's own head. FedRep
+needs K >= 2 (``validate``). Choices: docs/methods.md, "Choices per method".
 
 Server state ``{'body'}``; client state ``{'head' [N]}``.
 """
@@ -35,13 +25,13 @@ Server state ``{'body'}``; client state ``{'head' [N]}``.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.engine import Method, Setup
-from fdlora_jax.fl.server import pseudo_gradient, tree_norm
+from fdlora_jax.fl.layer_split import body_layers, validate_head_layers
+from fdlora_jax.fl.server import mean_step, validate_weighting
 
 NAME = 'fedrep'
 
@@ -56,23 +46,18 @@ def config() -> ml_collections.ConfigDict:
 
 def validate(c) -> None:
   m = c.fedrep
-  need(m.head_layers >= 0, 'fedrep.head_layers', m.head_layers,
-       'must be >= 0 (0: the top quarter of the layers)')
+  validate_head_layers(c, NAME)
   need(m.head_steps >= 1, 'fedrep.head_steps', m.head_steps, 'must be >= 1')
   if c.fl.inner_unit == 'steps':
     need(m.head_steps < c.fl.inner_steps, 'fedrep.head_steps', m.head_steps,
          f'must be < fl.inner_steps (K={c.fl.inner_steps}): the body trains '
          f'in the K - head_steps steps after the head, so FedRep needs K >= 2')
-  need(m.weighting in ('uniform', 'examples'), 'fedrep.weighting',
-       m.weighting, "must be 'uniform' or 'examples'")
+  validate_weighting(c, NAME)
 
 
 def build(s: Setup) -> Method:
   m, n = s.config.fedrep, s.num_clients
-  num_layers = s.model.cfg.num_hidden_layers
-  nb = lora_lib.head_start(m.head_layers, num_layers)   # body layers
-  need(nb >= 1, 'fedrep.head_layers', m.head_layers,
-       f'the model has {num_layers} layers and the body needs at least one')
+  nb = body_layers(s, NAME)
   head_steps = int(m.head_steps)
 
   def init(key):
@@ -89,12 +74,8 @@ def build(s: Setup) -> Method:
             'head': jax.tree.map(lambda x: on_head, train['head'])}
 
   def server(state, uploads, weights, t):
-    # body - sum_i w_i (body - body_i) / sum_i w_i: the weighted mean of the
-    # uploads, and the body unchanged when every weight is 0.
-    delta = pseudo_gradient(state['body'], uploads, weights)
-    body = jax.tree.map(lambda x, d: x - d, state['body'], delta)
-    return {'body': body}, {
-        'delta_norm': tree_norm(delta), 'participants': jnp.sum(weights > 0)}
+    body, metrics = mean_step(state['body'], uploads, weights)
+    return {'body': body}, metrics
 
   common = dict(
       broadcast=lambda state, t: state['body'],

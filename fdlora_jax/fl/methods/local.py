@@ -14,6 +14,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.losses import token_nll
 
 NAME = 'local'
 
@@ -33,8 +34,7 @@ def build(s: Setup) -> Method:
     return {}, {'lora': lora_lib.replicate(s.lora_init(key), n)}
 
   common = dict(start=lambda client, download: client['lora'],
-                loss=lambda fwd, train, download, batch, rng: fwd.nll(
-                    train, batch, rng),
+                loss=token_nll,
                 finish=lambda client, train, download, t: (
                     dict(client, lora=train), None))
   phases = (s.local_phase(**common), s.round_phase(**common))

@@ -1,69 +1,27 @@
 """pFedLoRA (Yi, Yu, Wang, Liu and Li, "pFedLoRA: Model-Heterogeneous
 Personalized Federated Learning with LoRA Tuning", arXiv:2310.13283, 2023).
 
-In the paper every client owns a heterogeneous local model (its own
-architecture); a small homogeneous adapter is inserted into each, and only
-that adapter is uploaded and FedAvg-aggregated into a global adapter. Each
-round alternates, by the paper's iterative training, (1) training the local
-model with the adapter frozen (global knowledge flows into the local model)
-and (2) training the adapter with the local model frozen (local knowledge
-flows into the adapter).
+In the paper every client owns a heterogeneous local model with a small
+homogeneous adapter inserted; only the adapter is uploaded and
+FedAvg-aggregated, and each round alternates training the local model (the
+adapter frozen) and the adapter (the local model frozen).
 
-On a frozen LLaMA the heterogeneous local model is a **private LoRA whose
-rank differs per client** (``private_ranks``, cycled over the clients: model
-heterogeneity is capacity heterogeneity here) and the homogeneous adapter is
-a **shared LoRA of rank** ``shared_rank``. The model applies both at once,
-concatenated on the rank axis (``delta = a_p b_p + a_s b_s``). All private
-LoRAs are padded to the largest rank ``R`` and masked
-(:func:`fdlora_jax.lora.rank_mask`): client ``i``'s rank components
-``r_i..R-1`` start at exactly 0, are zeroed in the forward and are outside
-the trainable mask, so they stay exactly 0 and every client has its own
-rank in one vmapped program. With ``scale_per_rank`` (default) each part is
-scaled like a PEFT LoRA of its own rank, ``alpha / r_i`` and
-``alpha / shared_rank`` (its ``b`` is multiplied by ``r_config / r`` before
-the model's ``alpha / r_config``), so a rank-64 client is not 8x louder than
-a rank-8 one; off, every part gets the model's ``alpha / r_config``.
+Here the heterogeneous local model is a private LoRA whose rank differs per
+client (``private_ranks``, cycled over the clients), padded to the largest
+rank and masked (:func:`fdlora_jax.lora.rank_mask`), and the homogeneous
+adapter is a shared LoRA of rank ``shared_rank``; the model applies both,
+concatenated on the rank axis. With ``scale_per_rank`` each part is scaled
+``alpha / its own rank``, as PEFT would scale it.
 
-Phases (same data and number of local steps as FDLoRA):
-
-1. ``local`` (``fl.local_epochs`` epochs): each client trains its private
-   LoRA alone. The shared adapter is still fresh (``b = 0``), so it adds
-   nothing; nothing is sent.
-2. ``rounds``: T rounds of K steps. Each client downloads the shared
-   adapter; local steps ``i < private_steps`` train the private LoRA (shared
-   frozen), the remaining steps the shared adapter (private frozen), in the
-   paper's order. ``private_steps = -1`` means ``ceil(K / 2)`` (K = 3: two
-   private steps, then one shared step; measured below). With K = 1 that
-   trains only the private part in the rounds and the shared adapter stays
-   as initialised: set ``private_steps=0`` there. A client with fewer steps
-   than ``private_steps`` in a round (``fl.inner_unit='epochs'``) trains only
-   its private part. Only the shared adapter is uploaded; the server takes
-   the weighted mean (``weighting='examples'``: FedAvg's n_i / n, as the
-   paper aggregates the adapters FedAvg-style; or ``'uniform'``).
-
-Bytes per round per client: the shared adapter down and up, each
-``4 * shared_rank * sum_targets L (in + out)``.
-
-Rows: ``personalized`` (private + shared, the headline) and ``shared`` (the
-global adapter alone, at its own scale).
-
-Choices the paper leaves open, measured on the real LogHub samples (tiny
-random-weight model, N = 5, Dirichlet 0.5, T = 30, K = 3, seed 0; mean F1 /
-accuracy over clients of personalized, then shared; training loss of the
-last 5 rounds):
-
-* ``private_steps``: ceil(K/2) = 2 (default): .360 / .760, .489 / .503,
-  loss 2.60; K // 2 = 1: .293 / .660, .521 / .532, loss 3.25. The headline
-  row is better with more private steps.
-* ``scale_per_rank`` on (default): as above; off: .360 / .760,
-  .492 / .510, loss 2.15 (the rank-32/64 clients' parts are louder and fit
-  faster). The same scores; on is what each client configuring PEFT with its
-  own rank would get.
+Phases: ``local`` (each client trains its private LoRA alone) and
+``rounds``: each client downloads the shared adapter, trains its private
+LoRA for ``private_steps`` steps (-1: ceil(K / 2)), then the shared adapter;
+only the shared adapter is uploaded, and the server takes the weighted mean
+(``weighting``). Evaluated: ``personalized`` (private + shared, the
+headline) and ``shared``. Choices: docs/methods.md, "Choices per method".
 
 Server state ``{'shared'}``; client state ``{'private' [N] (rank R),
-'rank' [N]}``. The trained tree carries the client's rank as a frozen
-scalar, so that ``trainable`` (which sees only that tree) can build the
-rank mask.
+'rank' [N]}`` (the rank rides in the trained tree as a frozen scalar).
 """
 
 from __future__ import annotations
@@ -78,7 +36,8 @@ import numpy as np
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.engine import Method, Setup
-from fdlora_jax.fl.server import tree_norm, weighted_mean
+from fdlora_jax.fl.server import (replace_step, validate_weighting,
+                                  weighted_mean)
 
 NAME = 'pfedlora'
 
@@ -108,8 +67,7 @@ def validate(c) -> None:
        'must be an integer >= 0 (-1: ceil(K / 2))')
   need(isinstance(m.scale_per_rank, bool), 'pfedlora.scale_per_rank',
        m.scale_per_rank, 'must be true or false')
-  need(m.weighting in ('uniform', 'examples'), 'pfedlora.weighting',
-       m.weighting, "must be 'uniform' or 'examples'")
+  validate_weighting(c, NAME)
 
 
 def client_ranks(c, n: int) -> np.ndarray:
@@ -186,10 +144,9 @@ def build(s: Setup) -> Method:
     return dict(client, private=train['private']), train['shared']
 
   def server(state, uploads, weights, t):
-    shared = weighted_mean(uploads, weights)
-    delta = jax.tree.map(lambda a, b: a - b, state['shared'], shared)
-    return {'shared': shared}, {'delta_norm': tree_norm(delta),
-                                'participants': jnp.sum(weights > 0)}
+    shared, metrics = replace_step(state['shared'],
+                                   weighted_mean(uploads, weights), weights)
+    return {'shared': shared}, metrics
 
   def rows(state, client):
     shared = lora_lib.replicate(state['shared'], n)
