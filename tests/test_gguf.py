@@ -17,10 +17,10 @@ import pytest
 
 gguf = pytest.importorskip('gguf')
 
-from conftest import make_hf_llama
 from fdlora_jax import checkpoint as ckpt
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.model import Llama
+from tests.helpers import make_hf_llama
 
 SMOLLM2 = 'smollm2-135m-instruct'
 PROMPTS = [
