@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
 
-from conftest import make_hf_llama
 from fdlora_jax import checkpoint as ckpt
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import Llama
+from tests.helpers import make_hf_llama
 
 TOKENS = np.array([[5, 17, 33, 2, 64, 71, 9, 0],
                    [41, 3, 88, 12, 0, 0, 0, 0]], np.int32)

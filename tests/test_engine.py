@@ -14,13 +14,9 @@ from fdlora_jax.fl import engine as engine_lib
 from fdlora_jax.fl import server as server_lib
 from fdlora_jax.fl.engine import (Engine, Method, Phase, init_opt_states,
                                   sft_client_update, sft_clients_update)
-from fdlora_jax.lora import LoraConfig
-from fdlora_jax.model import PRESETS, Llama, init_params
-
-CFG = PRESETS['tiny']
-LCFG = LoraConfig(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'down_proj'))
-N, K, B, T = 3, 2, 2, 12
-POISON = CFG.vocab_size - 1   # a token whose embedding the NaN test poisons
+from fdlora_jax.model import Llama, init_params
+from tests.helpers import (CFG, LCFG, B, K, N, POISON, T,
+                           random_batches)
 
 
 def fl_cfg(**kw):
@@ -30,24 +26,6 @@ def fl_cfg(**kw):
       inner_weight_decay=0.0, dropout=False, batch_size=B, grad_accum=1))
   c.update(kw)
   return c
-
-
-def random_batches(step0, num_steps, seed=0, poison_client=None):
-  """[K, N, B, T] batches, a pure function of the step. ``poison_client``
-  gets the POISON token in every example."""
-  out = {k: [] for k in ('tokens', 'loss_mask', 'attention_mask', 'valid')}
-  for s in range(step0, step0 + num_steps):
-    rng = np.random.default_rng(seed * 1000 + s)
-    tokens = rng.integers(0, CFG.vocab_size - 1, (N, B, T))
-    if poison_client is not None:
-      tokens[poison_client, :, 2] = POISON
-    out['tokens'].append(tokens)
-    lm = np.zeros((N, B, T), np.float32)
-    lm[..., T // 2:] = 1
-    out['loss_mask'].append(lm)
-    out['attention_mask'].append(np.ones((N, B, T), np.int32))
-    out['valid'].append(np.ones((N, B), np.float32))
-  return {k: np.stack(v) for k, v in out.items()}
 
 
 @pytest.fixture(scope='module')

@@ -2,34 +2,21 @@
 personalized cloud adapters, the proximal pull, per-client downloads, and a
 run from main.py in both scenarios."""
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.engine import Engine, Forward
 from fdlora_jax.fl.methods import fdlora, fedamp
 from fdlora_jax.fl.server import (delta_cosine, flatten_clients, mix,
                                   pairwise_cosine)
-from fdlora_jax.lora import LoraConfig
-from fdlora_jax.model import Llama, init_params
-from test_engine import CFG, LCFG, B, N, T, random_batches
-from test_methods import REPO, TINY_FLAGS, close, config, copy, engine
+from tests.helpers import (MEDICAL_FLAGS, N, adapter_bytes, close, config,
+                           copy, engine, fedavg_schema, main_py, noisy,
+                           random_batches, schema_keys)
 
 SIGMA, SELF = 3.0, 0.4
-
-
-@pytest.fixture(scope='module')
-def tiny():
-  model = Llama(CFG, LCFG)
-  base = init_params(CFG, jax.random.key(0))
-  return model, base
 
 
 # ---------------------------------------------------------------------------
@@ -195,47 +182,7 @@ def test_round_downloads_u_i_per_client_and_starts_from_it(tiny):
 # ---------------------------------------------------------------------------
 # From main.py, both scenarios
 # ---------------------------------------------------------------------------
-MEDICAL_FLAGS = [f'--config.data.dir={SHARED_DATA / "medical"}',
-                 '--config.data.max_examples=60',
-                 '--config.data.max_length=512']
 SHORT = ['--config.eval.every=0', '--config.fl.rounds=2']
-
-
-def main_py(config_file, workdir, *flags, tmp):
-  proc = subprocess.run(
-      [sys.executable, 'main.py', f'--config={config_file}',
-       f'--workdir={workdir}', f'--config.model.tokenizer_cache={tmp / "tok"}',
-       *TINY_FLAGS, *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads((workdir / 'results.json').read_text())
-
-
-def adapter_bytes(r, rank=None):
-  """Bytes of one adapter of the run's LoRA config (``rank``: another rank)
-  on the tiny preset."""
-  lc = r['config']['lora']
-  model = Llama(CFG, LoraConfig(rank=int(rank or lc['rank']),
-                                targets=tuple(lc['targets'])))
-  return lora_lib.num_bytes(lora_lib.init(model, jax.random.key(0)))
-
-
-def schema_keys(r):
-  return (set(r), set(r['communication']),
-          {k for p in r['communication']['per_round'] for k in p})
-
-
-_FEDAVG = {}
-
-
-def fedavg_schema(tmp):
-  """The key set of a FedAvg results.json (run once per session, without
-  training: only its keys matter)."""
-  if 'keys' not in _FEDAVG:
-    _FEDAVG['keys'] = schema_keys(main_py(
-        'configs/tiny.py', tmp / 'fedavg', '--config.method=fedavg',
-        '--config.fl.rounds=0', '--config.fl.local_epochs=0', tmp=tmp))
-  return _FEDAVG['keys']
 
 
 def test_main_py_both_scenarios(tmp_path):

@@ -8,17 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.engine import Engine, Forward, Setup
 from fdlora_jax.fl.losses import bernoulli_kl, categorical_kl
 from fdlora_jax.fl.methods import fdlora, fedkd
 from fdlora_jax.model import Llama, init_params
-from test_engine import CFG, LCFG, N, random_batches
-from test_fedamp import (MEDICAL_FLAGS, adapter_bytes, fedavg_schema,
-                         main_py, schema_keys)
-from test_methods import close, config, copy, engine
+from tests.helpers import (CFG, LCFG, MEDICAL_FLAGS, N, adapter_bytes, close,
+                           config, copy, engine, fedavg_schema, main_py,
+                           noisy, random_batches, schema_keys)
 
 T0, T1 = 0.9, 0.97
 

@@ -11,10 +11,9 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.methods import METHODS, fedlora_opt
 from fdlora_jax.run import validate_config
-from test_engine import N, random_batches
-from test_methods import config, copy, engine, tiny  # noqa: F401
-from test_pfedlora import (IN_OUT, SCHEMA, assert_same, differs, leaves,
-                           main_py_both, noise)
+from tests.helpers import (IN_OUT, N, SCHEMA, assert_same, config, copy,
+                           differs, engine, leaves, main_py_both, noise,
+                           random_batches)
 
 COUNTS = (1, 2, 4)
 

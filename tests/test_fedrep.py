@@ -8,15 +8,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.methods import fedrep
 from fdlora_jax.model import Llama, PRESETS
 from fdlora_jax.lora import LoraConfig
-from test_engine import CFG, N
-from test_methods import (close, config, copy, engine, fedavg_keys,
-                          run_scenario, tiny)  # noqa: F401 (tiny: fixture)
+from tests.helpers import (CFG, N, close, config, copy, engine, fedavg_keys,
+                           noisy, run_scenario)
 
 L = CFG.num_hidden_layers
 BODY = L - max(1, L // 4)   # head_layers=0: the top quarter, at least one

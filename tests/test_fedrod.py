@@ -10,7 +10,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import noisy
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl import losses
@@ -18,9 +17,8 @@ from fdlora_jax.fl.engine import Engine, Forward, Setup
 from fdlora_jax.fl.methods import fedrod
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama
-from test_engine import CFG, LCFG, N, T, random_batches
-from test_methods import (close, config, copy, fedavg_keys,
-                          run_scenario, tiny)  # noqa: F401 (tiny: fixture)
+from tests.helpers import (CFG, LCFG, N, T, close, config, copy, fedavg_keys,
+                           noisy, random_batches, run_scenario)
 
 L = CFG.num_hidden_layers
 BODY = L - max(1, L // 4)

@@ -1,6 +1,5 @@
 """AdaFusion: fusing identities, the vmapped fitness, and the search itself."""
 
-import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ from fdlora_jax import fusion
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params
+from tests import helpers
 
 CFG = PRESETS['tiny']
 LCFG = LoraConfig(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'up_proj'))
@@ -17,7 +17,7 @@ N, F, L = 2, 3, 12
 
 
 def noisy(lora, seed, std=0.3):
-  return conftest.noisy(lora, seed, std)
+  return helpers.noisy(lora, seed, std)
 
 
 @pytest.fixture(scope='module')

@@ -19,11 +19,11 @@ import pytest
 gguf = pytest.importorskip('gguf')
 from tokenizers import pre_tokenizers
 
-from conftest import make_hf_llama
 from fdlora_jax import checkpoint as ckpt
 from fdlora_jax.checkpoint import gguf as gguf_lib
 from fdlora_jax import tokenizer as tokenizer_lib
 from fdlora_jax.model import Llama
+from tests.helpers import make_hf_llama
 
 SMOLLM2 = 'smollm2-135m-instruct'
 PROMPTS = [

@@ -2,8 +2,6 @@
 (fdlora_jax/fl/methods/*.py), on the tiny model through the real engine."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -12,63 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny as tiny_base
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import run as run_lib
 from fdlora_jax.fl.engine import Engine, Setup, sft_client_update
 from fdlora_jax.fl.methods import METHODS, fdlora, fedavg, local
-from fdlora_jax.model import Llama, init_params
-from test_engine import CFG, LCFG, B, K, N, random_batches
+from tests.helpers import (CFG, K, N, close, config, copy, engine,
+                           random_batches, run_all, run_main_py)
 from tests.reference.reference_config import reference_config
 
-REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / 'reference' / 'fdlora_tiny.npz'
-
-
-@pytest.fixture(scope='module')
-def tiny():
-  model = Llama(CFG, LCFG)
-  base = init_params(CFG, jax.random.key(0))
-  return model, base
-
-
-def config(**fields):
-  c = tiny_base.get_config()
-  c.model.name = ''
-  c.fl.num_clients, c.fl.inner_steps, c.fl.batch_size = N, K, B
-  c.fl.inner_optimizer, c.fl.inner_lr, c.fl.dropout = 'sgd', 1.0, False
-  c.fl.local_epochs, c.fl.rounds = 1.0, 2
-  for path, value in fields.items():
-    section, name = path.split('__')
-    c[section][name] = value
-  return c
-
-
-def engine(tiny, module, c, counts=(2, 2, 2), sample=random_batches):
-  model, base = tiny
-  setup = Setup(model=model, base=base, config=c, num_clients=N,
-                train_counts=np.asarray(counts),
-                label_counts=np.ones((N, 2), np.int64), few_shot={},
-                lora_init=lambda key: lora_lib.init(model, key))
-  return Engine(module.build(setup), model, base, c.fl, N, sample)
-
-
-def run_all(eng, state, upto=None):
-  metrics = []
-  for i in range(len(eng.schedule()) if upto is None else upto):
-    state, m = eng.run_repeat(state, i)
-    metrics.append(m)
-  return state, metrics
-
-
-def copy(state):
-  """The engine donates the optimizer state it is given: reuse a copy."""
-  return jax.tree.map(jnp.copy, state)
-
-
-def close(a, b, atol=1e-5):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol), a, b)
 
 
 # ---------------------------------------------------------------------------
@@ -231,32 +182,14 @@ def test_local_sends_nothing_and_clients_share_nothing(tiny):
 # ---------------------------------------------------------------------------
 # Every method from main.py
 # ---------------------------------------------------------------------------
-TINY_FLAGS = ['--config.model.name=', '--config.data.synthetic_windows=40',
-              '--config.data.min_examples_per_client=3',
-              '--config.data.few_shot=2', '--config.fl.num_clients=2',
-              '--config.fl.rounds=1', '--config.fl.inner_steps=1',
-              '--config.fl.local_epochs=0.25', '--config.fl.local_steps=0',
-              '--config.eval.every=1',
-              '--config.fdlora.fusion.steps=1',
-              '--config.fdlora.fusion.population_size=4',
-              '--config.k_shot.shots=2']
-
-
-def main_py(workdir, *flags, tmp, config='configs/tiny.py'):
-  return subprocess.run(
-      [sys.executable, 'main.py', f'--config={config}',
-       f'--workdir={workdir}',
-       f'--config.model.tokenizer_cache={tmp / "tok"}', *TINY_FLAGS, *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
 def test_every_method_runs_from_main_py_with_one_schema(tmp_path):
   keys = None
   for name in METHODS:
     work = tmp_path / name
     extra = {'fedrep': ['--config.fl.inner_steps=2'],  # head, then body
              }.get(name, [])
-    proc = main_py(work, f'--config.method={name}', *extra, tmp=tmp_path)
+    proc = run_main_py(work, f'--config.method={name}', *extra,
+                       tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((work / 'results.json').read_text())
     assert r['method'] == name and r['headline'] in r['models']
@@ -273,46 +206,6 @@ def test_every_method_runs_from_main_py_with_one_schema(tmp_path):
       assert r['context_shots']['used_mean'] == 2
       assert r['context_shots']['max_length'] > r['config']['data'][
           'max_length']
-
-
-# ---------------------------------------------------------------------------
-# One method from main.py on each scenario (used by the per-method test files)
-# ---------------------------------------------------------------------------
-MEDICAL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / \
-    'medical'
-# Config file and flags per scenario, after TINY_FLAGS: no stage-1 steps and
-# no progress evaluation, one length bucket (fewer compilations).
-FAST = ['--config.fl.local_epochs=0', '--config.eval.every=0']
-SCENARIOS = {
-    'logs': ('configs/tiny.py', [   # built-in synthetic logs
-        *FAST, '--config.data.length_buckets=(256,)']),
-    'medical': ('configs/medical.py', [   # PubMedQA sample, 60 examples
-        *FAST, f'--config.data.dir={MEDICAL}', '--config.data.max_examples=60',
-        '--config.data.max_length=512', '--config.data.length_buckets=(512,)']),
-}
-
-
-def run_scenario(method, scenario, tmp, *flags):
-  """``main.py`` with ``method`` on the tiny config of ``scenario``; returns
-  ``results.json`` (skips the medical scenario without ../shared/data)."""
-  config, extra = SCENARIOS[scenario]
-  if scenario == 'medical' and not MEDICAL.is_dir():
-    pytest.skip(f'{MEDICAL} is absent')
-  work = tmp / f'{method}_{scenario}'
-  proc = main_py(work, f'--config.method={method}', *extra, *flags, tmp=tmp,
-                 config=config)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads((work / 'results.json').read_text())
-
-
-def fedavg_keys(tmp_path_factory):
-  """The top-level keys of a FedAvg ``results.json`` (the common schema),
-  from one untrained FedAvg run shared by the whole test session."""
-  root = tmp_path_factory.getbasetemp()
-  path = root / 'fedavg_logs' / 'results.json'
-  if not path.is_file():
-    run_scenario('fedavg', 'logs', root, '--config.fl.rounds=0')
-  return set(json.loads(path.read_text()))
 
 
 @pytest.mark.parametrize('name', sorted(METHODS))

@@ -1,6 +1,5 @@
 """Model and LoRA identities on the tiny config."""
 
-import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama, init_params
+from tests import helpers
 
 CFG = PRESETS['tiny']
 LCFG = LoraConfig(rank=4, alpha=8.0, targets=('q_proj', 'v_proj', 'up_proj',
@@ -23,7 +23,7 @@ def base():
 
 
 def noisy(lora, seed, std=0.2):
-  return conftest.noisy(lora, seed, std)
+  return helpers.noisy(lora, seed, std)
 
 
 def test_fresh_lora_is_exactly_the_base(base):

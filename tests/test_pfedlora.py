@@ -2,10 +2,6 @@
 in one padded program, private/shared alternation, only the shared adapter
 uploaded; the rank helpers of fdlora_jax/lora.py."""
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +11,9 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.methods import METHODS, pfedlora
 from fdlora_jax.run import validate_config
-from test_engine import LCFG, N
-from test_methods import (REPO, TINY_FLAGS, config, copy, engine, run_all,
-                          tiny)  # noqa: F401
-from conftest import SHARED_DATA
+from tests.helpers import (IN_OUT, LCFG, N, SCHEMA, assert_same, config,
+                           copy, differs, engine, leaves, main_py_both,
+                           noise, run_all)
 
 RANKS = (1, 2, 3)
 
@@ -29,19 +24,6 @@ def pconfig(**fields):
 
 def rounds_index(eng):
   return [i for i, s in enumerate(eng.schedule()) if s[0].name == 'rounds']
-
-
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def assert_same(a, b):
-  for x, y in zip(leaves(a), leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
-def differs(a, b):
-  return max(float(np.abs(x - y).max()) for x, y in zip(leaves(a), leaves(b)))
 
 
 # ---------------------------------------------------------------------------
@@ -82,11 +64,6 @@ def test_rank_helpers_pad_mask_and_concatenate(tiny):
     want = (lora_lib.delta_weights(small, 1.0)[p] +
             lora_lib.delta_weights(one, 1.0)[p])
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
-
-
-def noise(tree, seed):
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: x + rng.normal(size=x.shape), tree)
 
 
 def test_model_applies_each_part_at_its_own_scale(tiny, trained):
@@ -282,36 +259,6 @@ def test_config_is_validated():
 # ---------------------------------------------------------------------------
 # main.py, both scenarios
 # ---------------------------------------------------------------------------
-MEDICAL = ['--config=configs/medical.py',
-           f'--config.data.dir={SHARED_DATA / "medical"}',
-           '--config.data.max_examples=60', '--config.data.max_length=512']
-
-
-def main_py_both(tmp_path, *flags):
-  """``main.py`` on the tiny model for the logs (synthetic) and medical
-  scenarios, both at once; returns ``{scenario: results.json}``. Flags after
-  TINY_FLAGS win (e.g. ``--config.fl.local_epochs=0``: one compile less;
-  the engine tests run every phase)."""
-  procs = {}
-  scenarios = ('logs', 'medical') if (SHARED_DATA / 'medical').is_dir() \
-      else ('logs',)   # no sample data here: the synthetic scenario only
-  for scenario in scenarios:
-    config_flags = (MEDICAL if scenario == 'medical'
-                    else ['--config=configs/tiny.py'])
-    work = tmp_path / scenario
-    procs[scenario] = (work, subprocess.Popen(
-        [sys.executable, 'main.py', *config_flags, f'--workdir={work}',
-         f'--config.model.tokenizer_cache={tmp_path / "tok" / scenario}',
-         *TINY_FLAGS, *flags],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  out = {}
-  for scenario, (work, proc) in procs.items():
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, (scenario, err[-3000:])
-    out[scenario] = json.loads((work / 'results.json').read_text())
-  return out
-
-
 def test_runs_from_main_py_in_both_scenarios(tmp_path):
   results = main_py_both(tmp_path, '--config.method=pfedlora',
                          '--config.pfedlora.private_ranks=(2,6)',
@@ -330,15 +277,3 @@ def test_runs_from_main_py_in_both_scenarios(tmp_path):
     assert per_round['rounds']['bytes_up_per_client'] == [shared] * 2
     assert per_round['rounds']['bytes_down_per_client'] == [shared] * 2
     assert r['communication']['bytes_total'] == 4 * shared
-
-
-# tiny preset: hidden 64, intermediate 176, 2 kv heads of 16.
-IN_OUT = {'q_proj': 64 + 64, 'k_proj': 64 + 32, 'v_proj': 64 + 32,
-          'o_proj': 64 + 64, 'gate_proj': 64 + 176, 'up_proj': 64 + 176,
-          'down_proj': 176 + 64}
-# The keys of every results.json (run.py; test_methods checks that every
-# method, FedAvg included, writes this one set).
-SCHEMA = {'method', 'headline', 'data_source', 'is_synthetic',
-          'skipped_lines', 'task', 'metric', 'model', 'seed', 'num_clients',
-          'partition', 'phases', 'models', 'reference', 'search',
-          'context_shots', 'communication', 'timing', 'config'}

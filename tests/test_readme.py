@@ -10,8 +10,7 @@ import numpy as np
 import optax
 
 from fdlora_jax.fl.engine import sft_client_update
-from test_engine import K, N, random_batches
-from test_methods import config, engine, tiny  # noqa: F401 (fixture)
+from tests.helpers import K, N, config, engine, random_batches
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 

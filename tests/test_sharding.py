@@ -83,8 +83,7 @@ def test_sharded_step_equals_unsharded():
 ROUND_SCRIPT = textwrap.dedent('''
   import json, sys
   import jax, jax.numpy as jnp, numpy as np
-  sys.path.insert(0, 'tests')
-  from test_engine import CFG, LCFG
+  from tests.helpers import CFG, LCFG
   from configs import tiny as tiny_base
   from fdlora_jax import lora as lora_lib
   from fdlora_jax.fl.engine import Engine, Setup
