@@ -38,8 +38,8 @@ from fdlora_jax.fl.engine import Method, Phase, Setup
 from fdlora_jax.fl.server import outer_optimizer, outer_step, weighted_mean
 
 NAME = 'fdlora'
-# Fields a resumed run may change: the fusion search runs after the last
-# checkpoint, so its settings do not shape the saved state.
+# Fields a resumed run may change (Method.resumable): the fusion search runs
+# after the last checkpoint, so its settings do not shape the saved state.
 RESUMABLE = ('fdlora.fusion.',)
 GLOBAL_INITS = ('mean_personal', 'fresh')
 
@@ -148,4 +148,4 @@ def build(s: Setup) -> Method:
       NAME, init, phases, rows, headline='fused',
       progress_rows=lambda server, client: {
           'global': lora_lib.replicate(server['global'], n)},
-      client_weights=weights)
+      client_weights=weights, resumable=RESUMABLE)
