@@ -5,7 +5,7 @@
 
 Pools the whole task into one client (``fl.num_clients=1``: the config's
 data, balance and 8:2 split), trains one adapter with AdamW at batch
-``--batch`` on the SFT loss the methods use (``engine.Forward.nll``), and
+``--batch`` on the SFT loss the methods use (``step.Forward.nll``), and
 scores the test split every ``--every`` steps with the option scoring of a
 run (``evaluate.option_scores``). Per evaluation it prints F1, accuracy, the
 share of "yes" answers and the AUC of ``score(yes) - score(no)``: a ranking
@@ -30,8 +30,8 @@ import optax
 from fdlora_jax import data as data_lib
 from fdlora_jax import evaluate as eval_lib
 from fdlora_jax import lora as lora_lib
-from fdlora_jax import run as run_lib
-from fdlora_jax.fl.engine import Forward
+from fdlora_jax.fl.step import Forward
+from fdlora_jax.model_loading import build_model
 from zero_shot_eval import load_config
 
 
@@ -60,7 +60,7 @@ def main():
   lr = a.lr or c.fl.inner_lr
   task = data_lib.load_task(c.data, c.seed)
   part = data_lib.partition(task, 1, c.data, c.seed)
-  model, base, tokenizer, described = run_lib.build_model(c, task)
+  model, base, tokenizer, described = build_model(c, task)
   train = data_lib.encode_clients(tokenizer, task, part.train, c.data)
   tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
   positive = task.options.index('yes') if task.metric == 'f1' else None

@@ -28,7 +28,7 @@ from fdlora_jax import evaluate as eval_lib
 from fdlora_jax import fusion as fusion_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import model as model_lib
-from fdlora_jax import run as run_lib
+from fdlora_jax.model_loading import build_model
 
 
 def timed(fn):
@@ -51,7 +51,7 @@ def main():
   task = data_lib.load_task(c.data, c.seed)
   n = c.fl.num_clients
   part = data_lib.partition(task, n, c.data, c.seed)
-  model, base, tokenizer, desc = run_lib.build_model(c, task)
+  model, base, tokenizer, desc = build_model(c, task)
   tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
   shots = data_lib.encode_clients(tokenizer, task, part.few_shot, c.data)
   keys = iter(jax.random.split(jax.random.key(c.seed), 256))

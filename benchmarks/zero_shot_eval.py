@@ -31,7 +31,7 @@ import numpy as np
 
 from fdlora_jax import data as data_lib
 from fdlora_jax import evaluate as eval_lib
-from fdlora_jax import run as run_lib
+from fdlora_jax.model_loading import build_model
 
 
 def load_config(path: str, overrides: list[str]):
@@ -62,7 +62,7 @@ def majority_metrics(task, part) -> dict:
   for i, gi in enumerate(golds):
     g[i, :len(gi)], v[i, :len(gi)] = gi, True
   positive = task.options.index('yes') if task.metric == 'f1' else None
-  return eval_lib.majority_guess(run_lib._label_counts(task, part.train),  # pylint: disable=protected-access
+  return eval_lib.majority_guess(data_lib.label_counts(task, part.train),
                                  g, v, task.metric, positive)
 
 
@@ -93,7 +93,7 @@ def main():
                                   if k != 'n'})
   if not a.no_model:
     t0 = time.time()
-    model, base, tokenizer, desc = run_lib.build_model(c, task)
+    model, base, tokenizer, desc = build_model(c, task)
     tests = data_lib.encode_options(tokenizer, task, part.test, c.data)
     t_data = time.time() - t0
     valid = np.asarray(tests.valid)

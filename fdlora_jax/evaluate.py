@@ -372,6 +372,22 @@ def constant_guess(option, labels, valid, metric: str = 'accuracy',
   return classification_metrics(preds, labels, valid, metric, positive)
 
 
+def references(task, train_label_counts, tests) -> dict[str, tuple[str, dict]]:
+  """The answers that need no model: each client answers its training
+  split's majority (``train_label_counts [N, O]``); for F1 tasks also
+  "always the positive class", the trivial F1 baseline. ``{key in
+  results.json: (console row, metrics)}`` on the ``tests`` OptionArrays."""
+  positive = positive_option(task)
+  out = {'majority': ('majority (no model)', majority_guess(
+      train_label_counts, tests.labels, tests.valid, task.metric, positive))}
+  if positive is not None:
+    out['always_positive'] = (
+        f'always "{task.options[positive]}" (no model)',
+        constant_guess(positive, tests.labels, tests.valid, task.metric,
+                       positive))
+  return out
+
+
 def format_table(results: dict[str, dict], metric_names: Sequence[str],
                  scale: float = 100.0, digits: int = 2) -> str:
   """A plain-text table: one row per model, ``mean±std`` of each metric,
@@ -531,3 +547,37 @@ def generated_predictions(model, base: PyTree, lora: Optional[PyTree],
   else:
     preds = [[parse_option(t, options) for t in client] for client in texts]
   return np.asarray(preds, np.int32).reshape(n, m), texts
+
+
+# ---------------------------------------------------------------------------
+# A task's adapters, scored as the config says (c.eval)
+# ---------------------------------------------------------------------------
+def evaluate_adapters(model, base: PyTree, lora_n: Optional[PyTree], tests,
+                      task, eval_cfg, tokenizer) -> dict:
+  """Per-client and mean/std metrics of adapters ``lora_n [N, ...]`` (None:
+  the base) on the ``tests`` OptionArrays, by option scores or by greedy
+  answers (``eval_cfg.mode``)."""
+  if eval_cfg.mode == 'generate':
+    preds, _ = generated_predictions(
+        model, base, lora_n, tests, tokenizer, task.options,
+        eval_cfg.max_new_tokens, eval_cfg.chunk, yes_no=task.metric == 'f1')
+  else:
+    scores = option_scores(model, base, lora_n, tests, chunk=eval_cfg.chunk,
+                           normalize=eval_cfg.normalize)
+    preds = np.asarray(scores).argmax(-1)
+  return classification_metrics(preds, tests.labels, tests.valid,
+                                task.metric, positive_option(task))
+
+
+def positive_option(task) -> Optional[int]:
+  """The F1 task's positive class ('yes' = anomalous), else None."""
+  return task.options.index('yes') if task.metric == 'f1' else None
+
+
+def metric_names(task) -> tuple[str, ...]:
+  """The metrics a task's table shows, its own first."""
+  if task.metric == 'f1':
+    return ('f1', 'precision', 'recall', 'accuracy')
+  # micro-F1 equals accuracy for single-label tasks (ChemProt, RCT).
+  return ('micro_f1', 'accuracy') if task.metric == 'micro_f1' else (
+      'accuracy',)

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fdlora_jax.errors import ConfigError
+
 PyTree = Any
 
 
@@ -34,7 +36,7 @@ PyTree = Any
 class StateCheckpoints:
   """Saves the run state after every round; restores the newest one.
 
-  The state is a pytree of arrays (see :mod:`fdlora_jax.fl.engine`); a step
+  The state is a pytree of arrays (see :mod:`fdlora_jax.fl.api`); a step
   number is the number of repeats completed over all training phases.
   """
 
@@ -209,6 +211,51 @@ def _parse_event(body: bytes) -> tuple[int, dict[str, float]]:
         fields = dict(_fields(value))
         scalars[fields[1].decode()] = struct.unpack('<f', fields[2])[0]
   return step, scalars
+
+
+# ---------------------------------------------------------------------------
+# Resuming: the same experiment, or a refusal
+# ---------------------------------------------------------------------------
+def check_resumable(saved_path: Path, config, allowed: tuple[str, ...] = (),
+                    ignored: tuple[str, ...] = ()) -> None:
+  """Refuses to resume a workdir whose saved config (``saved_path``,
+  config.json) differs from ``config`` in a field that shapes the state:
+  any field but those starting with one of ``allowed`` (named in the
+  message as what may change) or ``ignored`` (never read by this run)."""
+  if not saved_path.is_file():
+    raise ConfigError(f'{saved_path.parent} has checkpoints but no '
+                     f'config.json; cannot check it is the same experiment')
+  details = config_changes(json.loads(saved_path.read_text()), config,
+                           allowed + ignored)
+  if details:
+    raise ConfigError(
+        f'{saved_path.parent} holds a run with a different config ({details}'
+        f'); use a new --workdir, or change only {", ".join(allowed)} when '
+        f'resuming')
+
+
+def config_changes(saved: dict, config, allowed: tuple[str, ...] = ()) -> str:
+  """``'field: old -> new, ...'`` (at most 6) for the fields of ``config``
+  (a ConfigDict) that differ from the ``saved`` config dict, ignoring those
+  starting with any of ``allowed``; ``''`` when none does."""
+  # Both as results.json writes them (non-finite floats as strings).
+  saved = _flatten(to_jsonable(saved))
+  now = _flatten(to_jsonable(json.loads(config.to_json_best_effort())))
+  changed = sorted(k for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k)
+                   and not (allowed and k.startswith(allowed)))
+  return ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
+                   for k in changed[:6]) + (' ...' if len(changed) > 6 else '')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
 
 
 # ---------------------------------------------------------------------------

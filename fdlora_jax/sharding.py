@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdlora_jax.errors import ConfigError
+
 PyTree = Any
 
 CLIENTS, MODEL = 'clients', 'model'
@@ -46,6 +48,23 @@ def make_mesh(num_client_shards: int, num_model_shards: int = 1,
   grid = np.asarray(devices[:need], dtype=object).reshape(
       num_client_shards, num_model_shards)
   return Mesh(grid, (CLIENTS, MODEL))
+
+
+def device_mesh(num_clients: int, model_shards: int) -> Optional[Mesh]:
+  """A (clients, model) mesh over the local devices, or None on one device.
+
+  The client axis gets the largest divisor of ``num_clients`` that fits the
+  devices left after ``model_shards`` (the base split, 1: replicated).
+  """
+  devices = jax.device_count()
+  if model_shards < 1 or devices % model_shards:
+    raise ConfigError(f'config.model.shards={model_shards} must be >= 1 and '
+                     f'divide the {devices} devices')
+  client_shards = max(d for d in range(1, devices // model_shards + 1)
+                      if num_clients % d == 0)
+  if client_shards * model_shards == 1:
+    return None
+  return make_mesh(client_shards, model_shards)
 
 
 def shard_clients(tree: PyTree, mesh: Mesh, axis: int = 0) -> PyTree:

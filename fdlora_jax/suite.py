@@ -45,9 +45,11 @@ from typing import Any
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
+from fdlora_jax import io as io_lib
 from fdlora_jax import run as run_lib
 from fdlora_jax.errors import (ConfigError, UserError, exit_on_user_error,
                                fail, no_such_field, parse_flags)
+from fdlora_jax.fl.methods import other_blocks
 
 def load_file(path: str | Path, function: str) -> Any:
   """Calls ``function()`` of the Python file at ``path``."""
@@ -158,8 +160,8 @@ def run_suite(suite: dict, workdir: str | Path, root: Path = Path('.'),
               if (work / p['id'] / 'results.json').is_file()}
   for pid in sorted(finished):          # a finished point must still match
     saved = json.loads((work / pid / 'results.json').read_text())['config']
-    changes = run_lib.config_changes(saved, configs[pid],
-                                     run_lib.other_methods(configs[pid]))
+    changes = io_lib.config_changes(saved, configs[pid],
+                                    other_blocks(configs[pid]))
     if changes:
       raise ConfigError(
           f'suite point {pid}: its finished results.json was run with a '

@@ -384,3 +384,47 @@ def test_wire_bytes_override_the_array_size(setup):
   _, m = eng.run_repeat(eng.initial_state(jax.random.key(0)), 0)
   assert m['bytes_up_per_client'] == [7] * N
   assert m['bytes_down_per_client'] == [lora_lib.num_bytes(fresh)] * N
+
+
+def test_compiled_functions_are_built_once(setup, monkeypatch):
+  """Every jitted function is built with the engine: a second repeat of the
+  same shapes traces nothing again (a Python side effect counts traces)."""
+  model, base, fresh = setup
+  traces = {'init': 0, 'wire_bytes': 0}
+  real = engine_lib.inner_optimizer
+
+  def counted_optimizer(*args):
+    opt = real(*args)
+    def init(params):
+      traces['init'] += 1
+      return opt.init(params)
+    return optax.GradientTransformation(init, opt.update)
+
+  def wire_bytes(upload):
+    traces['wire_bytes'] += 1
+    return jnp.int32(7)
+
+  monkeypatch.setattr(engine_lib, 'inner_optimizer', counted_optimizer)
+  method = averaging_method(fresh)
+  phase = dataclasses.replace(method.phases[0], reset_opt=True,
+                              wire_bytes=wire_bytes)
+  eng = make_engine(setup, dataclasses.replace(method, phases=(phase,)))
+  state, m = eng.run_repeat(eng.initial_state(jax.random.key(0)), 0)
+  state, m = eng.run_repeat(state, 1)
+  assert m['bytes_up_per_client'] == [7] * N
+  assert traces == {'init': 1, 'wire_bytes': 1}
+
+
+def test_communication_totals_the_repeats_bytes():
+  repeats = [{'phase': 'local', 'round': 0, 'train_loss': [0.0],
+              'bytes_down_per_client': [0, 0], 'bytes_up_per_client': [5, 6]},
+             {'phase': 'rounds', 'round': 1,
+              'bytes_down_per_client': [3, 3], 'bytes_up_per_client': [2, 1]}]
+  got = engine_lib.communication(repeats, 2)
+  assert got['bytes_down_per_client'] == [3, 3]
+  assert got['bytes_up_per_client'] == [7, 7]
+  assert got['bytes_total'] == 20
+  assert got['per_round'][0] == {'phase': 'local', 'round': 0,
+                                 'bytes_down_per_client': [0, 0],
+                                 'bytes_up_per_client': [5, 6]}
+  assert engine_lib.communication([], 2)['bytes_total'] == 0

@@ -229,3 +229,24 @@ def test_k_shot_budget_default_and_bad_value():
   c.k_shot.max_length = 100
   with pytest.raises(ConfigError, match=r'k_shot\.max_length=100'):
     k_shot.validate(c)
+
+
+def test_k_shot_declares_its_demonstrations_as_the_evaluation_context():
+  """The driver knows no k-shot: the method's ``context`` hands it the
+  demonstrations (its own training examples, seeded) and the budget."""
+  import types   # pylint: disable=g-import-not-at-top
+  from fdlora_jax.fl import api   # pylint: disable=g-import-not-at-top
+  from fdlora_jax.fl.methods import k_shot, zero_shot   # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.seed, c.k_shot.shots, c.data.max_length = 5, 2, 256
+  s = api.Setup(model=types.SimpleNamespace(
+      cfg=types.SimpleNamespace(max_position_embeddings=8192)), base=None,
+      config=c, num_clients=2, train_counts=np.array([4, 1]),
+      label_counts=np.ones((2, 2)), few_shot={}, lora_init=None)
+  train = [np.array([10, 11, 12, 13]), np.array([20])]
+  got = k_shot.build(s).context(train)
+  want = data.demonstrations(train, 2, 5)
+  assert got.shots == 2 and got.length == 3 * 256
+  assert [d.tolist() for d in got.demos] == [d.tolist() for d in want]
+  assert set(got.demos[0]) <= {10, 11, 12, 13} and got.demos[1].tolist() == [20]
+  assert zero_shot.build(s).context is None

@@ -12,6 +12,7 @@ from fdlora_jax import io as io_lib
 from fdlora_jax import run as run_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.engine import Engine
+from fdlora_jax.fl.methods import fdlora, other_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,21 +270,37 @@ def test_main_reports_bad_input_in_one_line(tmp_path, case):
   assert not work.exists()
 
 
+def check_resumable(saved, c):
+  """The check run() makes, with FDLoRA's declared Method.resumable."""
+  io_lib.check_resumable(
+      saved, c, allowed=run_lib.RESUMABLE_CHANGES + fdlora.RESUMABLE,
+      ignored=other_blocks(c))
+
+
 def test_resume_may_change_only_fields_that_do_not_shape_the_state(tmp_path):
   c = tiny_config(tmp_path)
   saved = tmp_path / 'config.json'
   saved.write_text(c.to_json_best_effort())
   c.fl.rounds = 9
   c.eval.every = 3
-  c.fdlora.fusion.steps = 9        # FDLoRA's own RESUMABLE fields
-  run_lib.check_resumable(saved, c)
+  c.fdlora.fusion.steps = 9        # FDLoRA's own Method.resumable fields
+  check_resumable(saved, c)
   # Another method's block is never read by this run: changed, or added by
   # a later version of the code, it does not matter.
   c.fedkd.mentee_rank = 7
   saved_dict = json.loads(saved.read_text())
   del saved_dict['k_shot']
   saved.write_text(json.dumps(saved_dict))
-  run_lib.check_resumable(saved, c)
+  check_resumable(saved, c)
   c.fdlora.outer_lr = 0.5
   with pytest.raises(ConfigError, match=r'fdlora\.outer_lr'):
-    run_lib.check_resumable(saved, c)
+    check_resumable(saved, c)
+
+
+def test_the_driver_names_no_method_and_no_method_field():
+  """run.py reads what a Method declares, never a method's own name or
+  config block (k-shot's context, FDLoRA's resumable fields)."""
+  from fdlora_jax.fl.methods import METHODS   # pylint: disable=g-import-not-at-top
+  source = (REPO / 'fdlora_jax' / 'run.py').read_text()
+  for name in METHODS:
+    assert f"'{name}" not in source and f'c.{name}' not in source, name

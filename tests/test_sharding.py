@@ -89,7 +89,7 @@ ROUND_SCRIPT = textwrap.dedent('''
   from fdlora_jax.fl.engine import Engine, Setup
   from fdlora_jax.fl.methods import fdlora
   from fdlora_jax.model import Llama, init_params
-  from fdlora_jax.run import device_mesh
+  from fdlora_jax.sharding import device_mesh
 
   n, k, b, t = 4, 2, 1, 12
   model = Llama(CFG, LCFG)

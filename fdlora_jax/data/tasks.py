@@ -93,3 +93,12 @@ def class_counts(task: Task) -> dict[str, int]:
   """{option: number of examples with that label}."""
   counts = np.bincount(task.labels(), minlength=len(task.options))
   return dict(zip(task.options, counts.tolist()))
+
+
+def label_counts(task: Task, indices) -> np.ndarray:
+  """``[N, O]`` examples per answer option in each client's ``indices``
+  (e.g. ``Partition.train``)."""
+  labels = task.labels()
+  return np.stack([np.bincount(labels[np.asarray(ix, np.int64)],
+                               minlength=len(task.options))
+                   for ix in indices]).astype(np.int64)

@@ -176,6 +176,17 @@ def answer_prefix(tokenizer, data_cfg: ml_collections.ConfigDict) -> str:
   return plain_answer_prefix(data_cfg)
 
 
+def option_ids(tokenizer, task: Task,
+               data_cfg: ml_collections.ConfigDict) -> np.ndarray | None:
+  """``[O]`` the first token of each answer option, or None if two options
+  share it."""
+  prefix = answer_prefix(tokenizer, data_cfg)
+  first = [tokenizer(prefix + o, add_special_tokens=False)['input_ids'][0]
+           for o in task.options]
+  return np.asarray(first, np.int32) if len(set(first)) == len(first) \
+      else None
+
+
 def _answer_ids(tokenizer, options: tuple[str, ...],
                 data_cfg: ml_collections.ConfigDict) -> list[list[int]]:
   prefix = answer_prefix(tokenizer, data_cfg)

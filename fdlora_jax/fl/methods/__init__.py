@@ -2,9 +2,14 @@
 
 Each module has ``NAME``, ``config()`` (its block, ``config.<name>``),
 ``validate(config)`` (raises naming the field) and ``build(setup) -> Method``
-(:class:`fdlora_jax.fl.engine.Method`). To add a method, write such a module
-and add it to ``METHODS``.
+(:class:`fdlora_jax.fl.api.Method`). To add a method, write such a module
+and add it to ``METHODS``. :func:`method_module` is the one place that reads
+``config.method``.
 """
+
+from types import ModuleType
+
+from fdlora_jax.errors import need
 
 from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedkd, fedlora_opt,
                                    fedrep, fedrod, k_shot, local, pfedlora,
@@ -23,3 +28,16 @@ METHODS = {
     'pfedlora': pfedlora,
     'fedlora_opt': fedlora_opt,
 }
+
+
+def method_module(c) -> ModuleType:
+  """The module of ``c.method``; a ConfigError naming the field if none."""
+  need(c.method in METHODS, 'method', c.method,
+       f'unknown method; choose from {sorted(METHODS)}')
+  return METHODS[c.method]
+
+
+def other_blocks(c) -> tuple[str, ...]:
+  """The config blocks of every method but ``c.method`` (``'fedkd.'``, ...):
+  no method reads another's block, so they never change what a run did."""
+  return tuple(f'{name}.' for name in METHODS if name != c.method)

@@ -34,14 +34,14 @@ import ml_collections
 from fdlora_jax import fusion as fusion_lib
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.api import Method, Phase, Setup
 from fdlora_jax.fl.losses import token_nll
 from fdlora_jax.fl.server import (outer_optimizer, outer_step,
                                   validate_weighting, weighted_mean)
 
 NAME = 'fdlora'
-# Fields a resumed run may change: the fusion search runs after the last
-# checkpoint, so its settings do not shape the saved state.
+# Fields a resumed run may change (Method.resumable): the fusion search runs
+# after the last checkpoint, so its settings do not shape the saved state.
 RESUMABLE = ('fdlora.fusion.',)
 GLOBAL_INITS = ('mean_personal', 'fresh')
 
@@ -146,4 +146,4 @@ def build(s: Setup) -> Method:
       NAME, init, phases, rows, headline='fused',
       progress_rows=lambda server, client: {
           'global': lora_lib.replicate(server['global'], n)},
-      client_weights=weights)
+      client_weights=weights, resumable=RESUMABLE)

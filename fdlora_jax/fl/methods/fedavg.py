@@ -17,7 +17,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import token_nll
 from fdlora_jax.fl.server import mean_step, validate_weighting
 

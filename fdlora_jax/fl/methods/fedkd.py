@@ -34,7 +34,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError, need
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import bernoulli_kl, categorical_kl, mean_nll
 from fdlora_jax.fl.server import validate_weighting, weighted_mean
 

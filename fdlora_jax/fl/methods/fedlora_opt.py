@@ -36,7 +36,7 @@ import numpy as np
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Phase, Setup
+from fdlora_jax.fl.api import Method, Phase, Setup
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean)
 

@@ -29,7 +29,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.layer_split import body_layers, validate_head_layers
 from fdlora_jax.fl.server import mean_step, validate_weighting
 

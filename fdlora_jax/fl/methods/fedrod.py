@@ -35,7 +35,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl import layer_split, losses
 from fdlora_jax.fl import server as server_lib
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 
 NAME = 'fedrod'
 

@@ -9,7 +9,9 @@ question is the zero-shot prompt's; the whole prompt gets
 ``k_shot.max_length`` tokens, by default room for all k demonstrations
 ((k + 1) x ``data.max_length``, within the model's positions), and drops
 demonstrations from the end beyond that
-(:func:`fdlora_jax.data.tokenize.encode_options`). Scoring runs
+(:func:`fdlora_jax.data.tokenize.encode_options`). The method declares this
+as its evaluation ``context`` (:class:`fdlora_jax.fl.api.EvalContext`); the
+driver knows nothing of k-shot. Scoring runs
 each client's shared start, demonstrations included, once into a KV cache
 (:func:`fdlora_jax.evaluate.option_scores`).
 """
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from fdlora_jax import data as data_lib
 from fdlora_jax.errors import need
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import EvalContext, Method, Setup
 
 NAME = 'k_shot'
 
@@ -53,8 +56,15 @@ def context_length(c, max_positions: int) -> int:
 
 
 def build(s: Setup) -> Method:
+  c = s.config
+  shots = int(c.k_shot.shots)
+  length = context_length(c, s.model.cfg.max_position_embeddings)
+
+  def context(train):
+    """k of each client's own training examples before every prompt."""
+    return EvalContext(shots, data_lib.demonstrations(train, shots, c.seed),
+                       length)
+
   return Method(NAME, init=lambda key: ({}, {}), phases=(),
                 rows=lambda server, client: {'k_shot': None},
-                context_shots=int(s.config.k_shot.shots),
-                context_length=context_length(
-                    s.config, s.model.cfg.max_position_embeddings))
+                context=context)

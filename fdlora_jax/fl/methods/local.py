@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from fdlora_jax import lora as lora_lib
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import token_nll
 
 NAME = 'local'

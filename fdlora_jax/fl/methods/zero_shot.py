@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from fdlora_jax.fl.engine import Method, Setup
+from fdlora_jax.fl.api import Method, Setup
 
 NAME = 'zero_shot'
 
