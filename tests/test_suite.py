@@ -87,7 +87,8 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
 def test_bad_suite_field_is_rejected_before_any_run(tmp_path):
   suite = tiny_suite(tmp_path)
   suite['groups'][0]['grid']['fl.roundz'] = (1,)
-  with pytest.raises(ConfigError, match='fl.roundz'):
+  with pytest.raises(ConfigError, match=r'fl\.roundz: no such field '
+                     r'\(did you mean fl\.rounds\?\)'):
     suite_lib.run_suite(suite, tmp_path / 'w', REPO)
   suite = tiny_suite(tmp_path)
   suite['groups'][0]['grid']['method'] = ('fdlora', 'fedsgd')
