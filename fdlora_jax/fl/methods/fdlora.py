@@ -126,7 +126,7 @@ def build(s: Setup) -> Method:
     out = {'personalized': personal, 'global': global_n,
            'fused': fusion_lib.fuse(personal, global_n, client['fusion_w'])}
     for kind in m.fusion.baselines:
-      wb = fusion_lib.baseline_weights(kind, n, jax.random.key(c.seed + 3),
+      wb = fusion_lib.baseline_weights(kind, n, s.keys.rows(),
                                        bounds=tuple(m.fusion.bounds))
       out[f'fusion_{kind}'] = fusion_lib.fuse(personal, global_n, wb)
     return out
