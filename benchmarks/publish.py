@@ -65,13 +65,6 @@ def day(date: str) -> str:
   return date.split(' ')[0] if date else 'undated'
 
 
-def where(d: dict) -> str:
-  """The machine of a results record, in words."""
-  if d.get('backend') == 'gpu' or 'NVIDIA' in str(d.get('device', '')):
-    return f'one {d.get("device", "GPU")}, jax {d.get("jax")}'
-  return f'the 2-core CPU machine ({d.get("cpu", "x86_64")}), jax {d.get("jax")}'
-
-
 def source(*items) -> str:
   """``items``: (file, record) pairs; the line naming them."""
   parts = []

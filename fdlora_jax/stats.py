@@ -15,12 +15,12 @@ means alone:
   correct / incorrect answers.
 * :func:`holm`: Holm's step-down adjustment across several comparisons.
 * :func:`auc`: the area under the ROC curve of a score (ties count half).
-* :func:`f1`: F1 of the positive class from labels and predictions.
 * :func:`min_detectable_difference`: the smallest difference in accuracy a
   paired design of n examples detects with the given power.
 
 Everything is numpy on the host: these run once per report, on a few
-thousand numbers.
+thousand numbers. Per-example metrics themselves (accuracy, F1) are
+:mod:`fdlora_jax.evaluate`'s; a statistic passed here can wrap them.
 """
 
 from __future__ import annotations
@@ -31,15 +31,6 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 Statistic = Callable[..., float]
-
-
-def f1(labels, preds, positive=1) -> float:
-  """F1 of ``positive`` (0.0 where it has no true or predicted positive)."""
-  labels, preds = np.asarray(labels), np.asarray(preds)
-  tp = np.sum((preds == positive) & (labels == positive))
-  fp = np.sum((preds == positive) & (labels != positive))
-  fn = np.sum((preds != positive) & (labels == positive))
-  return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
 
 
 def auc(scores, labels) -> float:

@@ -10,13 +10,6 @@ from scipy import stats as scipy_stats
 from fdlora_jax import stats
 
 
-def test_f1_by_hand():
-  labels = [1, 1, 1, 0, 0, 0]
-  preds = [1, 1, 0, 1, 0, 0]          # tp 2, fn 1, fp 1
-  assert stats.f1(labels, preds) == pytest.approx(4 / 6)
-  assert stats.f1([0, 0], [0, 0]) == 0.0
-
-
 def test_auc_counts_concordant_pairs():
   # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 0.35 > 0.1,
   # 0.35 < 0.4, 0.8 > both: 3 of 4 pairs.

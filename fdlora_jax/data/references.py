@@ -12,7 +12,9 @@ read only the training data's labels:
   addresses masked), else :func:`by_system`'s answer.
 
 Both are fit on the training examples of all clients together: an upper
-reference for what label lookups can do, not a federated method.
+reference for what label lookups can do, not a federated method. They join
+the majority guess and always "yes" of :func:`fdlora_jax.evaluate.references`
+(not wired in yet: issue 25).
 
 :func:`template` is also the key of the ``template`` train/test split, and
 the exact text the key of the ``dedup`` split (``fdlora_jax.data.partition``).
