@@ -372,19 +372,43 @@ def constant_guess(option, labels, valid, metric: str = 'accuracy',
   return classification_metrics(preds, labels, valid, metric, positive)
 
 
-def references(task, train_label_counts, tests) -> dict[str, tuple[str, dict]]:
-  """The answers that need no model: each client answers its training
-  split's majority (``train_label_counts [N, O]``); for F1 tasks also
-  "always the positive class", the trivial F1 baseline. ``{key in
-  results.json: (console row, metrics)}`` on the ``tests`` OptionArrays."""
+def references(task, part, train_label_counts,
+               tests) -> dict[str, tuple[str, np.ndarray]]:
+  """The answers that need no model, ``{key in results.json: (console row,
+  preds [N, M])}`` on the ``tests`` OptionArrays of ``part.test``:
+
+  * ``majority``: each client answers its training split's majority label
+    (``train_label_counts [N, O]``);
+  * ``always_positive`` (F1 tasks): always the positive class, the trivial
+    F1 baseline;
+  * ``by_system``: the majority training label of the example's system of
+    origin (:func:`fdlora_jax.data.references.by_system`);
+  * ``nearest_message``: the label of the same message, else template, in
+    the training data (:func:`~fdlora_jax.data.references.nearest_message`).
+
+  The last two are fit on all clients' training examples together.
+  """
+  from fdlora_jax.data import references as refs  # pylint: disable=g-import-not-at-top
+  labels = np.asarray(tests.labels)
+  n = labels.shape[0]
   positive = positive_option(task)
-  out = {'majority': ('majority (no model)', majority_guess(
-      train_label_counts, tests.labels, tests.valid, task.metric, positive))}
+  out = {'majority': ('majority (no model)', np.broadcast_to(
+      np.asarray(train_label_counts).argmax(-1)[:, None], labels.shape))}
   if positive is not None:
-    out['always_positive'] = (
-        f'always "{task.options[positive]}" (no model)',
-        constant_guess(positive, tests.labels, tests.valid, task.metric,
-                       positive))
+    out['always_positive'] = (f'always "{task.options[positive]}" (no model)',
+                              np.full(labels.shape, positive))
+  train = [task.examples[j] for idx in part.train for j in idx]
+  if train:
+    for key, rule, row in (('by_system', refs.by_system,
+                            'label by system (no model)'),
+                           ('nearest_message', refs.nearest_message,
+                            'nearest training message (no model)')):
+      preds = np.zeros(labels.shape, np.int64)
+      for i in range(n):
+        test = [task.examples[j] for j in part.test[i]]
+        if test:
+          preds[i, :len(test)] = rule(train, test)
+      out[key] = (row, preds)
   return out
 
 
@@ -552,19 +576,27 @@ def generated_predictions(model, base: PyTree, lora: Optional[PyTree],
 # ---------------------------------------------------------------------------
 # A task's adapters, scored as the config says (c.eval)
 # ---------------------------------------------------------------------------
-def evaluate_adapters(model, base: PyTree, lora_n: Optional[PyTree], tests,
-                      task, eval_cfg, tokenizer) -> dict:
-  """Per-client and mean/std metrics of adapters ``lora_n [N, ...]`` (None:
-  the base) on the ``tests`` OptionArrays, by option scores or by greedy
-  answers (``eval_cfg.mode``)."""
+def adapter_predictions(model, base: PyTree, lora_n: Optional[PyTree], tests,
+                        task, eval_cfg, tokenizer
+                        ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """``(preds [N, M], scores [N, M, O] or None)`` of adapters ``lora_n [N,
+  ...]`` (None: the base) on the ``tests`` OptionArrays, by option scores or
+  by greedy answers (``eval_cfg.mode``; no scores then)."""
   if eval_cfg.mode == 'generate':
     preds, _ = generated_predictions(
         model, base, lora_n, tests, tokenizer, task.options,
         eval_cfg.max_new_tokens, eval_cfg.chunk, yes_no=task.metric == 'f1')
-  else:
-    scores = option_scores(model, base, lora_n, tests, chunk=eval_cfg.chunk,
-                           normalize=eval_cfg.normalize)
-    preds = np.asarray(scores).argmax(-1)
+    return preds, None
+  scores = option_scores(model, base, lora_n, tests, chunk=eval_cfg.chunk,
+                         normalize=eval_cfg.normalize)
+  return np.asarray(scores).argmax(-1), np.asarray(scores)
+
+
+def evaluate_adapters(model, base: PyTree, lora_n: Optional[PyTree], tests,
+                      task, eval_cfg, tokenizer) -> dict:
+  """Per-client and mean/std metrics of :func:`adapter_predictions`."""
+  preds, _ = adapter_predictions(model, base, lora_n, tests, task, eval_cfg,
+                                 tokenizer)
   return classification_metrics(preds, tests.labels, tests.valid,
                                 task.metric, positive_option(task))
 

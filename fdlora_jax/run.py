@@ -31,6 +31,7 @@ from fdlora_jax import data as data_lib
 from fdlora_jax import evaluate as eval_lib
 from fdlora_jax import io as io_lib
 from fdlora_jax import lora as lora_lib
+from fdlora_jax import outcomes as outcomes_lib
 from fdlora_jax import sharding
 from fdlora_jax import checkpoint as checkpoint_lib
 from fdlora_jax.data.tasks import TASKS
@@ -163,6 +164,29 @@ class Experiment:
         self.model, self.engine.base, adapters, self.tests, self.task,
         self.config.eval, self.tokenizer)
 
+  def predict(self, adapters) -> tuple[np.ndarray, outcomes_lib.PerExample]:
+    """``(preds [N, M], per-example record)`` of ``adapters [N, ...]``."""
+    preds, scores = eval_lib.adapter_predictions(
+        self.model, self.engine.base, adapters, self.tests, self.task,
+        self.config.eval, self.tokenizer)
+    return preds, self.outcome(preds, scores)
+
+  def outcome(self, preds, scores=None) -> outcomes_lib.PerExample:
+    """Answers ``preds [N, M]`` (and option scores) on the tests, flat."""
+    return outcomes_lib.from_arrays(preds, self.tests.labels,
+                                    self.tests.valid, self.part.test, scores)
+
+  def metrics(self, preds, outcome: outcomes_lib.PerExample) -> dict:
+    """One row's client means (``classification_metrics``) and pooled
+    figures with intervals (``outcomes.figures``)."""
+    positive = eval_lib.positive_option(self.task)
+    m = eval_lib.classification_metrics(preds, self.tests.labels,
+                                        self.tests.valid, self.task.metric,
+                                        positive)
+    m.update(outcomes_lib.figures(outcome, positive, self.engine.num_clients,
+                                  seed=self.config.seed))
+    return m
+
 
 @dataclasses.dataclass
 class Outputs:
@@ -290,37 +314,73 @@ def search(x: Experiment, state: dict) -> tuple[dict, dict]:
 
 
 def evaluate(x: Experiment, state: dict) -> tuple[dict, dict]:
-  """Metrics of the method's rows, and of the answers that need no model."""
+  """Every row's metrics and per-example answers: the method's rows, and
+  the answers that need no model. ``{name: (label, metrics, outcome)}``
+  each."""
   t0 = time.time()
   rows = x.method.rows(state['server'], state['client'])
-  evaluated = {name: x.evaluate(adapters)
-               for name, adapters in tqdm(rows.items(), desc='evaluation',
-                                          unit='row', disable=None)}
+  evaluated = {}
+  for name, adapters in tqdm(rows.items(), desc='evaluation', unit='row',
+                             disable=None):
+    preds, outcome = x.predict(adapters)
+    evaluated[name] = (name, x.metrics(preds, outcome), outcome)
+  references = {}
+  for key, (label, preds) in eval_lib.references(
+      x.task, x.part, x.label_counts, x.tests).items():
+    outcome = x.outcome(preds)
+    references[key] = (label, x.metrics(preds, outcome), outcome)
   x.timing['eval_s'] = time.time() - t0
-  return evaluated, eval_lib.references(x.task, x.label_counts, x.tests)
+  return evaluated, references
 
 
 def write(x: Experiment, out: Outputs, evaluated: dict, references: dict,
           searched: dict, repeats: list[dict]) -> dict:
-  """results.json, the final metrics line and scalars; prints the table."""
+  """predictions/<row>.npz, results.json, the final metrics line and
+  scalars; prints the tables."""
   c, task = x.config, x.task
+  for name, (_, _, outcome) in evaluated.items():
+    outcomes_lib.save(out.work / 'predictions' / f'{name}.npz', outcome)
+  for key, (_, _, outcome) in references.items():
+    outcomes_lib.save(out.work / 'predictions' / f'reference_{key}.npz',
+                      outcome)
+  _versus_references(x, evaluated, references)
   results = _results(x, evaluated, references, searched, repeats)
   io_lib.write_json(out.work / 'results.json', results)
+  means = {k: m['mean'][task.metric] for k, (_, m, _) in evaluated.items()}
   out.log.write({'phase': 'final', 'round': c.fl.rounds,
-                 **{f'{k}_{task.metric}': v['mean'][task.metric]
-                    for k, v in evaluated.items()}})
+                 **{f'{k}_{task.metric}': v for k, v in means.items()}})
   out.events.scalars(len(x.engine.schedule()),
-                     {f'final/{k}': v['mean'][task.metric]
-                      for k, v in evaluated.items()})
+                     {f'final/{k}': v for k, v in means.items()})
   out.events.close()
   out.checkpoints.close()
-  table = eval_lib.format_table({**evaluated, **dict(references.values())},
-                                eval_lib.metric_names(task))
+  rows = {label: m for label, m, _ in [*evaluated.values(),
+                                       *references.values()]}
+  table = eval_lib.format_table(rows, eval_lib.metric_names(task))
+  headline = outcomes_lib.HEADLINE[task.metric][0]
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
   print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
-        f'\nmodel: {x.model_desc}\n{table}\n'
-        f'results: {out.work / "results.json"}')
+        f'\nmodel: {x.model_desc}\n{table}\n\n'
+        f'{outcomes_lib.format_figures(rows, headline)}\n'
+        f'results: {out.work / "results.json"}; per-example answers: '
+        f'{out.work / "predictions"}')
   return results
+
+
+def _versus_references(x: Experiment, evaluated: dict,
+                       references: dict) -> None:
+  """Each model row's headline figure against each no-model reference on
+  the same examples (a paired bootstrap), into its metrics as
+  ``versus_references``."""
+  positive = eval_lib.positive_option(x.task)
+  headline = outcomes_lib.HEADLINE[x.task.metric][0]
+  for _, m, outcome in evaluated.values():
+    m['versus_references'] = {}
+    for key, (_, _, ref) in references.items():
+      d = outcomes_lib.paired_difference(
+          [(outcome, ref)], headline, positive, x.engine.num_clients,
+          seed=x.config.seed)
+      d['verdict'] = outcomes_lib.versus(d['low'], d['high'])
+      m['versus_references'][key] = d
 
 
 # ---------------------------------------------------------------------------
@@ -342,8 +402,12 @@ def _results(x: Experiment, evaluated: dict, references: dict,
       'num_clients': n,
       'partition': x.part.method,
       'phases': [p.name for p in x.method.phases],
-      'models': evaluated,
-      'reference': {k: m for k, (_, m) in references.items()},
+      'headline_metric': dict(zip(('name', 'why'),
+                                  outcomes_lib.HEADLINE[task.metric])),
+      'models': {k: m for k, (_, m, _) in evaluated.items()},
+      'reference': {k: m for k, (_, m, _) in references.items()},
+      'predictions': 'predictions/<row>.npz, predictions/reference_<key>.npz '
+                     '(fdlora_jax.outcomes)',
       'search': searched,
       'context_shots': _context_shots(x.context, x.tests),
       'communication': engine_lib.communication(repeats, n),
