@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs import tiny as tiny_base
 from fdlora_jax import io as io_lib
+from fdlora_jax import outcomes
 from fdlora_jax import run as run_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.engine import Engine
@@ -136,6 +138,23 @@ def test_outputs_name_their_source_and_are_consistent(tmp_path):
     p, rec = pc['precision'], pc['recall']
     assert pc['f1'] == pytest.approx(2 * p * rec / (p + rec) if p + rec
                                      else 0.0)
+  # Every row's per-example answers, from which its figures follow exactly.
+  assert saved['headline_metric']['name'] == 'pooled_f1'
+  rows = ([(k, f'{k}.npz', v) for k, v in saved['models'].items()] +
+          [(k, f'reference_{k}.npz', v) for k, v in saved['reference'].items()])
+  assert {'by_system', 'nearest_message'} <= set(saved['reference'])
+  for name, file, row in rows:
+    o = outcomes.load(tmp_path / 'w' / 'predictions' / file)
+    assert o.example.tolist() == [j for cl in partition['clients']
+                                  for j in cl['test']], name
+    tp = np.sum((o.pred == 1) & (o.label == 1))
+    f1 = 2 * tp / max(np.sum(o.pred == 1) + np.sum(o.label == 1), 1)
+    fig = row['figures']['pooled_f1']
+    assert fig['value'] == pytest.approx(f1), name
+    assert fig['low'] <= fig['value'] <= fig['high'], name
+    assert (o.scores is not None) == (name in saved['models']), name
+  assert set(saved['models']['fused']['versus_references']) == set(
+      saved['reference'])
   comm = saved['communication']
   size = comm['per_round'][1]['bytes_up_per_client'][0]
   assert size > 0
