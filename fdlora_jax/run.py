@@ -91,6 +91,8 @@ def _validate_fl(fl: ml_collections.ConfigDict) -> None:
 
 
 def _validate_data_and_model(c: ml_collections.ConfigDict) -> None:
+  need(c.data.split in data_lib.SPLITS, 'data.split', c.data.split,
+       f'choose from {data_lib.SPLITS}')
   need(c.data.dirichlet_alpha > 0, 'data.dirichlet_alpha',
        c.data.dirichlet_alpha, 'the Dirichlet alpha must be > 0')
   need(c.data.task in TASKS, 'data.task', c.data.task,

@@ -103,15 +103,17 @@ def expand(suite: dict) -> list[dict]:
       continue
     grid = g.get('grid', {})
     keys = list(grid)
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    # Seeds outermost: a suite stopped early has whole seeds of every
+    # setting, which the paired comparisons need.
+    for seed, combo in itertools.product(
+        g.get('seeds', seeds), itertools.product(*(grid[k] for k in keys))):
       over = {**suite.get('fixed', {}), **g.get('fixed', {}),
               **dict(zip(keys, combo))}
       tag = ','.join(f'{k.split(".")[-1]}={_slug(v)}'
                      for k, v in zip(keys, combo)) or 'default'
-      for seed in g.get('seeds', seeds):
-        points.append({'id': f'{g["name"]}/{tag}/seed{seed}',
-                       'group': g['name'], 'config': g['config'],
-                       'overrides': {**over, 'seed': seed}, 'seed': seed})
+      points.append({'id': f'{g["name"]}/{tag}/seed{seed}',
+                     'group': g['name'], 'config': g['config'],
+                     'overrides': {**over, 'seed': seed}, 'seed': seed})
   ids = [p['id'] for p in points]
   if len(set(ids)) != len(ids):
     raise ConfigError('suite: two points share a workdir; give groups '

@@ -4,6 +4,7 @@ from fdlora_jax.data.examples import Example
 from fdlora_jax.data.examples import Task
 from fdlora_jax.data.examples import build_prompt
 from fdlora_jax.data.partition import Partition
+from fdlora_jax.data.partition import SPLITS
 from fdlora_jax.data.partition import partition
 from fdlora_jax.data.partition import write_partition
 from fdlora_jax.data.tasks import class_counts

@@ -216,7 +216,8 @@ def spirit_json_examples(path: str | pathlib.Path,
 
 
 def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
-  """The log files named by c.data.files, else those found in c.data.dir.
+  """The log files named by c.data.files, else those found in c.data.dir
+  and its immediate subfolders (LOG_PATTERNS in each).
 
   Raises:
     MissingFileError: a named file, the directory, or any log file in it is
@@ -250,9 +251,13 @@ def find_log_files(data_cfg: ml_collections.ConfigDict) -> list[pathlib.Path]:
         f'{root and root.resolve()} does not exist; expected files '
         f'{", ".join(LOG_PATTERNS)} from {LOGHUB_SOURCE}')
   files = []
-  for pattern in LOG_PATTERNS:
-    files += [p for p in sorted(root.glob(pattern))
-              if p.is_file() and p not in files]
+  # The folder, then each of its subfolders (one level, sorted): a folder
+  # of several sets (../shared/data: loghub/, loghub_random/) reads them
+  # all.
+  for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
+    for pattern in LOG_PATTERNS:
+      files += [p for p in sorted(folder.glob(pattern))
+                if p.is_file() and p not in files]
   if not files:
     raise MissingFileError(
         f'config.data.dir={data_cfg.dir!r}: no log files in {root.resolve()}; '

@@ -11,7 +11,11 @@ largest client, until every client has the minimum. The partition's
 
 Each client's examples are then split train/test at random
 (`train_fraction`, paper 8:2, at least one of each; with `stratify`, per
-label, so each label a client holds twice or more is in its test set), and
+label, so each label a client holds twice or more is in its test set). With
+`split` 'dedup' or 'template' the test set is instead drawn once over all
+examples, whole groups of identical messages (or templates) at a time
+(`references.grouped_test_mask`), so no message (template) is on both sides
+for any client; a client then keeps what falls on each side. Then
 `few_shot` examples (paper 5) are drawn from its training set for the
 AdaFusion stage (with `stratify`, every label it holds at least once). All of it is a function of the seed.
 """
@@ -24,11 +28,13 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from fdlora_jax.data import references
 from fdlora_jax.data.examples import Task
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.errors import need
 
 _MAX_DRAWS = 100
+SPLITS = ('random', 'dedup', 'template')
 
 
 @dataclasses.dataclass
@@ -213,6 +219,8 @@ def partition(task: Task, num_clients: int,
        data_cfg.train_fraction, 'must be in [0, 1]')
   need(data_cfg.few_shot >= 0, 'data.few_shot', data_cfg.few_shot,
        'must be >= 0')
+  need(data_cfg.get('split', 'random') in SPLITS, 'data.split',
+       data_cfg.get('split'), f'choose from {SPLITS}')
   rng = np.random.default_rng([seed, 0])
   if data_cfg.partition == 'dirichlet':
     need(data_cfg.dirichlet_alpha > 0, 'data.dirichlet_alpha',
@@ -239,14 +247,26 @@ def partition(task: Task, num_clients: int,
   else:  # checked above
     raise AssertionError(data_cfg.partition)
   labels = task.labels()
+  split = data_cfg.get('split', 'random')
+  in_test = None
+  if split != 'random':       # whole groups of messages to test, globally
+    in_test = references.grouped_test_mask(
+        references.group_keys(task.examples, split), labels,
+        data_cfg.train_fraction, np.random.default_rng([seed, 2]))
+    method += (f', {split} train/test split ('
+               + ('no message' if split == 'dedup' else 'no template')
+               + ' on both sides)')
   if data_cfg.stratify:
     method += (', train/test split and few-shot draw stratified by label')
   train, test, few = [], [], []
   for i, idx in enumerate(parts):
     split_rng = np.random.default_rng([seed, 1, i])
-    tr, te = train_test_split(
-        idx, data_cfg.train_fraction, split_rng,
-        labels if data_cfg.stratify else None)
+    if in_test is None:
+      tr, te = train_test_split(
+          idx, data_cfg.train_fraction, split_rng,
+          labels if data_cfg.stratify else None)
+    else:
+      tr, te = idx[~in_test[idx]], idx[in_test[idx]]
     train.append(tr)
     test.append(te)
     few.append(few_shot_draw(tr, data_cfg.few_shot, split_rng,

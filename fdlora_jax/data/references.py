@@ -14,7 +14,7 @@ read only the training data's labels:
 Both are fit on the training examples of all clients together: an upper
 reference for what label lookups can do, not a federated method. They join
 the majority guess and always "yes" of :func:`fdlora_jax.evaluate.references`
-(not wired in yet: issue 25).
+in every run's results.json.
 
 :func:`template` is also the key of the ``template`` train/test split, and
 the exact text the key of the ``dedup`` split (``fdlora_jax.data.partition``).
