@@ -512,6 +512,25 @@ def central_probes() -> str:
       source(*items)])
 
 
+def cpu_suite() -> str:
+  """results.md: the CPU study's report, re-made from its stored runs
+  (results.json and per-example predictions/ of every point)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from fdlora_jax import report  # pylint: disable=g-import-not-at-top
+  work = RESULTS / 'cpu_suite'
+  with tempfile.TemporaryDirectory() as out:
+    rep = report.write_report(work, out, quiet=True)
+    text = rep['tables'].read_text()
+  # Drop the page title and the local path; tables from '###' on.
+  body = text[text.index('###'):].replace('### ', '#### ')
+  suite = json.loads((work / 'suite.json').read_text())
+  return '\n'.join([body.rstrip(), '',
+                    f'_Source: `benchmarks/results/cpu_suite/` (suite '
+                    f'{suite["name"]!r}, {rep["num_points"]} runs; '
+                    f'`python -m fdlora_jax.report '
+                    f'--workdir=benchmarks/results/cpu_suite`)._'])
+
+
 RENDERERS = {
     'first-run': first_run, 'logs-seeds': logs_seeds,
     'methods-seed0': methods_seed0, 'medical': medical,
@@ -520,6 +539,7 @@ RENDERERS = {
     'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,
     'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
     'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
+    'cpu-suite': cpu_suite,
 }
 
 

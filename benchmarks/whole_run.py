@@ -131,7 +131,7 @@ def main():
       'cpu_user_s': usage.ru_utime, 'cpu_sys_s': usage.ru_stime,
       'loadavg_before': load_before,
       'loadavg_after': load_after, 'metric': metric, 'mean_scores': scores,
-      'rows': rows}, a.out)
+      'rows': rows, 'results': results}, a.out)
 
 
 if __name__ == '__main__':

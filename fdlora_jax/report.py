@@ -9,10 +9,19 @@ Reads ``suite.json`` and every point's ``point.json``, ``results.json`` and
 * ``runs.json``: one compact record per finished run (data, model, method,
   seed, overrides, every row's mean and per-client metric, timing);
 * ``tables.md``: one table per group whose ``report`` is a table, laid out
-  like the paper's Tables 3-6: mean +- std over seeds (of each seed's mean
-  over clients), the best value of each column in bold, and a line naming
-  data, model and seeds under it; then a communication table (bytes per
-  client per round and in total, for every method, from the engine's counts);
+  like the paper's Tables 3-6: each row's headline figure (results.json
+  ``headline_metric``, e.g. pooled F1) as mean [95% interval] over seeds
+  (Student t; a single seed shows its bootstrap interval over test
+  examples), the highest mean in bold, a line naming data, model and seeds;
+  then the table's pairwise comparisons, from the runs' per-example files
+  (``predictions/*.npz``): every pair of rows on the same seeds and test
+  examples (paired bootstrap of the difference, seeds then examples within
+  client x label; exact McNemar on the pooled answers; Holm across the
+  table's pairs; a verdict "A better", "B better" or "not distinguishable at
+  95%"), every row against each no-model reference, the smallest accuracy
+  difference the design detects (power), and the table's ``orderings``;
+  then a communication table (bytes per client per round and in total);
+* ``pairwise.json``: every comparison's numbers;
 * one PNG per group whose ``report`` is a curve (Figures 5-7): the progress
   metric per round, one line per setting, a band for the std over seeds.
 
@@ -30,7 +39,12 @@ A group's ``report`` (in the suite file)::
 column with the paper's figures, quoted as given (never bolded or compared).
 ``'references': True`` adds, in italics and never bolded, the no-model
 answers every run scores on its test split (``results.json`` ``reference``:
-each client's majority training label; always the positive answer).
+each client's majority training label; always the positive answer; the
+label of the example's system; the label of the nearest training message).
+``'orderings': [(claim, [(A, B), ...]), ...]`` states claims "A above B"
+between a table's rows; each is reported "held" (every pair's verdict is A
+better), "did not hold" (some pair's is B better) or "not distinguishable",
+with the differences and their intervals.
 ``'from': '<group>'`` (or a list of groups) reads other groups' points (a
 group without ``config`` runs nothing itself); ``'where': {path: value}``
 keeps only the points whose config has those values.
@@ -46,6 +60,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from fdlora_jax import outcomes
+from fdlora_jax import stats
 from fdlora_jax.errors import (UserError, exit_on_user_error, fail,
                                parse_flags)
 
@@ -69,6 +85,7 @@ def load_points(workdir: Path) -> list[dict]:
       continue
     metrics = pj.parent / 'metrics.jsonl'
     points.append({
+        'dir': str(pj.parent),
         'point': json.loads(pj.read_text()),
         'results': json.loads(res.read_text()),
         'metrics': [json.loads(l) for l in metrics.read_text().splitlines()
@@ -76,36 +93,61 @@ def load_points(workdir: Path) -> list[dict]:
   return points
 
 
+def headline_name(r: dict) -> str:
+  """The figure a run leads with (results.json ``headline_metric``)."""
+  return get_path(r, 'headline_metric.name') or r['metric']
+
+
+def figure(m: dict, r: dict) -> tuple[float, float, float] | None:
+  """``(value, low, high)`` of the run's headline figure in one row's
+  metrics; runs from before per-example outputs give their client mean
+  with no interval."""
+  f = get_path(m, f'figures.{headline_name(r)}')
+  if f is not None:
+    return f['value'], f['low'], f['high']
+  v = m['mean'][r['metric']]
+  return v, float('nan'), float('nan')
+
+
 def point_value(p: dict, adapter: str | None, value: str = 'metric'):
-  """One seed's number: the adapter's mean metric over clients (the
-  method's headline adapter by default), or a results path."""
+  """One seed's number: the headline figure of the adapter's row (the
+  method's headline row by default), or a results path."""
+  got = point_figure(p, adapter, value)
+  return None if got is None else got[0]
+
+
+def point_figure(p: dict, adapter: str | None, value: str = 'metric'):
+  """``(value, low, high)`` of :func:`point_value` (NaN bounds for a
+  results path)."""
   r = p['results']
   if value != 'metric':
-    return get_path(r, value)
+    v = get_path(r, value)
+    return None if v is None else (v, float('nan'), float('nan'))
   row = adapter or r['headline']
   if row not in r['models']:
     return None
-  return r['models'][row]['mean'][r['metric']]
+  return figure(r['models'][row], r)
 
 
 # No-model answers every run scores on its own test split (results.json
 # 'reference'), shown under a table's methods with ``'references': True``.
 REFERENCES = {'majority': "majority guess (each client's training label)",
-              'always_positive': 'always the positive answer'}
+              'always_positive': 'always the positive answer',
+              'by_system': 'label by system of origin',
+              'nearest_message': 'label of the nearest training message'}
 
 
-def reference_cell(points: list[dict], cols, col_key,
-                   name: str) -> tuple[float, float, int]:
-  """Mean +- std over seeds of a no-model reference. Runs with the same
+def reference_figures(points: list[dict], cols, col_key,
+                      name: str) -> list[tuple[float, float, float]]:
+  """A no-model reference's headline figure per seed. Runs with the same
   seed share the split, so each seed counts once."""
   per_seed = {}
   for p in points:
     ref = get_path(p['results'], f'reference.{name}')
     if ref is None or _col_key(p, cols) != col_key:
       continue
-    per_seed.setdefault(p['results']['seed'],
-                        ref['mean'][p['results']['metric']])
-  return mean_std(list(per_seed.values()))
+    per_seed.setdefault(p['results']['seed'], figure(ref, p['results']))
+  return [per_seed[k] for k in sorted(per_seed)]
 
 
 def _same(a, b) -> bool:
@@ -119,6 +161,17 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
   if not len(v):
     return float('nan'), float('nan'), 0
   return float(v.mean()), float(v.std()), len(v)
+
+
+def interval(figures: list) -> tuple[float, float, float, int]:
+  """``(mean, low, high, seeds)`` of per-seed ``(value, low, high)``: a
+  Student t interval over seeds, or one seed's own bootstrap interval."""
+  figures = [f for f in figures if f is not None]
+  if not figures:
+    return float('nan'), float('nan'), float('nan'), 0
+  if len(figures) == 1:
+    return (*figures[0], 1)
+  return (*stats.seed_interval([f[0] for f in figures]), len(figures))
 
 
 def _col_key(p: dict, cols) -> tuple:
@@ -144,34 +197,48 @@ def _footer(points: list[dict]) -> str:
 # ---------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------
-def table(group: dict, points: list[dict]) -> tuple[str, dict]:
-  """Markdown of one table, and its cells ``{(row, col): (mean, std, n)}``."""
-  spec = group['report']
-  cols = tuple(spec.get('cols', ()))
-  value = spec.get('value', 'metric')
-  scale = 100.0 if value == 'metric' else 1.0
-  col_keys = sorted({_col_key(p, cols) for p in points}, key=str)
+def _rows(spec: dict, points: list[dict]) -> dict[str, tuple]:
+  """``{row label: (method, adapter or None)}`` of a table, in order."""
   if spec.get('rows', 'method') == 'method':
     labels = list(dict.fromkeys(p['results']['method'] for p in points))
     order = list(spec.get('order', ()))    # e.g. the suite's method order
     labels.sort(key=lambda m: order.index(m) if m in order else len(order))
-    pick = {lab: (lab, None) for lab in labels}
-  else:
-    labels = [r[0] for r in spec['rows']]
-    pick = {r[0]: (r[1], r[2]) for r in spec['rows']}
+    return {lab: (lab, None) for lab in labels}
+  return {r[0]: (r[1], r[2]) for r in spec['rows']}
+
+
+def _pct(x: float) -> str:
+  return f'{x * 100:.1f}' if np.isfinite(x) else '-'
+
+
+def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
+  """Markdown of one table, its cells ``{(row, col): (mean, low, high,
+  seeds)}`` (the headline figure, or ``value``, per row and column) and its
+  :func:`pairwise` comparisons."""
+  spec = group['report']
+  cols = tuple(spec.get('cols', ()))
+  value = spec.get('value', 'metric')
+  is_metric = value == 'metric'
+  col_keys = sorted({_col_key(p, cols) for p in points}, key=str)
+  pick = _rows(spec, points)
+  labels = list(pick)
   cells = {}
   for lab in labels:
     method, adapter = pick[lab]
     for ck in col_keys:
-      vals = [point_value(p, adapter, value) for p in points
-              if p['results']['method'] == method and
-              _col_key(p, cols) == ck]
-      cells[(lab, ck)] = mean_std(vals)
+      got = [point_figure(p, adapter, value) for p in points
+             if p['results']['method'] == method and
+             _col_key(p, cols) == ck]
+      if is_metric:
+        cells[(lab, ck)] = interval(got)
+      else:
+        m, sd, n = mean_std([g[0] for g in got if g is not None])
+        cells[(lab, ck)] = (m, m - sd, m + sd, n)
   best = {}
   lower = spec.get('best', 'max') == 'min'
   for ck in col_keys:
     finite = [cells[(lab, ck)][0] for lab in labels
-              if cells[(lab, ck)][2] and np.isfinite(cells[(lab, ck)][0])]
+              if cells[(lab, ck)][3] and np.isfinite(cells[(lab, ck)][0])]
     if finite:
       best[ck] = min(finite) if lower else max(finite)
   head = ['method' if spec.get('rows', 'method') == 'method' else 'model']
@@ -182,15 +249,19 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
   lines = [f'### {spec.get("title", group["name"])}', '',
            '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
+
+  def cell(m, lo, hi, n):
+    if not n:
+      return '-'
+    if is_metric:
+      return f'{_pct(m)} [{_pct(lo)}, {_pct(hi)}]'
+    return f'{m:.1f} ± {(hi - m):.1f}'
+
   for lab in labels:
     row = [lab]
     for ck in col_keys:
-      m, s, n = cells[(lab, ck)]
-      if not n:
-        row.append('-')
-        continue
-      text = f'{m * scale:.2f} ± {s * scale:.2f}'
-      if ck in best and m == best[ck]:
+      text = cell(*cells[(lab, ck)])
+      if ck in best and cells[(lab, ck)][0] == best[ck]:
         text = f'**{text}**'
       row.append(text)
     if paper:
@@ -198,24 +269,207 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict]:
       row.append('' if v is None else f'{v:.2f}')
     lines.append('| ' + ' | '.join(row) + ' |')
   shown_refs = False
-  if spec.get('references') and value == 'metric':
+  if spec.get('references') and is_metric:
     for name, label in REFERENCES.items():
-      refs = {ck: reference_cell(points, cols, ck, name) for ck in col_keys}
-      if not any(n for _, _, n in refs.values()):
+      refs = {ck: interval(reference_figures(points, cols, ck, name))
+              for ck in col_keys}
+      if not any(v[3] for v in refs.values()):
         continue
       shown_refs = True
       cells.update({(label, ck): v for ck, v in refs.items()})
-      row = [f'_{label}_'] + [
-          f'_{m * scale:.2f} ± {s * scale:.2f}_' if n else '-'
-          for m, s, n in refs.values()] + ([''] if paper else [])
+      row = [f'_{label}_'] + [f'_{cell(*v)}_' if v[3] else '-'
+                              for v in refs.values()] + (
+                                  [''] if paper else [])
       lines.append('| ' + ' | '.join(row) + ' |')
-  unit = ('mean ± std over seeds of the mean over clients, in %'
-          if value == 'metric' else f'{value}, mean ± std over seeds')
+  if is_metric:
+    names = sorted({headline_name(p['results']) for p in points})
+    unit = (f'{", ".join(names)} in % (results.json `headline_metric`), '
+            'the mean over seeds with a 95% Student t interval over seeds '
+            '(one seed: its bootstrap interval over test examples); the '
+            'highest mean in bold, which alone is no verdict: see the '
+            'pairwise table')
+  else:
+    unit = f'{value}, mean ± std over seeds; lowest in bold'
   refs = (' Rows in italics answer without a model, from the same test '
-          'splits (never bolded).' if shown_refs else '')
-  lines += ['', f'{unit}; best per column in bold.{refs}', _footer(points),
-            '']
-  return '\n'.join(lines), cells
+          'splits.' if shown_refs else '')
+  lines += ['', f'{unit}.{refs}', _footer(points), '']
+  compared = {}
+  if is_metric:
+    text, compared = pairwise(group, points)
+    lines.append(text)
+  return '\n'.join(lines), cells, compared
+
+
+# ---------------------------------------------------------------------------
+# Paired comparisons
+# ---------------------------------------------------------------------------
+def _outcome(p: dict, row: str) -> outcomes.PerExample | None:
+  if 'dir' not in p:
+    return None
+  path = Path(p['dir']) / 'predictions' / f'{row}.npz'
+  return outcomes.load(path) if path.is_file() else None
+
+
+def _positive(r: dict):
+  return 1 if r['metric'] == 'f1' else None
+
+
+def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
+  """Every pair of a table's rows on the seeds both have, and every row
+  against each no-model reference: the paired bootstrap interval of the
+  headline figure's difference (seeds, then examples), McNemar's exact
+  test on the pooled answers, Holm's adjustment across the table's pairs,
+  and a verdict. Returns markdown and ``{'pairs', 'references',
+  'orderings', 'power'}``."""
+  spec = group['report']
+  pick = _rows(spec, points)
+  cols = tuple(spec.get('cols', ()))
+  per_row = {}       # label -> {(column, seed): (outcome, point)}
+  for lab, (method, adapter) in pick.items():
+    for p in points:
+      if p['results']['method'] != method:
+        continue
+      o = _outcome(p, adapter or p['results']['headline'])
+      if o is not None:
+        key = (_col_key(p, cols), p['results']['seed'])
+        per_row.setdefault(lab, {})[key] = (o, p)
+  labels = [lab for lab in pick if lab in per_row]
+  if not labels:
+    return '', {}
+  any_r = next(iter(per_row[labels[0]].values()))[1]['results']
+  name, positive = headline_name(any_r), _positive(any_r)
+  n_clients = any_r['num_clients']
+  pairs = []
+  for i, a in enumerate(labels):
+    for b in labels[i + 1:]:
+      seeds = sorted(set(per_row[a]) & set(per_row[b]), key=str)
+      if not seeds:
+        continue
+      d = outcomes.paired_difference(
+          [(per_row[a][s][0], per_row[b][s][0]) for s in seeds], name,
+          positive, n_clients)
+      pairs.append({'a': a, 'b': b, 'seeds': seeds, **d})
+  for d, h in zip(pairs, stats.holm([d['p_mcnemar'] for d in pairs])):
+    d['p_holm'] = h
+    d['verdict'] = _verdict(d, d['a'], d['b'])
+  versus = []
+  for lab in labels:
+    for key, ref_label in REFERENCES.items():
+      seeds = sorted(per_row[lab], key=str)
+      refs = [_outcome(per_row[lab][s][1], f'reference_{key}') for s in seeds]
+      if any(r is None for r in refs):
+        continue
+      d = outcomes.paired_difference(
+          [(per_row[lab][s][0], r) for s, r in zip(seeds, refs)], name,
+          positive, n_clients)
+      versus.append({'a': lab, 'b': key, 'seeds': seeds, **d})
+  for d, h in zip(versus, stats.holm([d['p_mcnemar'] for d in versus])):
+    d['p_holm'] = h
+    d['verdict'] = ('beats it' if _verdict(d, 'a', 'b') == 'a better'
+                    else 'does not beat it')
+  power = _power(pairs, per_row, labels)
+  orderings = [_ordering(claim, want, pairs)
+               for claim, want in spec.get('orderings', ())]
+  lines = [f'Pairwise ({name}, A - B in points; {_fmt_seeds(pairs)}):', '',
+           '| A | B | A - B [95% interval] | A only / B only right | '
+           'McNemar p | Holm p | verdict |', '|---|---|---|---|---|---|---|']
+  for d in pairs:
+    lines.append(f'| {d["a"]} | {d["b"]} | {_diff(d)} | {d["a_only"]} / '
+                 f'{d["b_only"]} | {d["p_mcnemar"]:.3g} | {d["p_holm"]:.3g} '
+                 f'| {d["verdict"]} |')
+  lines += ['', 'Each row against the answers that need no model (same '
+            'seeds and test examples):', '',
+            '| row | reference | row - reference [95% interval] | Holm p | '
+            'verdict |', '|---|---|---|---|---|']
+  for d in versus:
+    lines.append(f'| {d["a"]} | {REFERENCES[d["b"]]} | {_diff(d)} | '
+                 f'{d["p_holm"]:.3g} | {d["verdict"]} |')
+  lines += ['', VERDICT_RULE, '']
+  if power:
+    lines += [power['text'], '']
+  for o in orderings:
+    lines.append(f'* **{o["claim"]}**: {o["result"]} ({o["detail"]})')
+  if orderings:
+    lines.append('')
+  return '\n'.join(lines), {'group': group['name'], 'figure': name,
+                            'pairs': pairs, 'references': versus,
+                            'orderings': orderings, 'power': power}
+
+
+VERDICT_RULE = (
+    'A verdict names a winner only when the paired bootstrap interval of '
+    'the difference (seeds resampled, then test examples within client x '
+    'label) excludes 0 and the Holm-adjusted exact McNemar p (on the '
+    'answers pooled over seeds) is below 0.05; otherwise "not '
+    'distinguishable at 95%".')
+
+
+def _verdict(d: dict, a: str, b: str) -> str:
+  if d['p_holm'] < 0.05 and d['low'] > 0:
+    return f'{a} better'
+  if d['p_holm'] < 0.05 and d['high'] < 0:
+    return f'{b} better'
+  return 'not distinguishable at 95%'
+
+
+def _diff(d: dict) -> str:
+  return (f'{d["difference"] * 100:+.1f} [{d["low"] * 100:+.1f}, '
+          f'{d["high"] * 100:+.1f}]')
+
+
+def _fmt_seeds(pairs: list[dict]) -> str:
+  seeds = sorted({k[1] for d in pairs for k in d['seeds']})
+  settings = {k[0] for d in pairs for k in d['seeds']}
+  return f'seeds {seeds}' + (f', paired within each of {len(settings)} '
+                             'settings' if len(settings) > 1 else '')
+
+
+def _power(pairs, per_row, labels) -> dict:
+  """The smallest accuracy difference the design detects (80% power, 5%
+  level), from the test examples and the pairs' median disagreement."""
+  if not pairs:
+    return {}
+  n = max(d['n'] for d in pairs)
+  disc = float(np.median([(d['a_only'] + d['b_only']) / d['n']
+                          for d in pairs]))
+  if disc <= 0:
+    return {}
+  mdd = stats.min_detectable_difference(n, disc)
+  return {'n': n, 'discordant': disc, 'min_detectable_accuracy': mdd,
+          'text': (f'Power: {n} paired test answers (all seeds); the median '
+                   f'pair disagrees on {disc:.1%} of them, so this design '
+                   f'detects accuracy differences of about '
+                   f'{mdd * 100:.1f} points at 80% power (McNemar, 5% level);'
+                   ' differences in F1, which rests on the few anomalous '
+                   'examples, need larger ones.')}
+
+
+def _ordering(claim: str, want: list, pairs: list[dict]) -> dict:
+  """'held' (every "A above B" has verdict A better), 'did not hold' (some
+  has B better) or 'not distinguishable', with the differences."""
+  found, details = [], []
+  for a, b in want:
+    d = next((x for x in pairs if (x['a'], x['b']) == (a, b)), None)
+    flip = d is None
+    if flip:
+      d = next((x for x in pairs if (x['a'], x['b']) == (b, a)), None)
+    if d is None:
+      found.append('missing')
+      details.append(f'{a} vs {b}: not run')
+      continue
+    sign = -1 if flip else 1
+    diff, low, high = (sign * d['difference'], *sorted(
+        (sign * d['low'], sign * d['high'])))
+    v = d['verdict']
+    found.append('held' if v == f'{a} better' else
+                 'did not hold' if v == f'{b} better' else 'nd')
+    details.append(f'{a} - {b} {diff * 100:+.1f} [{low * 100:+.1f}, '
+                   f'{high * 100:+.1f}]')
+  result = ('did not hold' if 'did not hold' in found else
+            'held' if all(f == 'held' for f in found) else
+            'not run' if all(f == 'missing' for f in found) else
+            'not distinguishable')
+  return {'claim': claim, 'result': result, 'detail': '; '.join(details)}
 
 
 def communication(points: list[dict]) -> str:
@@ -288,7 +542,8 @@ def curve(group: dict, points: list[dict], out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
-def write_report(workdir: str | Path, out: str | Path = '') -> dict:
+def write_report(workdir: str | Path, out: str | Path = '',
+                 quiet: bool = False) -> dict:
   """Writes tables.md and the PNGs; returns ``{'tables', 'plots',
   'cells'}``."""
   work = Path(workdir).expanduser()
@@ -304,7 +559,7 @@ def write_report(workdir: str | Path, out: str | Path = '') -> dict:
     raise UserError(f'{work}: no finished point (results.json) yet')
   parts = [f'# Suite {suite.get("name", "")}: results', '',
            f'{len(points)} finished runs under `{work}`.', '']
-  plots, all_cells = [], {}
+  plots, all_cells, pairs_out = [], {}, []
   for g in suite['groups']:
     spec = g.get('report', {})
     source = spec.get('from', g['name'])
@@ -320,16 +575,22 @@ def write_report(workdir: str | Path, out: str | Path = '') -> dict:
       parts += [f'### {g["report"].get("title", g["name"])}', '',
                 f'![{g["name"]}]({path.name})', '', _footer(mine), '']
     else:
-      text, cells = table(g, mine)
+      text, cells, compared = table(g, mine)
       parts.append(text)
       all_cells[g['name']] = cells
+      if compared:
+        pairs_out.append(compared)
   parts.append(communication(points))
   (out / 'tables.md').write_text('\n'.join(parts))
   (out / 'runs.json').write_text(json.dumps(runs_summary(points), indent=1))
-  print(f'wrote {out / "tables.md"}, {out / "runs.json"} and {len(plots)} '
-        'plot(s)')
+  (out / 'pairwise.json').write_text(json.dumps(pairs_out, indent=1))
+  if not quiet:
+    print(f'wrote {out / "tables.md"}, {out / "pairwise.json"}, '
+          f'{out / "runs.json"} and {len(plots)} plot(s)')
   return {'tables': out / 'tables.md', 'runs': out / 'runs.json',
-          'plots': plots, 'cells': all_cells}
+          'pairwise': out / 'pairwise.json', 'plots': plots,
+          'num_points': len(points),
+          'cells': all_cells, 'pairs': pairs_out}
 
 
 def runs_summary(points: list[dict]) -> list[dict]:
@@ -345,10 +606,13 @@ def runs_summary(points: list[dict]) -> list[dict]:
         'method': r['method'], 'seed': r['seed'],
         'data_source': r['data_source'], 'is_synthetic': r['is_synthetic'],
         'model': r['model'], 'metric': metric, 'headline': r['headline'],
+        'headline_figure': headline_name(r),
         'rows': {k: {'mean': v['mean'][metric],
-                     'per_client': [c[metric] for c in v['per_client']]}
+                     'per_client': [c[metric] for c in v['per_client']],
+                     'headline': dict(zip(('value', 'low', 'high'),
+                                          figure(v, r)))}
                  for k, v in r['models'].items()},
-        'reference': {k: v['mean'][metric]
+        'reference': {k: dict(zip(('value', 'low', 'high'), figure(v, r)))
                       for k, v in r.get('reference', {}).items()},
         'timing_s': r['timing']})
   return out

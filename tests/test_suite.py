@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from fdlora_jax import report as report_lib
 from fdlora_jax import run as run_lib
@@ -57,23 +59,60 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   assert 'seeds: [0, 1]' in text and 'SYNTHETIC' in text
   assert rep['plots'] and rep['plots'][0].stat().st_size > 1000
   assert rep['plots'][0].read_bytes()[:4] == b'\x89PNG'
-  # One cell by hand: FedAvg at alpha 0.5, mean over the two seeds of each
-  # seed's headline (global) mean F1.
+  # One cell by hand: FedAvg at alpha 0.5, the mean over the two seeds of
+  # each seed's headline figure (pooled F1 of its headline row, global),
+  # with Student's t interval over the seeds.
   vals = []
   for seed in (0, 1):
     r = json.loads((work / 'rq1' / 'method=fedavg,dirichlet_alpha=0.5' /
                     f'seed{seed}' / 'results.json').read_text())
     assert r['headline'] == 'global'
-    vals.append(r['models']['global']['mean']['f1'])
-  m, s, n = rep['cells']['rq1'][('fedavg', (0.5,))]
+    assert r['headline_metric']['name'] == 'pooled_f1'
+    vals.append(r['models']['global']['figures']['pooled_f1']['value'])
+  m, lo, hi, n = rep['cells']['rq1'][('fedavg', (0.5,))]
+  half = scipy_stats.t.ppf(0.975, 1) * np.std(vals, ddof=1) / np.sqrt(2)
   assert n == 2 and m == pytest.approx(sum(vals) / 2)
-  assert f'{m * 100:.2f} ± {s * 100:.2f}' in text
+  assert (lo, hi) == pytest.approx((m - half, m + half))
+  assert f'{m * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]' in text
   runs = json.loads(rep['runs'].read_text())
   assert len(runs) == len(points)
   fedavg = sorted((r for r in runs if r['id'].startswith(
       'rq1/method=fedavg,dirichlet_alpha=0.5')), key=lambda r: r['seed'])
-  assert [r['rows']['global']['mean'] for r in fedavg] == vals
+  assert [r['rows']['global']['headline']['value'] for r in fedavg] == vals
   assert all(r['is_synthetic'] and r['model'] for r in runs)
+
+  # The pairwise table, re-derived from the per-example files alone.
+  pairs = {(d['a'], d['b']): d for g in json.loads(
+      rep['pairwise'].read_text()) if g['group'] == 'rq7'
+           for d in g['pairs']}
+  assert len(pairs) == 6            # 4 fusion rows, every pair once
+  diffs, a_only, b_only = [], 0, 0
+  for alpha in (0.5, 1.0):
+    for seed in (0, 1):
+      pred = work / 'rq1' / f'method=fdlora,dirichlet_alpha={alpha}' / \
+          f'seed{seed}' / 'predictions'
+      a, b = (np.load(pred / f'{row}.npz') for row in ('fused', 'fusion_sum'))
+      assert (a['example'] == b['example']).all()
+      f1 = lambda o: 2 * np.sum((o['pred'] == 1) & (o['label'] == 1)) / max(
+          np.sum(o['pred'] == 1) + np.sum(o['label'] == 1), 1)
+      diffs.append(f1(a) - f1(b))
+      ra, rb = a['pred'] == a['label'], b['pred'] == b['label']
+      a_only += int(np.sum(ra & ~rb))
+      b_only += int(np.sum(~ra & rb))
+  d = pairs[('Sum', 'AdaFusion')]
+  assert d['difference'] == pytest.approx(-np.mean(diffs))
+  assert (d['a_only'], d['b_only']) == (b_only, a_only)
+  k = a_only + b_only
+  p = (min(1.0, 2 * scipy_stats.binom.cdf(min(a_only, b_only), k, 0.5))
+       if k else 1.0)
+  assert d['p_mcnemar'] == pytest.approx(p)
+  assert d['low'] <= d['difference'] <= d['high']
+  holm = sorted(x['p_holm'] for x in pairs.values())
+  assert holm == sorted(holm) and all(x['p_holm'] >= x['p_mcnemar']
+                                      for x in pairs.values())
+  assert (f'| Sum | AdaFusion | {d["difference"] * 100:+.1f} '
+          f'[{d["low"] * 100:+.1f}, {d["high"] * 100:+.1f}] |') in text
+  assert 'Power:' in text and 'label by system of origin' in text
 
   # The suite changed since: a finished point is refused, not reported
   # stale, and nothing runs.
@@ -129,17 +168,19 @@ def test_table_puts_the_papers_figures_beside_its_own():
       'kind': 'table', 'rows': 'method', 'cols': ('data.dirichlet_alpha',),
       'paper': {'title': 'paper (Table 3)',
                 'values': {'fdlora': 78.17, 'fedavg': 44.53}}}}
-  text, cells = report_lib.table(group, points)
+  text, cells, _ = report_lib.table(group, points)
   assert text.index('| fdlora |') < text.index('| fedavg |')
   group['report']['order'] = ('fedavg', 'fdlora')
   assert (report_lib.table(group, points)[0].index('| fedavg |') <
           report_lib.table(group, points)[0].index('| fdlora |'))
   del group['report']['order']
   assert '| method | dirichlet_alpha=0.5 | paper (Table 3) |' in text
-  assert '| fdlora | **60.00 ± 10.00** | 78.17 |' in text
-  assert '| fedavg | 55.00 ± 0.00 | 44.53 |' in text
+  # Mean [Student t interval over the 2 seeds]: 0.6 +- 12.706 * 0.1.
+  assert '| fdlora | **60.0 [-67.1, 187.1]** | 78.17 |' in text
+  assert '| fedavg | 55.0 [55.0, 55.0] | 44.53 |' in text
   assert '**78.17**' not in text
-  assert cells[('fdlora', (0.5,))] == pytest.approx((0.6, 0.1, 2))
+  assert cells[('fdlora', (0.5,))] == pytest.approx(
+      (0.6, 0.6 - 1.27062, 0.6 + 1.27062, 2), abs=1e-4)
 
 
 def test_table_shows_the_no_model_references_once_per_seed():
@@ -161,14 +202,14 @@ def test_table_shows_the_no_model_references_once_per_seed():
   group = {'name': 'rq1', 'report': {
       'kind': 'table', 'rows': 'method', 'cols': ('data.dirichlet_alpha',),
       'references': True}}
-  text, cells = report_lib.table(group, points)
+  text, cells, _ = report_lib.table(group, points)
   majority = report_lib.REFERENCES['majority']
-  assert cells[(majority, (0.5,))] == pytest.approx((0.8, 0.1, 2))
-  assert f'| _{majority}_ | _80.00 ± 10.00_ |' in text
-  assert '| _always the positive answer_ | _30.00 ± 10.00_ |' in text
+  assert cells[(majority, (0.5,))][::3] == pytest.approx((0.8, 2))
+  assert f'| _{majority}_ | _80.0 [-47.1, 207.1]_ |' in text
+  assert '| _always the positive answer_ | _30.0 [-97.1, 157.1]_ |' in text
   # The best method is bold; the better reference (80 > 60) is not.
-  assert '| fdlora | **60.00 ± 10.00** |' in text
-  assert '**80.00' not in text
+  assert '| fdlora | **60.0 [-67.1, 187.1]** |' in text
+  assert '**80.0' not in text
   # Without the flag, no reference rows.
   del group['report']['references']
   assert majority not in report_lib.table(group, points)[0]
