@@ -110,151 +110,52 @@ def with_std(row: dict) -> dict:
 
 def first_run() -> str:
   """README: what command 1 prints and how long it takes."""
-  from fdlora_jax import evaluate
-  s = load('synthetic_default_seed0.json')
-  names = ['f1', 'precision', 'recall', 'accuracy']
-  rows = {k: with_std(v) for k, v in s['rows'].items()}
-  for k, v in s['reference'].items():
-    rows[{'majority': 'majority (no model)',
-          'always_positive': 'always "yes" (no model)'}.get(k, k)] = (
-              with_std(v))
+  import types  # pylint: disable=g-import-not-at-top
+  from fdlora_jax import evaluate, outcomes  # pylint: disable=g-import-not-at-top
+  s = load('whole_run_logs.json')
+  r = s['results']
+  task = types.SimpleNamespace(metric=r['metric'], options=tuple(
+      r['config']['data'].get('options', ())) or ('no', 'yes'))
+  rows = dict(r['models'])
+  rows.update({evaluate.reference_row(k, task): v
+               for k, v in r['reference'].items()})
   t = s['timing']
   g = load('whole_run_h200_logs.json')
   gt = g['results']['timing']
+  load_avg = max(float(s['loadavg_before'].split()[0]),
+                 float(s['loadavg_after'].split()[0]))
   return '\n'.join([
       'It trains FDLoRA\'s three phases with progress bars, then prints one '
-      'row per evaluated adapter: F1 of the anomalous class (mean ± std over '
-      'the 5 clients, in %), then each client\'s F1. On the built-in '
-      'synthetic lines, seed 0:',
+      'row per evaluated adapter and per no-model answer: F1 of the '
+      'anomalous class and the rest (mean ± std over the 5 clients, in %) '
+      'with each client\'s F1; then the pooled figures with their 95% '
+      'intervals and which no-model answers each adapter beats. On the '
+      'built-in synthetic lines, seed 0:',
       '',
       '```text',
-      evaluate.format_table(rows, names),
+      evaluate.format_table(rows, ['f1', 'precision', 'recall', 'accuracy']),
+      '',
+      outcomes.format_figures(rows, r['headline_metric']['name']),
       '```',
       '',
       f'On the 2-core CPU that run took **{secs(s["process_wall_s"])}** from '
       f'start to exit (data {secs(t["data_s"])}, training '
       f'{secs(t["train_s"])}, AdaFusion {secs(t["search_s"])}, evaluation '
-      f'{secs(t["eval_s"])}) at a peak RSS of {gib(s["peak_rss_mib"])}. On '
-      f'one {g["env"]["nvidia_smi"]["name"]} the same config on the LogHub '
-      f'samples took **{secs(g["process_wall_s"])}** (data '
+      f'{secs(t["eval_s"])}) at a peak RSS of {gib(s["peak_rss_mib"])}'
+      + (f', while other work shared the machine (load average up to '
+         f'{load_avg:.1f} on 2 cores)' if load_avg > 1.5 else '') + '. On '
+      f'one {g["env"]["nvidia_smi"]["name"]} the logs config of 2026-12-04 '
+      f'on the LogHub samples took **{secs(g["process_wall_s"])}** (data '
       f'{secs(gt["data_s"])}, training {secs(gt["train_s"])}, AdaFusion '
       f'{secs(gt["search_s"])}, evaluation {secs(gt["eval_s"])}).',
       '',
-      source(('synthetic_default_seed0.json', s),
+      source(('whole_run_logs.json', s),
              ('whole_run_h200_logs.json', g['results'] | {
                  'date': g['env']['versions'].get('date', '')}))])
 
 
 ROW_NAMES = {'zero_shot': 'zero-shot', 'always_positive': 'always "yes"',
              'majority': 'majority guess'}
-
-
-def logs_seeds() -> str:
-  """results.md: FDLoRA on the logs default, seeds 0-2."""
-  d = load('logs_default_seeds.json')
-  header = ['seed', 'test lines (anomalous)', 'personalized', 'global',
-            '**fused**', 'zero-shot', 'zero-shot, no chat template',
-            'majority guess', 'always "yes"', 'fused errors', 'wall, peak RSS']
-  rows, cols = [], {k: [] for k in header[2:9]}
-  for r in d['runs']:
-    f = r['fdlora']
-    tests = [c['test'] for c in r['clients']]
-    vals = [f['rows']['personalized']['mean']['f1'],
-            f['rows']['global']['mean']['f1'], f['rows']['fused']['mean']['f1'],
-            r['zero_shot']['rows']['zero_shot']['mean']['f1'],
-            r['zero_shot_plain_prompt']['rows']['zero_shot']['mean']['f1'],
-            f['reference']['majority']['mean']['f1'],
-            f['reference']['always_positive']['mean']['f1']]
-    for k, v in zip(header[2:9], vals):
-      cols[k].append(v)
-    n = sum(t['yes'] + t['no'] for t in tests)
-    pos = sum(t['yes'] for t in tests)
-    c = counts(f['rows']['fused'], tests)
-    rows.append([r['seed'], f'{n} ({pos})', *map(f3, vals),
-                 f'{c["errors"]} of {n}',
-                 f'{secs(f["process_wall_s"])}, {gib(f["peak_rss_mib"])}'])
-  rows.append(['mean ± std', '', *(mean_std(cols[k]) for k in header[2:9]),
-               '', ''])
-  return '\n'.join([
-      table(header, rows), '',
-      'F1 of the anomalous class, mean over the 5 clients (a client with no '
-      'anomalous test line scores F1 0 on every row and still counts in the '
-      'mean); std over seeds. "fused errors": wrong answers of the fused '
-      'adapter over all test lines of the seed.',
-      '',
-      source(('logs_default_seeds.json', d['runs'][0]['fdlora']))])
-
-
-def methods_seed0() -> str:
-  """results.md: every method, seed 0 of the logs default."""
-  seeds = load('logs_default_seeds.json')
-  r0 = next(r for r in seeds['runs'] if r['seed'] == 0)
-  tests = [c['test'] for c in r0['clients']]
-  m = load('methods_logs_default_seed0.json')
-  from configs.suites.paper import PAPER_TABLE3_LOGS
-  paper = PAPER_TABLE3_LOGS['values']
-  runs = [{'method': 'fdlora', 'headline': 'fused', 'rows': r0['fdlora']['rows'],
-           'process_wall_s': r0['fdlora']['process_wall_s'],
-           'peak_rss_mib': r0['fdlora']['peak_rss_mib'], 'bytes_total': None},
-          *m['runs'],
-          {'method': 'zero_shot', 'headline': 'zero_shot',
-           'rows': r0['zero_shot']['rows'],
-           'process_wall_s': r0['zero_shot']['process_wall_s'],
-           'peak_rss_mib': r0['zero_shot']['peak_rss_mib'], 'bytes_total': 0}]
-  rows = []
-  for r in runs:
-    h = r['rows'][r['headline']]
-    c = counts(h, tests)
-    per = ' '.join(f'{x["f1"]:.2f}' for x in h['per_client'])
-    b = r['bytes_total']
-    rows.append([f'`{r["method"]}`', r['headline'], f3(h['mean']['f1']),
-                 f3(c['pooled_f1']), f'{c["errors"]} of {c["n"]}', per,
-                 secs(r['process_wall_s']), gib(r['peak_rss_mib']),
-                 'not recorded' if b is None else ('0' if b == 0 else f'{b / 1e6:,.1f} MB'),
-                 f'{paper[r["method"]]:.2f}' if r['method'] in paper else ''])
-  for k in ('majority', 'always_positive'):
-    h = r0['fdlora']['reference'][k]
-    c = counts(h, tests)
-    rows.append([f'_{ROW_NAMES[k]} (no model)_', '', f3(h['mean']['f1']),
-                 f3(c['pooled_f1']), f'{c["errors"]} of {c["n"]}',
-                 ' '.join(f'{x["f1"]:.2f}' for x in h['per_client']),
-                 '', '', '', ''])
-  header = ['method', 'row', 'client-mean F1', 'pooled F1', 'errors',
-            'F1 per client', 'wall', 'peak RSS', 'bytes sent, whole run',
-            PAPER_TABLE3_LOGS['title'] + ', LLaMA-2-7B, its data']
-  return '\n'.join([
-      table(header, rows), '',
-      '"pooled F1": over all test lines of the 5 clients together. Bytes are '
-      'everything each client sent and received over the run, counted by the '
-      'engine (`results.json` `communication`), summed over clients; '
-      'FDLoRA\'s run predates that record. The paper\'s column is its own '
-      'model, data and budget: it is not a target and not comparable number '
-      'for number.',
-      '',
-      source(('methods_logs_default_seed0.json', m['runs'][0]),
-             ('logs_default_seeds.json', r0['fdlora']))])
-
-
-def medical() -> str:
-  """results.md: the medical default (PubMedQA), FDLoRA and zero-shot."""
-  f = load('medical_default_seed0.json')
-  z = load('zero_shot_medical_default_seed0.json')
-  rows = [[k, f3(v['mean']['accuracy']),
-           ' '.join(f'{c["accuracy"]:.2f}' for c in v['per_client'])]
-          for k, v in f['rows'].items()]
-  rows += [['zero-shot', f3(z['rows']['zero_shot']['mean']['accuracy']),
-            ' '.join(f'{c["accuracy"]:.2f}'
-                     for c in z['rows']['zero_shot']['per_client'])]]
-  rows += [[f'_{ROW_NAMES[k]} (no model)_', f3(v['mean']['accuracy']),
-            ' '.join(f'{c["accuracy"]:.2f}' for c in v['per_client'])]
-           for k, v in f['reference'].items()]
-  n = f['rows']['fused']['mean']['n']
-  return '\n'.join([
-      table(['row', 'accuracy (client mean)', 'per client'], rows), '',
-      f'{n} test questions over 5 clients; FDLoRA\'s run took '
-      f'{secs(f["process_wall_s"])} at a peak RSS of {gib(f["peak_rss_mib"])}.',
-      '', source(('medical_default_seed0.json', f),
-                 ('zero_shot_medical_default_seed0.json', z))])
 
 
 def h200_runs() -> str:
@@ -532,8 +433,7 @@ def cpu_suite() -> str:
 
 
 RENDERERS = {
-    'first-run': first_run, 'logs-seeds': logs_seeds,
-    'methods-seed0': methods_seed0, 'medical': medical,
+    'first-run': first_run,
     'h200-runs': h200_runs, 'h200-env': h200_env, 'h200-step': h200_step,
     'h200-throughput': h200_throughput, 'cpu-throughput': cpu_throughput,
     'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,

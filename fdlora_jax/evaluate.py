@@ -372,6 +372,16 @@ def constant_guess(option, labels, valid, metric: str = 'accuracy',
   return classification_metrics(preds, labels, valid, metric, positive)
 
 
+def reference_row(key: str, task) -> str:
+  """The console row of a no-model reference (``results.json`` key)."""
+  positive = positive_option(task)
+  return {'majority': 'majority (no model)',
+          'always_positive': (f'always "{task.options[positive]}" (no model)'
+                              if positive is not None else key),
+          'by_system': 'label by system (no model)',
+          'nearest_message': 'nearest training message (no model)'}[key]
+
+
 def references(task, part, train_label_counts,
                tests) -> dict[str, tuple[str, np.ndarray]]:
   """The answers that need no model, ``{key in results.json: (console row,
@@ -392,23 +402,22 @@ def references(task, part, train_label_counts,
   labels = np.asarray(tests.labels)
   n = labels.shape[0]
   positive = positive_option(task)
-  out = {'majority': ('majority (no model)', np.broadcast_to(
+  row = lambda key: reference_row(key, task)
+  out = {'majority': (row('majority'), np.broadcast_to(
       np.asarray(train_label_counts).argmax(-1)[:, None], labels.shape))}
   if positive is not None:
-    out['always_positive'] = (f'always "{task.options[positive]}" (no model)',
+    out['always_positive'] = (row('always_positive'),
                               np.full(labels.shape, positive))
   train = [task.examples[j] for idx in part.train for j in idx]
   if train:
-    for key, rule, row in (('by_system', refs.by_system,
-                            'label by system (no model)'),
-                           ('nearest_message', refs.nearest_message,
-                            'nearest training message (no model)')):
+    for key, rule in (('by_system', refs.by_system),
+                      ('nearest_message', refs.nearest_message)):
       preds = np.zeros(labels.shape, np.int64)
       for i in range(n):
         test = [task.examples[j] for j in part.test[i]]
         if test:
           preds[i, :len(test)] = rule(train, test)
-      out[key] = (row, preds)
+      out[key] = (row(key), preds)
   return out
 
 

@@ -58,19 +58,20 @@ def test_files_take_glob_patterns():
 
 
 @needs_shared
-def test_logs_default_reads_one_balanced_line_per_example():
-  # configs/logs.py on the samples: BGL and Thunderbird lines, one per
-  # example, every anomalous BGL line (143) and as many normal ones.
+def test_logs_default_reads_every_labelled_line_of_both_systems():
+  # configs/logs.py on ../shared/data: BGL and Thunderbird lines of loghub/
+  # and loghub_random/, one per example, every line (no balanced subset),
+  # both systems holding both labels.
   from configs import logs as logs_default  # pylint: disable=g-import-not-at-top
   cfg = logs_default.get_config().data
-  cfg.dir = str(LOGHUB)
+  cfg.dir = str(LOGHUB.parent)
   task = data.load_task(cfg, 0)
-  assert len(task.examples) == 286 and sum(task.labels()) == 143
-  assert {e.source for e in task.examples} == {'BGL', 'Thunderbird'}
+  assert len(task.examples) == 6000 and sum(task.labels()) == 243
   assert all(len(e.lines) == 1 and e.text == e.lines[0]
              for e in task.examples)
-  assert all(e.source == 'BGL' for e in task.examples if e.label)
-  assert 'balanced: 143 per label' in task.data_source
+  assert {e.source for e in task.examples if e.label} == {
+      'BGL', 'Thunderbird'}
+  assert cfg.split == 'dedup' and not cfg.balance
 
 
 @needs_shared

@@ -172,3 +172,45 @@ def test_few_shot_draw_rarest_label_first_and_k_caps_it():
   assert sorted(labels[two].tolist()) == [1, 2]
   assert len(few_shot_draw(train, 50, rng, labels)) == 12
   assert len(few_shot_draw(train, 3, rng, None)) == 3
+
+
+@needs_shared
+@pytest.mark.parametrize('split', ['dedup', 'template'])
+def test_grouped_splits_keep_messages_on_one_side_of_real_bgl(split):
+  """data.split: no message (dedup) or template on both sides, over every
+  client, on the real BGL lines."""
+  from fdlora_jax.data import references    # pylint: disable=g-import-not-at-top
+  cfg = logs_cfg(dir=str(LOGHUB), files='BGL_2k.log', window_size=1,
+                 window_stride=1, split=split, min_examples_per_client=20)
+  task = data.load_task(cfg, 0)
+  part = data.partition(task, 5, cfg, seed=0)
+  key = (lambda e: e.text) if split == 'dedup' else (
+      lambda e: references.template(e.text))
+  train = {key(task.examples[j]) for idx in part.train for j in idx}
+  test = {key(task.examples[j]) for idx in part.test for j in idx}
+  assert test and not train & test
+  assert f'{split} train/test split' in part.method
+  n = len(task.examples)
+  everything = np.concatenate(part.train + part.test)
+  assert sorted(everything.tolist()) == list(range(n))   # nothing lost
+  # The share of test examples stays near 1 - train_fraction.
+  assert 0.1 < sum(map(len, part.test)) / n < 0.3
+
+
+def test_a_bad_split_is_named(tok):
+  del tok
+  task = data.load_task(logs_cfg(), 0)
+  with pytest.raises(errors.ConfigError, match='config.data.split='):
+    data.partition(task, 3, logs_cfg(split='templates'), seed=0)
+
+
+@needs_shared
+def test_data_dir_reads_its_subfolders_so_thunderbird_has_anomalies():
+  cfg = logs_cfg(dir=str(LOGHUB.parent), systems='BGL,Thunderbird',
+                 window_size=1, window_stride=1)
+  task = data.load_task(cfg, 0)
+  by = {}
+  for e in task.examples:
+    by.setdefault(e.source, []).append(e.label)
+  assert {s: (len(v), sum(v)) for s, v in by.items()} == {
+      'BGL': (3000, 224), 'Thunderbird': (3000, 19)}
