@@ -118,12 +118,15 @@ def point_value(p: dict, adapter: str | None, value: str = 'metric'):
 
 def point_figure(p: dict, adapter: str | None, value: str = 'metric'):
   """``(value, low, high)`` of :func:`point_value` (NaN bounds for a
-  results path)."""
+  results path); ``value='figures.NAME'`` picks another figure."""
   r = p['results']
+  row = adapter or r['headline']
+  if value.startswith('figures.'):
+    f = get_path(r, f'models.{row}.{value}')
+    return None if f is None else (f['value'], f['low'], f['high'])
   if value != 'metric':
     v = get_path(r, value)
     return None if v is None else (v, float('nan'), float('nan'))
-  row = adapter or r['headline']
   if row not in r['models']:
     return None
   return figure(r['models'][row], r)
@@ -241,8 +244,21 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
               if cells[(lab, ck)][3] and np.isfinite(cells[(lab, ck)][0])]
     if finite:
       best[ck] = min(finite) if lower else max(finite)
+  # The threshold-free AUC beside an F1 headline, where the runs have it.
+  auc = {}
+  if is_metric:
+    for lab in labels:
+      method, adapter = pick[lab]
+      for ck in col_keys:
+        got = [point_figure(p, adapter, 'figures.auc') for p in points
+               if p['results']['method'] == method and
+               _col_key(p, cols) == ck]
+        if any(g is not None for g in got):
+          auc[(lab, ck)] = interval(got)
   head = ['method' if spec.get('rows', 'method') == 'method' else 'model']
   head += [_fmt_col(cols, ck) or 'value' for ck in col_keys]
+  if auc:
+    head += [f'AUC {_fmt_col(cols, ck)}'.strip() for ck in col_keys]
   paper = spec.get('paper')      # the paper's own figures, beside ours
   if paper:
     head.append(paper['title'])
@@ -264,6 +280,9 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
       if ck in best and cells[(lab, ck)][0] == best[ck]:
         text = f'**{text}**'
       row.append(text)
+    if auc:
+      row += [cell(*auc[(lab, ck)]) if (lab, ck) in auc else '-'
+              for ck in col_keys]
     if paper:
       v = paper['values'].get(lab)
       row.append('' if v is None else f'{v:.2f}')
@@ -279,6 +298,7 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
       cells.update({(label, ck): v for ck, v in refs.items()})
       row = [f'_{label}_'] + [f'_{cell(*v)}_' if v[3] else '-'
                               for v in refs.values()] + (
+                                  ['-'] * len(col_keys) if auc else []) + (
                                   [''] if paper else [])
       lines.append('| ' + ' | '.join(row) + ' |')
   if is_metric:
@@ -287,7 +307,9 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
             'the mean over seeds with a 95% Student t interval over seeds '
             '(one seed: its bootstrap interval over test examples); the '
             'highest mean in bold, which alone is no verdict: see the '
-            'pairwise table')
+            'pairwise table' + ('. AUC: of score(yes) - score(no), '
+                                'threshold-free, the same kind of interval'
+                                if auc else ''))
   else:
     unit = f'{value}, mean ± std over seeds; lowest in bold'
   refs = (' Rows in italics answer without a model, from the same test '
@@ -367,6 +389,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
     d['p_holm'] = h
     d['verdict'] = ('beats it' if _verdict(d, 'a', 'b') == 'a better'
                     else 'does not beat it')
+  auc_pairs = _auc_pairs(pairs, per_row, positive, n_clients)
   power = _power(pairs, per_row, labels)
   orderings = [_ordering(claim, want, pairs)
                for claim, want in spec.get('orderings', ())]
@@ -385,6 +408,14 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
     lines.append(f'| {d["a"]} | {REFERENCES[d["b"]]} | {_diff(d)} | '
                  f'{d["p_holm"]:.3g} | {d["verdict"]} |')
   lines += ['', VERDICT_RULE, '']
+  if auc_pairs:
+    lines += [f'Pairwise AUC (of score(yes) - score(no), threshold-free; A - '
+              f'B in points, {100 * (1 - 0.05 / len(auc_pairs)):.2f}% '
+              'intervals: Bonferroni over the table\'s pairs):', '',
+              '| A | B | A - B [interval] | verdict |', '|---|---|---|---|']
+    for d in auc_pairs:
+      lines.append(f'| {d["a"]} | {d["b"]} | {_diff(d)} | {d["verdict"]} |')
+    lines.append('')
   if power:
     lines += [power['text'], '']
   for o in orderings:
@@ -392,7 +423,8 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
   if orderings:
     lines.append('')
   return '\n'.join(lines), {'group': group['name'], 'figure': name,
-                            'pairs': pairs, 'references': versus,
+                            'pairs': pairs, 'auc_pairs': auc_pairs,
+                            'references': versus,
                             'orderings': orderings, 'power': power}
 
 
@@ -424,6 +456,29 @@ def _fmt_seeds(pairs: list[dict]) -> str:
                              'settings' if len(settings) > 1 else '')
 
 
+def _auc_pairs(pairs, per_row, positive, n_clients) -> list[dict]:
+  """The pairs again on AUC, where both rows have option scores: paired
+  bootstrap intervals at a Bonferroni-adjusted level; a verdict where the
+  interval excludes 0."""
+  if positive is None:
+    return []
+  todo = [d for d in pairs if all(
+      o.scores is not None for lab in (d['a'], d['b'])
+      for o, _ in (per_row[lab][k] for k in d['seeds']))]
+  out = []
+  for d in todo:
+    try:
+      a = outcomes.paired_difference(
+          [(per_row[d['a']][k][0], per_row[d['b']][k][0])
+           for k in d['seeds']], 'auc', positive, n_clients,
+          level=1 - 0.05 / len(todo))
+    except KeyError:      # a seed whose test split lacks a class
+      continue
+    a['verdict'] = _verdict({**a, 'p_holm': 0.0}, d['a'], d['b'])
+    out.append({'a': d['a'], 'b': d['b'], 'seeds': d['seeds'], **a})
+  return out
+
+
 def _power(pairs, per_row, labels) -> dict:
   """The smallest accuracy difference the design detects (80% power, 5%
   level), from the test examples and the pairs' median disagreement."""
@@ -433,7 +488,16 @@ def _power(pairs, per_row, labels) -> dict:
   disc = float(np.median([(d['a_only'] + d['b_only']) / d['n']
                           for d in pairs]))
   if disc <= 0:
-    return {}
+    assumed = 0.1
+    mdd = stats.min_detectable_difference(n, assumed)
+    return {'n': n, 'discordant': 0.0, 'min_detectable_accuracy': mdd,
+            'text': (f'Power: {n} paired test answers (all seeds), on which '
+                     'the median pair of rows never disagreed, so these runs '
+                     'cannot show a difference between them; had two rows '
+                     f'disagreed on {assumed:.0%} of the answers, the design '
+                     f'would detect accuracy differences of about '
+                     f'{mdd * 100:.1f} points at 80% power (McNemar, 5% '
+                     'level).')}
   mdd = stats.min_detectable_difference(n, disc)
   return {'n': n, 'discordant': disc, 'min_detectable_accuracy': mdd,
           'text': (f'Power: {n} paired test answers (all seeds); the median '
