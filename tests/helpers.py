@@ -293,7 +293,8 @@ IN_OUT = {'q_proj': 64 + 64, 'k_proj': 64 + 32, 'v_proj': 64 + 32,
           'down_proj': 176 + 64}
 # The keys of every results.json (run.py; test_methods checks that every
 # method, FedAvg included, writes this one set).
-SCHEMA = {'method', 'headline', 'data_source', 'is_synthetic',
+SCHEMA = {'method', 'headline', 'headline_metric', 'predictions',
+          'data_source', 'is_synthetic',
           'skipped_lines', 'task', 'metric', 'model', 'seed', 'num_clients',
           'partition', 'phases', 'models', 'reference', 'search',
           'context_shots', 'communication', 'timing', 'config'}

@@ -18,10 +18,14 @@ FENCE = re.compile(r'^```(?P<lang>[\w-]*)\n(?P<code>.*?)^```$', re.S | re.M)
 MARK = re.compile(r'<!-- (?P<kind>not run:|tested in|run:) ?(?P<arg>[^>]*?) -->'
                   r'\n\s*$')
 # A figure that describes a measurement: a number with a unit of time,
-# memory, size or rate, a percentage, or a score with three decimals.
+# memory, size or rate, a percentage, or a score with three decimals. An
+# interval's confidence level ("a 95% interval") is a setting, not a
+# measurement.
 MEASURE = re.compile(
     r'(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(?:ms|s|min|minutes|hours|GiB|MiB|GB|MB'
-    r'|TFLOP/s|GFLOP/s|tok/s|tokens/s|%)(?![\w/])|(?<![\w.])0\.\d{3,}\b')
+    r'|TFLOP/s|GFLOP/s|tok/s|tokens/s'
+    r'|%(?!\s+(?:t\s+|bootstrap\s+)?interval))(?![\w/])'
+    r'|(?<![\w.])0\.\d{3,}\b')
 
 
 def blocks(page):
@@ -83,6 +87,8 @@ def test_the_figure_lint_catches_a_stray_figure():
   assert MEASURE.findall(prose('FDLoRA took 395 s and scored 0.983.\n')) == [
       '395 s', '0.983']
   assert not MEASURE.findall(prose('rank 8 on q_proj, alpha 0.5, 2e-4.\n'))
+  assert MEASURE.findall(prose('about 4% of lines, a 95% interval\n')) == [
+      '4%']
 
 
 @pytest.mark.parametrize('page', PAGES, ids=lambda p: p.name)
