@@ -8,8 +8,8 @@ import json
 import pytest
 
 from fdlora_jax import data
-from tests.helpers import (MEDICAL, logs_cfg, medical_cfg, needs_shared,
-                           write_file)
+from tests.helpers import (MEDICAL, SHARED_DATA, logs_cfg, medical_cfg,
+                           needs_shared, write_file)
 
 
 def test_missing_medical_file_names_source(tmp_path):
@@ -106,3 +106,28 @@ def test_rct_mqp_usmle_readers(tmp_path):
   cfg = medical_cfg('usmle')
   assert data.build_prompt(task.examples[0], cfg.template, cfg) == (
       'Best drug?\nOptions:\nA. x\nB. y\nC. z\nD. w\nAnswer:')
+
+
+def test_usmle_reads_the_medqa_4op_form(tmp_path):
+  rows = [{'problem_id': 0, 'problem_text': 'Best drug?',
+           'choices': ['x', 'y', 'z', 'w'], 'answer': ['c']},
+          {'problem_id': 1, 'problem_text': 'Two answers?',
+           'choices': ['x', 'y', 'z', 'w'], 'answer': ['a', 'b']},
+          {'problem_id': 2, 'problem_text': 'Second?',
+           'choices': ['p', 'q', 'r', 's'], 'answer': ['a']}]
+  (tmp_path / 'medqa_usmle_4op_test.jsonl').write_text(
+      '\n'.join(json.dumps(r) for r in rows) + '\n')
+  task = data.load_task(medical_cfg('usmle', dir=str(tmp_path)), 0)
+  assert task.options == ('A', 'B', 'C', 'D')
+  assert [e.label for e in task.examples] == [2, 0]
+  assert task.examples[0].option_texts == ('x', 'y', 'z', 'w')
+  assert task.skipped_lines == 1
+
+
+@needs_shared
+def test_usmle_reads_the_whole_medqa_test_in_medical_full():
+  task = data.load_task(
+      medical_cfg('usmle', dir=str(SHARED_DATA / 'medical_full')), 0)
+  assert len(task.examples) == 1273 and task.skipped_lines == 0
+  assert task.options == ('A', 'B', 'C', 'D')
+

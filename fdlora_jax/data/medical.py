@@ -15,7 +15,9 @@ Formats:
             lines, blank lines between abstracts.
   mqp       Medical Question Pairs, CSV with a header or JSON lines, fields
             question_1, question_2, label (1/0 or similar/dissimilar).
-  usmle     MedQA JSON lines {question, options: {A: ..}, answer_idx}.
+  usmle     MedQA JSON lines {question, options: {A: ..}, answer_idx}
+            (jind11/MedQA), or {problem_text, choices: [..], answer: ['b']}
+            (medLLM_QA_benchmark's MedQA-4op; choices lettered A, B, ..).
 """
 
 import csv
@@ -250,11 +252,29 @@ def read_mqp(path: pathlib.Path) -> Read:
   return examples, MQP_OPTIONS, {_key(path): skipped}
 
 
+def _usmle_record(r: dict) -> dict:
+  """A MedQA-4op record {problem_text, choices, answer: ['b']} in the
+  jind11/MedQA form {question, options: {A: ..}, answer_idx: 'B'}; any other
+  record unchanged (the checks below skip it if it is malformed)."""
+  if not isinstance(r, dict) or 'problem_text' not in r:
+    return r
+  choices, answer = r.get('choices'), r.get('answer')
+  if not isinstance(choices, list) or not (
+      isinstance(answer, list) and len(answer) == 1
+      and isinstance(answer[0], str)):
+    return {}
+  letters = [chr(ord('A') + i) for i in range(len(choices))]
+  return {'question': r['problem_text'],
+          'options': dict(zip(letters, choices)),
+          'answer_idx': answer[0].strip().upper()}
+
+
 def read_usmle(path: pathlib.Path) -> Read:
   """MedQA-USMLE: options are the letters of the first valid record."""
   records, skipped = _json_lines(path)
   examples, letters = [], None
   for r in records:
+    r = _usmle_record(r)
     opts, answer = r.get('options'), r.get('answer_idx')
     if not isinstance(opts, dict) or not isinstance(r.get('question'), str):
       skipped += 1
