@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from fdlora_jax import stats
 
@@ -106,20 +105,6 @@ def load(path: str | Path) -> PerExample:
 # ---------------------------------------------------------------------------
 # Figures with intervals
 # ---------------------------------------------------------------------------
-def resample_indices(strata: np.ndarray, num: int,
-                     rng: np.random.Generator) -> np.ndarray:
-  """``[num, R]``: bootstrap draws of the examples' positions, each drawn
-  within its own stratum (``strata [R]`` ids), so column j of every draw
-  holds an example of the same stratum as example j."""
-  strata = np.asarray(strata)
-  out = np.empty((num, len(strata)), np.int64)
-  for s in np.unique(strata):
-    members = np.flatnonzero(strata == s)
-    out[:, members] = members[rng.integers(0, len(members),
-                                           (num, len(members)))]
-  return out
-
-
 def _f1(tp, fp, fn):
   tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
   precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
@@ -127,14 +112,6 @@ def _f1(tp, fp, fn):
   f1 = np.divide(2 * precision * recall, precision + recall,
                  out=np.zeros_like(tp), where=precision + recall > 0)
   return f1, precision, recall
-
-
-def _auc_rows(margin: np.ndarray, positive: np.ndarray) -> np.ndarray:
-  """AUC of each row of ``margin [B, R]`` against fixed labels (ties 1/2)."""
-  ranks = scipy_stats.rankdata(margin, axis=-1)
-  n_pos, n_neg = positive.sum(), (~positive).sum()
-  u = ranks[:, positive].sum(-1) - n_pos * (n_pos + 1) / 2
-  return u / (n_pos * n_neg)
 
 
 def statistics(o: PerExample, pred: np.ndarray, margin: Optional[np.ndarray],
@@ -162,7 +139,7 @@ def statistics(o: PerExample, pred: np.ndarray, margin: Optional[np.ndarray],
   if both.any():
     out['client_mean_f1_both'] = cf1[:, both].mean(-1)
   if margin is not None and is_pos.any() and (~is_pos).any():
-    out['auc'] = _auc_rows(margin, is_pos)
+    out['auc'] = stats.auc(margin, is_pos)
   return out
 
 
@@ -191,14 +168,13 @@ def figures(o: PerExample, positive: Optional[int], num_clients: int,
   margin = _margin(o, positive)
   whole = statistics(o, o.pred[None], None if margin is None else
                      margin[None], positive, num_clients)
-  idx = resample_indices(strata(o), num_resamples,
+  idx = stats.resample_indices(strata(o), num_resamples,
                          np.random.default_rng(seed))
   draws = statistics(o, o.pred[idx], None if margin is None else margin[idx],
                      positive, num_clients)
-  alpha = (1 - level) / 2
   out = {}
   for name, value in whole.items():
-    low, high = np.quantile(draws[name], [alpha, 1 - alpha])
+    low, high = stats.percentile_interval(draws[name], level)
     out[name] = {'value': float(value[0]), 'low': float(low),
                  'high': float(high)}
   excluded = []
@@ -231,7 +207,7 @@ def paired_draws(a: PerExample, b: PerExample, name: str,
   figure ``name`` between two rows on all examples, and on bootstrap draws
   of the examples (within client x label), the same draw for both."""
   _check_paired(a, b)
-  idx = resample_indices(strata(a), num_resamples,
+  idx = stats.resample_indices(strata(a), num_resamples,
                          np.random.default_rng(seed))
   ma, mb = _margin(a, positive), _margin(b, positive)
   def value(o, m, pick):
@@ -271,8 +247,7 @@ def paired_difference(pairs: list[tuple[PerExample, PerExample]], name: str,
   pick = (rng.integers(0, s, (num_resamples, s)) if s > 1
           else np.zeros((num_resamples, 1), np.int64))
   values = draws[pick, np.arange(num_resamples)[:, None]].mean(-1)
-  alpha = (1 - level) / 2
-  low, high = np.quantile(values, [alpha, 1 - alpha])
+  low, high = stats.percentile_interval(values, level)
   ca = np.concatenate([a.correct() for a, _ in pairs])
   cb = np.concatenate([b.correct() for _, b in pairs])
   a_only, b_only, p = stats.mcnemar_exact(ca, cb)
@@ -283,12 +258,9 @@ def paired_difference(pairs: list[tuple[PerExample, PerExample]], name: str,
 
 def versus(low: float, high: float) -> str:
   """What an interval of A - B says of A: 'better', 'worse' or 'not
-  distinguishable' (the interval holds 0)."""
-  if low > 0:
-    return 'better'
-  if high < 0:
-    return 'worse'
-  return 'not distinguishable'
+  distinguishable' (the interval holds 0; :func:`stats.verdict`)."""
+  return {'A better': 'better', 'B better': 'worse'}.get(
+      stats.verdict(low, high, 'A', 'B', level=LEVEL), 'not distinguishable')
 
 
 def format_figures(rows: dict[str, dict], headline: str,

@@ -437,11 +437,7 @@ VERDICT_RULE = (
 
 
 def _verdict(d: dict, a: str, b: str) -> str:
-  if d['p_holm'] < 0.05 and d['low'] > 0:
-    return f'{a} better'
-  if d['p_holm'] < 0.05 and d['high'] < 0:
-    return f'{b} better'
-  return 'not distinguishable at 95%'
+  return stats.verdict(d['low'], d['high'], a, b, p=d['p_holm'])
 
 
 def _diff(d: dict) -> str:
@@ -474,7 +470,7 @@ def _auc_pairs(pairs, per_row, positive, n_clients) -> list[dict]:
           level=1 - 0.05 / len(todo))
     except KeyError:      # a seed whose test split lacks a class
       continue
-    a['verdict'] = _verdict({**a, 'p_holm': 0.0}, d['a'], d['b'])
+    a['verdict'] = stats.verdict(a['low'], a['high'], d['a'], d['b'])
     out.append({'a': d['a'], 'b': d['b'], 'seeds': d['seeds'], **a})
   return out
 

@@ -4,19 +4,21 @@ A user asks one question of a results table: does method A beat method B on
 this data? These functions answer it from per-example outcomes, never from
 means alone:
 
-* :func:`bootstrap_interval`: a percentile interval for any statistic of a
-  set of test examples, resampled within strata (client x label), so every
-  resample keeps each client's size and label mix.
+* :func:`resample_indices`: bootstrap draws of examples within strata
+  (client x label), so every resample keeps each client's size and label
+  mix; :func:`percentile_interval` the interval of the draws, and
+  :func:`bootstrap_interval` both for any statistic of a set of examples.
 * :func:`seed_interval`: a t interval over seeds (one figure per seed).
-* :func:`paired_bootstrap`: the difference of a statistic between two
-  methods on the same examples, resampling seeds, then examples within each
-  seed's strata: both methods always see the same resampled examples.
 * :func:`mcnemar_exact`: the exact two-sided McNemar test on paired
   correct / incorrect answers.
 * :func:`holm`: Holm's step-down adjustment across several comparisons.
 * :func:`auc`: the area under the ROC curve of a score (ties count half).
 * :func:`min_detectable_difference`: the smallest difference in accuracy a
   paired design of n examples detects with the given power.
+* :func:`verdict`: what an interval (and a test's p) of A - B says.
+
+:mod:`fdlora_jax.outcomes` applies them to per-example records (figures
+with intervals, paired differences resampling seeds then examples).
 
 Everything is numpy on the host: these run once per report, on a few
 thousand numbers. Per-example metrics themselves (accuracy, F1) are
@@ -33,32 +35,46 @@ from scipy import stats as scipy_stats
 Statistic = Callable[..., float]
 
 
-def auc(scores, labels) -> float:
+def auc(scores, labels):
   """P(score of a random positive > score of a random negative), ties 1/2.
 
-  ``labels`` are 1 (positive) / 0. Raises ``ValueError`` without both.
+  ``labels [R]`` are 1 (positive) / 0; ``scores`` is ``[R]`` (a float back)
+  or ``[B, R]``, one AUC per row against the same labels (an array back).
+  Raises ``ValueError`` without both classes.
   """
   scores = np.asarray(scores, np.float64)
-  labels = np.asarray(labels).astype(bool)
-  pos, neg = scores[labels], scores[~labels]
-  if not len(pos) or not len(neg):
+  positive = np.asarray(labels).astype(bool)
+  n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+  if not n_pos or not n_neg:
     raise ValueError('auc needs at least one positive and one negative')
-  ranks = scipy_stats.rankdata(np.concatenate([pos, neg]))   # ties: mean rank
-  u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-  return float(u / (len(pos) * len(neg)))
+  ranks = scipy_stats.rankdata(scores, axis=-1)     # ties: mean rank
+  u = ranks[..., positive].sum(-1) - n_pos * (n_pos + 1) / 2
+  out = u / (n_pos * n_neg)
+  return float(out) if scores.ndim == 1 else out
 
 
-def _strata_indices(strata: Optional[np.ndarray], n: int) -> list[np.ndarray]:
-  if strata is None:
-    return [np.arange(n)]
+def resample_indices(strata, num: int,
+                     rng: np.random.Generator) -> np.ndarray:
+  """``[num, R]``: bootstrap draws of the examples' positions, each drawn
+  within its own stratum (``strata``: ``[R]`` ids, or ``[R, k]`` columns
+  such as client and label, one stratum per distinct row), so column j of
+  every draw holds an example of the same stratum as example j."""
   strata = np.asarray(strata)
-  if strata.ndim == 2:        # several columns, e.g. (client, label)
-    _, strata = np.unique(strata, axis=0, return_inverse=True)
-  return [np.flatnonzero(strata == s) for s in np.unique(strata)]
+  if strata.ndim == 2:
+    strata = np.unique(strata, axis=0, return_inverse=True)[1].reshape(-1)
+  out = np.empty((num, len(strata)), np.int64)
+  for s in np.unique(strata):
+    members = np.flatnonzero(strata == s)
+    out[:, members] = members[rng.integers(0, len(members),
+                                           (num, len(members)))]
+  return out
 
 
-def _resample(groups: list[np.ndarray], rng: np.random.Generator):
-  return np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+def percentile_interval(draws, level: float = 0.95) -> tuple[float, float]:
+  """``(low, high)``: the central ``level`` of ``draws``."""
+  alpha = (1 - level) / 2
+  low, high = np.quantile(np.asarray(draws, np.float64), [alpha, 1 - alpha])
+  return float(low), float(high)
 
 
 def bootstrap_interval(statistic: Statistic, *arrays, strata=None,
@@ -68,23 +84,18 @@ def bootstrap_interval(statistic: Statistic, *arrays, strata=None,
 
   ``arrays`` are per-example arrays of equal length (e.g. labels, preds);
   ``statistic(*arrays)`` maps them to a number. Each resample draws, within
-  every stratum (``strata``: one id per example, or an [n, k] array of ids
-  such as client and label), as many examples as it holds, with
-  replacement.
+  every stratum (``strata``, as in :func:`resample_indices`; none: one
+  stratum), as many examples as it holds, with replacement.
+  (:mod:`fdlora_jax.outcomes` computes its figures on all draws at once.)
   """
   arrays = [np.asarray(a) for a in arrays]
   n = len(arrays[0])
   if any(len(a) != n for a in arrays):
     raise ValueError(f'arrays of lengths {[len(a) for a in arrays]}')
-  groups = _strata_indices(strata, n)
-  rng = np.random.default_rng(seed)
-  values = np.empty(num_resamples)
-  for i in range(num_resamples):
-    idx = _resample(groups, rng)
-    values[i] = statistic(*(a[idx] for a in arrays))
-  alpha = (1 - level) / 2
-  low, high = np.quantile(values, [alpha, 1 - alpha])
-  return float(statistic(*arrays)), float(low), float(high)
+  idx = resample_indices(np.zeros(n, np.int64) if strata is None else strata,
+                         num_resamples, np.random.default_rng(seed))
+  values = [statistic(*(a[i] for a in arrays)) for i in idx]
+  return (float(statistic(*arrays)), *percentile_interval(values, level))
 
 
 def seed_interval(values: Sequence[float],
@@ -98,46 +109,6 @@ def seed_interval(values: Sequence[float],
   half = (scipy_stats.t.ppf(0.5 + level / 2, len(v) - 1)
           * v.std(ddof=1) / np.sqrt(len(v)))
   return m, float(m - half), float(m + half)
-
-
-def paired_bootstrap(statistic: Statistic, runs_a, runs_b, *,
-                     num_resamples: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:
-  """``(difference, low, high)`` of ``mean_seed statistic(A) - statistic(B)``.
-
-  ``runs_a`` / ``runs_b``: one entry per seed, the same seeds in the same
-  order, each a dict with ``arrays`` (the per-example arrays the statistic
-  takes, e.g. ``(labels, preds)``) and optional ``strata``; A and B of a
-  seed must hold the same examples in the same order (same labels and
-  strata). Each resample draws seeds with replacement, then examples within
-  each drawn seed's strata, and applies the same draw to A and B.
-  """
-  if len(runs_a) != len(runs_b) or not runs_a:
-    raise ValueError(f'{len(runs_a)} and {len(runs_b)} seeds: need the same '
-                     'seeds, at least one')
-  prepared = []
-  for ra, rb in zip(runs_a, runs_b):
-    a = [np.asarray(x) for x in ra['arrays']]
-    b = [np.asarray(x) for x in rb['arrays']]
-    if len(a[0]) != len(b[0]):
-      raise ValueError('A and B of a seed must hold the same examples')
-    prepared.append((a, b, _strata_indices(ra.get('strata'), len(a[0]))))
-
-  def diff(seeds, draws):
-    return float(np.mean([statistic(*(x[i] for x in prepared[s][0]))
-                          - statistic(*(x[i] for x in prepared[s][1]))
-                          for s, i in zip(seeds, draws)]))
-
-  k = len(prepared)
-  whole = diff(range(k), [np.arange(len(p[0][0])) for p in prepared])
-  rng = np.random.default_rng(seed)
-  values = np.empty(num_resamples)
-  for r in range(num_resamples):
-    seeds = rng.integers(0, k, k) if k > 1 else np.zeros(1, int)
-    values[r] = diff(seeds, [_resample(prepared[s][2], rng) for s in seeds])
-  alpha = (1 - level) / 2
-  low, high = np.quantile(values, [alpha, 1 - alpha])
-  return whole, float(low), float(high)
 
 
 def mcnemar_exact(correct_a, correct_b) -> tuple[int, int, float]:
@@ -186,11 +157,15 @@ def min_detectable_difference(num_examples: int, discordant: float, *,
   return float(z * np.sqrt(discordant / num_examples))
 
 
-def verdict(low: float, high: float, a: str, b: str) -> str:
+def verdict(low: float, high: float, a: str, b: str,
+            p: Optional[float] = None, level: float = 0.95) -> str:
   """What an interval of A - B says: "A better", "B better" or "not
-  distinguishable" (the interval holds 0)."""
-  if low > 0:
+  distinguishable at 95%". The interval must exclude 0 and, where a test's
+  p-value ``p`` is given (e.g. Holm-adjusted McNemar), p must be below
+  ``1 - level`` too."""
+  significant = p is None or p < round(1 - level, 12)
+  if significant and low > 0:
     return f'{a} better'
-  if high < 0:
+  if significant and high < 0:
     return f'{b} better'
-  return 'not distinguishable'
+  return f'not distinguishable at {level:.0%}'

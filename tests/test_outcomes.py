@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fdlora_jax import outcomes
+from fdlora_jax import stats
 
 
 def hand_example(scores=True) -> outcomes.PerExample:
@@ -49,7 +50,7 @@ def test_references_without_scores_have_no_auc_and_multiclass_accuracy():
 
 def test_resampling_stays_in_each_stratum():
   strata = np.array([0, 0, 1, 1, 1, 2])
-  idx = outcomes.resample_indices(strata, 200, np.random.default_rng(0))
+  idx = stats.resample_indices(strata, 200, np.random.default_rng(0))
   assert idx.shape == (200, 6)
   assert (strata[idx] == strata[None]).all()
   assert len(np.unique(idx[:, 2])) == 3    # all of stratum 1 is drawn
@@ -104,6 +105,25 @@ def test_paired_difference_identities():
   with pytest.raises(ValueError, match='same test examples'):
     c = outcomes.PerExample(a.client, a.example + 1, a.label, a.pred)
     outcomes.paired_difference([(a, c)], 'pooled_f1', 1, 2)
+
+
+def test_paired_difference_separates_a_real_difference_and_not_noise():
+  rng = np.random.default_rng(1)
+  label = rng.integers(0, 2, 200)
+  client = rng.integers(0, 3, 200)
+  def row(p_right):
+    pred = np.where(rng.random(200) < p_right, label, 1 - label)
+    return outcomes.PerExample(client, np.arange(200), label, pred)
+  good, bad, noisy = row(0.9), row(0.6), row(0.9)
+  def verdict(a, b):
+    d = outcomes.paired_difference([(a, b)], 'pooled_accuracy', 1, 3)
+    return stats.verdict(d['low'], d['high'], 'A', 'B', p=d['p_mcnemar'])
+  d = outcomes.paired_difference([(good, bad)], 'pooled_accuracy', 1, 3)
+  assert d['difference'] == pytest.approx(
+      good.correct().mean() - bad.correct().mean())
+  assert verdict(good, bad) == 'A better'
+  assert verdict(bad, good) == 'B better'
+  assert verdict(good, noisy) == 'not distinguishable at 95%'
 
 
 def test_format_figures_names_the_references_a_row_does_not_beat():

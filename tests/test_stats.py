@@ -20,6 +20,14 @@ def test_auc_counts_concordant_pairs():
     stats.auc([0.1, 0.2], [1, 1])
 
 
+def test_auc_of_rows_is_the_auc_of_each_row():
+  scores = np.array([[0.1, 0.4, 0.35, 0.8], [0.9, 0.1, 0.2, 0.3]])
+  labels = [0, 0, 1, 1]
+  assert stats.auc(scores, labels) == pytest.approx(
+      [stats.auc(scores[0], labels), stats.auc(scores[1], labels)])
+  assert stats.auc(scores[1], labels) == 0.5   # 0.2, 0.3 beat 0.1 only
+
+
 def test_mcnemar_exact_by_hand():
   # A right / B wrong on 1 example, the reverse on 6: X ~ Bin(7, 1/2),
   # p = 2 P(X <= 1) = 2 (1 + 7) / 128 = 0.125.
@@ -71,34 +79,14 @@ def test_bootstrap_keeps_every_stratum_whole():
                                   num_resamples=200) == (0.5, 0.5, 0.5)
 
 
-def test_paired_bootstrap_identities():
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 2, 60)
-  run = lambda preds: {'arrays': (labels, preds), 'strata': labels}
-  acc = lambda y, p: float(np.mean(y == p))
-  same = [run(labels), run(labels)]
-  assert stats.paired_bootstrap(acc, same, same,
-                                num_resamples=200) == (0.0, 0.0, 0.0)
-  right, wrong = [run(labels)] * 2, [run(1 - labels)] * 2
-  assert stats.paired_bootstrap(acc, right, wrong,
-                                num_resamples=200) == (1.0, 1.0, 1.0)
-
-
-def test_paired_bootstrap_separates_a_real_difference_and_not_noise():
-  rng = np.random.default_rng(1)
-  labels = rng.integers(0, 2, 200)
-  good = np.where(rng.random(200) < 0.9, labels, 1 - labels)
-  bad = np.where(rng.random(200) < 0.6, labels, 1 - labels)
-  noisy = np.where(rng.random(200) < 0.9, labels, 1 - labels)
-  acc = lambda y, p: float(np.mean(y == p))
-  run = lambda p: [{'arrays': (labels, p), 'strata': labels}]
-  d, low, high = stats.paired_bootstrap(acc, run(good), run(bad))
-  assert d == pytest.approx(acc(labels, good) - acc(labels, bad))
-  assert stats.verdict(low, high, 'A', 'B') == 'A better'
-  _, low, high = stats.paired_bootstrap(acc, run(good), run(noisy))
-  assert stats.verdict(low, high, 'A', 'B') == 'not distinguishable'
-  _, low, high = stats.paired_bootstrap(acc, run(bad), run(good))
-  assert stats.verdict(low, high, 'A', 'B') == 'B better'
+def test_verdict_needs_the_interval_and_the_test():
+  assert stats.verdict(0.01, 0.2, 'A', 'B') == 'A better'
+  assert stats.verdict(-0.2, -0.01, 'A', 'B') == 'B better'
+  assert stats.verdict(-0.01, 0.2, 'A', 'B') == 'not distinguishable at 95%'
+  # An interval that excludes 0 is not enough where the test disagrees.
+  assert stats.verdict(0.01, 0.2, 'A', 'B', p=0.2) == (
+      'not distinguishable at 95%')
+  assert stats.verdict(0.01, 0.2, 'A', 'B', p=0.01) == 'A better'
 
 
 def test_min_detectable_difference_by_hand():
