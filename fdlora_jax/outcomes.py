@@ -230,8 +230,9 @@ def paired_difference(pairs: list[tuple[PerExample, PerExample]], name: str,
   draw for A and B). Also McNemar's exact test on the correct / incorrect
   answers pooled over seeds.
 
-  Returns ``{'difference', 'low', 'high', 'p_mcnemar', 'a_only', 'b_only',
-  'n'}`` (``a_only``: examples A answers right and B wrong).
+  Returns ``{'difference', 'low', 'high', 'se', 'p_mcnemar', 'a_only',
+  'b_only', 'n'}`` (``se``: the standard deviation of the bootstrap
+  differences; ``a_only``: examples A answers right and B wrong).
   """
   if not pairs:
     raise ValueError('no seeds to compare')
@@ -252,7 +253,8 @@ def paired_difference(pairs: list[tuple[PerExample, PerExample]], name: str,
   cb = np.concatenate([b.correct() for _, b in pairs])
   a_only, b_only, p = stats.mcnemar_exact(ca, cb)
   return {'difference': float(np.mean(wholes)), 'low': float(low),
-          'high': float(high), 'p_mcnemar': p, 'a_only': a_only,
+          'high': float(high), 'se': float(np.std(values)),
+          'p_mcnemar': p, 'a_only': a_only,
           'b_only': b_only, 'n': int(len(ca))}
 
 

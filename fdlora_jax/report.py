@@ -168,13 +168,15 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 def interval(figures: list) -> tuple[float, float, float, int]:
   """``(mean, low, high, seeds)`` of per-seed ``(value, low, high)``: a
-  Student t interval over seeds, or one seed's own bootstrap interval."""
+  Student t interval over seeds, clipped to [0, 1] (every figure here is a
+  proportion, F1 or AUC), or one seed's own bootstrap interval."""
   figures = [f for f in figures if f is not None]
   if not figures:
     return float('nan'), float('nan'), float('nan'), 0
   if len(figures) == 1:
     return (*figures[0], 1)
-  return (*stats.seed_interval([f[0] for f in figures]), len(figures))
+  mean, low, high = stats.seed_interval([f[0] for f in figures])
+  return mean, max(low, 0.0), min(high, 1.0), len(figures)
 
 
 def _col_key(p: dict, cols) -> tuple:
@@ -304,7 +306,8 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
   if is_metric:
     names = sorted({headline_name(p['results']) for p in points})
     unit = (f'{", ".join(names)} in % (results.json `headline_metric`), '
-            'the mean over seeds with a 95% Student t interval over seeds '
+            'the mean over seeds with a 95% Student t interval over seeds, '
+            'clipped to [0, 100] '
             '(one seed: its bootstrap interval over test examples); the '
             'highest mean in bold, which alone is no verdict: see the '
             'pairwise table' + ('. AUC: of score(yes) - score(no), '
@@ -370,7 +373,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
       d = outcomes.paired_difference(
           [(per_row[a][s][0], per_row[b][s][0]) for s in seeds], name,
           positive, n_clients)
-      pairs.append({'a': a, 'b': b, 'seeds': seeds, **d})
+      pairs.append({'a': a, 'b': b, 'name': name, 'seeds': seeds, **d})
   for d, h in zip(pairs, stats.holm([d['p_mcnemar'] for d in pairs])):
     d['p_holm'] = h
     d['verdict'] = _verdict(d, d['a'], d['b'])
@@ -440,9 +443,14 @@ def _verdict(d: dict, a: str, b: str) -> str:
   return stats.verdict(d['low'], d['high'], a, b, p=d['p_holm'])
 
 
+def _pts(x: float) -> str:
+  """A difference in points, signed; never "-0.0"."""
+  return f'{round(x * 100, 1) + 0.0:+.1f}'
+
+
 def _diff(d: dict) -> str:
-  return (f'{d["difference"] * 100:+.1f} [{d["low"] * 100:+.1f}, '
-          f'{d["high"] * 100:+.1f}]')
+  return f'{_pts(d["difference"])} [{_pts(d["low"])}, {_pts(d["high"])}]'
+
 
 
 def _fmt_seeds(pairs: list[dict]) -> str:
@@ -476,32 +484,43 @@ def _auc_pairs(pairs, per_row, positive, n_clients) -> list[dict]:
 
 
 def _power(pairs, per_row, labels) -> dict:
-  """The smallest accuracy difference the design detects (80% power, 5%
-  level), from the test examples and the pairs' median disagreement."""
+  """What the design can detect (80% power, 5% level): in the headline
+  figure, from the paired bootstrap's standard error of the pairs'
+  differences (median over pairs whose rows ever disagree); in accuracy,
+  from the test examples and the pairs' median disagreement (McNemar)."""
   if not pairs:
     return {}
   n = max(d['n'] for d in pairs)
+  name = pairs[0]['name']
+  ses = [d['se'] for d in pairs if d['se'] > 0]
+  out = {'n': n, 'figure': name}
+  if ses:
+    se = float(np.median(ses))
+    out.update(se=se, min_detectable=stats.detectable_difference(se))
+    figure = (f'Power: in {name}, the median pair\'s bootstrap standard '
+              f'error (seeds, then examples) is {_pts(se)[1:]} points, so '
+              'this design detects differences of about '
+              f'{_pts(out["min_detectable"])[1:]} points at 80% power (5% '
+              'level, normal approximation)')
+  else:
+    figure = (f'Power: no pair of rows ever gave different answers, so '
+              f'these runs cannot show a difference in {name}')
   disc = float(np.median([(d['a_only'] + d['b_only']) / d['n']
                           for d in pairs]))
   if disc <= 0:
     assumed = 0.1
     mdd = stats.min_detectable_difference(n, assumed)
-    return {'n': n, 'discordant': 0.0, 'min_detectable_accuracy': mdd,
-            'text': (f'Power: {n} paired test answers (all seeds), on which '
-                     'the median pair of rows never disagreed, so these runs '
-                     'cannot show a difference between them; had two rows '
-                     f'disagreed on {assumed:.0%} of the answers, the design '
-                     f'would detect accuracy differences of about '
-                     f'{mdd * 100:.1f} points at 80% power (McNemar, 5% '
-                     'level).')}
+    out.update(discordant=0.0, min_detectable_accuracy=mdd)
+    out['text'] = (f'{figure}. In accuracy, on {n} paired test answers (all '
+                   f'seeds): had two rows disagreed on {assumed:.0%} of them, '
+                   f'differences of about {mdd * 100:.1f} points (McNemar).')
+    return out
   mdd = stats.min_detectable_difference(n, disc)
-  return {'n': n, 'discordant': disc, 'min_detectable_accuracy': mdd,
-          'text': (f'Power: {n} paired test answers (all seeds); the median '
-                   f'pair disagrees on {disc:.1%} of them, so this design '
-                   f'detects accuracy differences of about '
-                   f'{mdd * 100:.1f} points at 80% power (McNemar, 5% level);'
-                   ' differences in F1, which rests on the few anomalous '
-                   'examples, need larger ones.')}
+  out.update(discordant=disc, min_detectable_accuracy=mdd)
+  out['text'] = (f'{figure}. In accuracy, on {n} paired test answers (all '
+                 f'seeds), where the median pair disagrees on {disc:.1%}: '
+                 f'differences of about {mdd * 100:.1f} points (McNemar).')
+  return out
 
 
 def _ordering(claim: str, want: list, pairs: list[dict]) -> dict:
@@ -523,8 +542,7 @@ def _ordering(claim: str, want: list, pairs: list[dict]) -> dict:
     v = d['verdict']
     found.append('held' if v == f'{a} better' else
                  'did not hold' if v == f'{b} better' else 'nd')
-    details.append(f'{a} - {b} {diff * 100:+.1f} [{low * 100:+.1f}, '
-                   f'{high * 100:+.1f}]')
+    details.append(f'{a} - {b} {_pts(diff)} [{_pts(low)}, {_pts(high)}]')
   result = ('did not hold' if 'did not hold' in found else
             'held' if all(f == 'held' for f in found) else
             'not run' if all(f == 'missing' for f in found) else

@@ -13,8 +13,10 @@ means alone:
   correct / incorrect answers.
 * :func:`holm`: Holm's step-down adjustment across several comparisons.
 * :func:`auc`: the area under the ROC curve of a score (ties count half).
-* :func:`min_detectable_difference`: the smallest difference in accuracy a
-  paired design of n examples detects with the given power.
+* :func:`detectable_difference`: the smallest difference a test with a
+  given standard error detects with the given power;
+  :func:`min_detectable_difference` the same in accuracy for a paired design
+  of n examples.
 * :func:`verdict`: what an interval (and a test's p) of A - B says.
 
 :mod:`fdlora_jax.outcomes` applies them to per-example records (figures
@@ -140,6 +142,15 @@ def holm(pvalues: Sequence[float]) -> list[float]:
   return adjusted.tolist()
 
 
+def detectable_difference(standard_error: float, *, alpha: float = 0.05,
+                          power: float = 0.8) -> float:
+  """The smallest true difference a two-sided test at level ``alpha``
+  detects with ``power``, when its estimate has ``standard_error``:
+  (z_{1-alpha/2} + z_power) * standard_error (normal approximation)."""
+  z = scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(power)
+  return float(z * standard_error)
+
+
 def min_detectable_difference(num_examples: int, discordant: float, *,
                               alpha: float = 0.05,
                               power: float = 0.8) -> float:
@@ -148,13 +159,13 @@ def min_detectable_difference(num_examples: int, discordant: float, *,
   the methods disagree on a fraction ``discordant`` of the examples.
 
   Normal approximation to McNemar's test: the difference d = (b - c) / n has
-  variance about ``discordant / n`` near d = 0, so
-  d_min = (z_{1-alpha/2} + z_power) sqrt(discordant / n).
+  variance about ``discordant / n`` near d = 0, so its standard error is
+  sqrt(discordant / n) (:func:`detectable_difference`).
   """
   if num_examples <= 0 or not 0 < discordant <= 1:
     raise ValueError(f'num_examples={num_examples}, discordant={discordant}')
-  z = scipy_stats.norm.ppf(1 - alpha / 2) + scipy_stats.norm.ppf(power)
-  return float(z * np.sqrt(discordant / num_examples))
+  return detectable_difference(float(np.sqrt(discordant / num_examples)),
+                               alpha=alpha, power=power)
 
 
 def verdict(low: float, high: float, a: str, b: str,

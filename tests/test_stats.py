@@ -95,3 +95,4 @@ def test_min_detectable_difference_by_hand():
       z * math.sqrt(0.2 / 100))
   with pytest.raises(ValueError):
     stats.min_detectable_difference(0, 0.2)
+  assert stats.detectable_difference(0.01) == pytest.approx(z * 0.01)

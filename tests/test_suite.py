@@ -72,7 +72,8 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   m, lo, hi, n = rep['cells']['rq1'][('fedavg', (0.5,))]
   half = scipy_stats.t.ppf(0.975, 1) * np.std(vals, ddof=1) / np.sqrt(2)
   assert n == 2 and m == pytest.approx(sum(vals) / 2)
-  assert (lo, hi) == pytest.approx((m - half, m + half))
+  # t interval clipped to [0, 1]: every figure is a proportion.
+  assert (lo, hi) == pytest.approx((max(m - half, 0.0), min(m + half, 1.0)))
   assert f'{m * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]' in text
   runs = json.loads(rep['runs'].read_text())
   assert len(runs) == len(points)
@@ -110,9 +111,20 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   holm = sorted(x['p_holm'] for x in pairs.values())
   assert holm == sorted(holm) and all(x['p_holm'] >= x['p_mcnemar']
                                       for x in pairs.values())
-  assert (f'| Sum | AdaFusion | {d["difference"] * 100:+.1f} '
-          f'[{d["low"] * 100:+.1f}, {d["high"] * 100:+.1f}] |') in text
-  assert 'Power:' in text and 'label by system of origin' in text
+  pts = lambda x: f'{round(x * 100, 1) + 0.0:+.1f}'
+  assert (f'| Sum | AdaFusion | {pts(d["difference"])} '
+          f'[{pts(d["low"])}, {pts(d["high"])}] |') in text
+  assert 'label by system of origin' in text
+  # Power: the median bootstrap standard error of the pairs that ever
+  # disagree, times z_0.975 + z_0.8.
+  power = next(g['power'] for g in json.loads(rep['pairwise'].read_text())
+               if g['group'] == 'rq7')
+  ses = [x['se'] for x in pairs.values() if x['se'] > 0]
+  assert 'Power:' in text
+  if ses:
+    assert power['min_detectable'] == pytest.approx(
+        (1.959963984540054 + 0.8416212335729143) * np.median(ses))
+    assert f'{power["min_detectable"] * 100:.1f} points at 80% power' in text
 
   # The suite changed since: a finished point is refused, not reported
   # stale, and nothing runs.
