@@ -187,12 +187,19 @@ def test_table_puts_the_papers_figures_beside_its_own():
           report_lib.table(group, points)[0].index('| fdlora |'))
   del group['report']['order']
   assert '| method | dirichlet_alpha=0.5 | paper (Table 3) |' in text
-  # Mean [Student t interval over the 2 seeds]: 0.6 +- 12.706 * 0.1.
-  assert '| fdlora | **60.0 [-67.1, 187.1]** | 78.17 |' in text
+  # Mean [Student t interval over the 2 seeds]: 0.6 +- 12.706 * 0.1,
+  # clipped to [0, 1] (F1 is a proportion).
+  assert '| fdlora | **60.0 [0.0, 100.0]** | 78.17 |' in text
   assert '| fedavg | 55.0 [55.0, 55.0] | 44.53 |' in text
   assert '**78.17**' not in text
-  assert cells[('fdlora', (0.5,))] == pytest.approx(
-      (0.6, 0.6 - 1.27062, 0.6 + 1.27062, 2), abs=1e-4)
+  assert cells[('fdlora', (0.5,))] == pytest.approx((0.6, 0.0, 1.0, 2))
+  # Unclipped where the interval fits (five seeds).
+  five = [point('fdlora', s, f) for s, f in enumerate(
+      (0.5, 0.55, 0.6, 0.65, 0.7))]
+  half = scipy_stats.t.ppf(0.975, 4) * np.std([0.5, 0.55, 0.6, 0.65, 0.7],
+                                              ddof=1) / np.sqrt(5)
+  assert report_lib.table(group, five)[1][('fdlora', (0.5,))] == \
+      pytest.approx((0.6, 0.6 - half, 0.6 + half, 5))
 
 
 def test_table_shows_the_no_model_references_once_per_seed():
@@ -217,10 +224,10 @@ def test_table_shows_the_no_model_references_once_per_seed():
   text, cells, _ = report_lib.table(group, points)
   majority = report_lib.REFERENCES['majority']
   assert cells[(majority, (0.5,))][::3] == pytest.approx((0.8, 2))
-  assert f'| _{majority}_ | _80.0 [-47.1, 207.1]_ |' in text
-  assert '| _always the positive answer_ | _30.0 [-97.1, 157.1]_ |' in text
+  assert f'| _{majority}_ | _80.0 [0.0, 100.0]_ |' in text
+  assert '| _always the positive answer_ | _30.0 [0.0, 100.0]_ |' in text
   # The best method is bold; the better reference (80 > 60) is not.
-  assert '| fdlora | **60.0 [-67.1, 187.1]** |' in text
+  assert '| fdlora | **60.0 [0.0, 100.0]** |' in text
   assert '**80.0' not in text
   # Without the flag, no reference rows.
   del group['report']['references']
