@@ -401,7 +401,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
            'McNemar p | Holm p | verdict |', '|---|---|---|---|---|---|---|']
   for d in pairs:
     lines.append(f'| {d["a"]} | {d["b"]} | {_diff(d)} | {d["a_only"]} / '
-                 f'{d["b_only"]} | {d["p_mcnemar"]:.3g} | {d["p_holm"]:.3g} '
+                 f'{d["b_only"]} | {_p(d["p_mcnemar"])} | {_p(d["p_holm"])} '
                  f'| {d["verdict"]} |')
   lines += ['', 'Each row against the answers that need no model (same '
             'seeds and test examples):', '',
@@ -409,7 +409,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
             'verdict |', '|---|---|---|---|---|']
   for d in versus:
     lines.append(f'| {d["a"]} | {REFERENCES[d["b"]]} | {_diff(d)} | '
-                 f'{d["p_holm"]:.3g} | {d["verdict"]} |')
+                 f'{_p(d["p_holm"])} | {d["verdict"]} |')
   lines += ['', VERDICT_RULE, '']
   if auc_pairs:
     lines += [f'Pairwise AUC (of score(yes) - score(no), threshold-free; A - '
@@ -441,6 +441,11 @@ VERDICT_RULE = (
 
 def _verdict(d: dict, a: str, b: str) -> str:
   return stats.verdict(d['low'], d['high'], a, b, p=d['p_holm'])
+
+
+def _p(p: float) -> str:
+  """A p-value; one below the smallest double prints as a bound, not 0."""
+  return f'{p:.3g}' if p > 0 else '< 1e-300'
 
 
 def _pts(x: float) -> str:
