@@ -362,8 +362,9 @@ def cpu_whole_runs() -> str:
   # Measured on the earlier logs default (58 test lines per seed); kept for
   # their timings, their scores are archived (archive/README.md).
   for r in load('archive/logs_default_seeds.json')['runs']:
-    add(f'`configs/logs.py`, LogHub samples (earlier default: 58 test lines), seed '
-        f'{r["seed"]}', r['fdlora'], 'archive/logs_default_seeds.json')
+    add(f'`configs/logs.py`, LogHub samples (earlier default: 58 test '
+        f'lines), seed {r["seed"]}', r['fdlora'],
+        'archive/logs_default_seeds.json')
   add('`configs/medical.py`, PubMedQA sample (archived run)',
       load('archive/medical_default_seed0.json'),
       'archive/medical_default_seed0.json')

@@ -169,7 +169,7 @@ def figures(o: PerExample, positive: Optional[int], num_clients: int,
   whole = statistics(o, o.pred[None], None if margin is None else
                      margin[None], positive, num_clients)
   idx = stats.resample_indices(strata(o), num_resamples,
-                         np.random.default_rng(seed))
+                               np.random.default_rng(seed))
   draws = statistics(o, o.pred[idx], None if margin is None else margin[idx],
                      positive, num_clients)
   out = {}
@@ -208,7 +208,7 @@ def paired_draws(a: PerExample, b: PerExample, name: str,
   of the examples (within client x label), the same draw for both."""
   _check_paired(a, b)
   idx = stats.resample_indices(strata(a), num_resamples,
-                         np.random.default_rng(seed))
+                               np.random.default_rng(seed))
   ma, mb = _margin(a, positive), _margin(b, positive)
   def value(o, m, pick):
     return statistics(o, o.pred[pick], None if m is None else m[pick],

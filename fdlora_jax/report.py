@@ -373,7 +373,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
       d = outcomes.paired_difference(
           [(per_row[a][s][0], per_row[b][s][0]) for s in seeds], name,
           positive, n_clients)
-      pairs.append({'a': a, 'b': b, 'name': name, 'seeds': seeds, **d})
+      pairs.append({'a': a, 'b': b, 'seeds': seeds, **d})
   for d, h in zip(pairs, stats.holm([d['p_mcnemar'] for d in pairs])):
     d['p_holm'] = h
     d['verdict'] = _verdict(d, d['a'], d['b'])
@@ -393,7 +393,7 @@ def pairwise(group: dict, points: list[dict]) -> tuple[str, dict]:
     d['verdict'] = ('beats it' if _verdict(d, 'a', 'b') == 'a better'
                     else 'does not beat it')
   auc_pairs = _auc_pairs(pairs, per_row, positive, n_clients)
-  power = _power(pairs, per_row, labels)
+  power = _power(pairs, name)
   orderings = [_ordering(claim, want, pairs)
                for claim, want in spec.get('orderings', ())]
   lines = [f'Pairwise ({name}, A - B in points; {_fmt_seeds(pairs)}):', '',
@@ -457,7 +457,6 @@ def _diff(d: dict) -> str:
   return f'{_pts(d["difference"])} [{_pts(d["low"])}, {_pts(d["high"])}]'
 
 
-
 def _fmt_seeds(pairs: list[dict]) -> str:
   seeds = sorted({k[1] for d in pairs for k in d['seeds']})
   settings = {k[0] for d in pairs for k in d['seeds']}
@@ -488,7 +487,7 @@ def _auc_pairs(pairs, per_row, positive, n_clients) -> list[dict]:
   return out
 
 
-def _power(pairs, per_row, labels) -> dict:
+def _power(pairs: list[dict], name: str) -> dict:
   """What the design can detect (80% power, 5% level): in the headline
   figure, from the paired bootstrap's standard error of the pairs'
   differences (median over pairs whose rows ever disagree); in accuracy,
@@ -496,16 +495,15 @@ def _power(pairs, per_row, labels) -> dict:
   if not pairs:
     return {}
   n = max(d['n'] for d in pairs)
-  name = pairs[0]['name']
   ses = [d['se'] for d in pairs if d['se'] > 0]
   out = {'n': n, 'figure': name}
   if ses:
     se = float(np.median(ses))
     out.update(se=se, min_detectable=stats.detectable_difference(se))
     figure = (f'Power: in {name}, the median pair\'s bootstrap standard '
-              f'error (seeds, then examples) is {_pts(se)[1:]} points, so '
+              f'error (seeds, then examples) is {se * 100:.1f} points, so '
               'this design detects differences of about '
-              f'{_pts(out["min_detectable"])[1:]} points at 80% power (5% '
+              f'{out["min_detectable"] * 100:.1f} points at 80% power (5% '
               'level, normal approximation)')
   else:
     figure = (f'Power: no pair of rows ever gave different answers, so '

@@ -130,4 +130,3 @@ def test_usmle_reads_the_whole_medqa_test_in_medical_full():
       medical_cfg('usmle', dir=str(SHARED_DATA / 'medical_full')), 0)
   assert len(task.examples) == 1273 and task.skipped_lines == 0
   assert task.options == ('A', 'B', 'C', 'D')
-

@@ -120,11 +120,10 @@ def test_tiny_suite_runs_reports_and_resumes(tmp_path, monkeypatch):
   power = next(g['power'] for g in json.loads(rep['pairwise'].read_text())
                if g['group'] == 'rq7')
   ses = [x['se'] for x in pairs.values() if x['se'] > 0]
-  assert 'Power:' in text
-  if ses:
-    assert power['min_detectable'] == pytest.approx(
-        (1.959963984540054 + 0.8416212335729143) * np.median(ses))
-    assert f'{power["min_detectable"] * 100:.1f} points at 80% power' in text
+  assert ses, 'the tiny fusion rows never disagree: the power check is void'
+  assert power['min_detectable'] == pytest.approx(
+      (1.959963984540054 + 0.8416212335729143) * np.median(ses))
+  assert f'{power["min_detectable"] * 100:.1f} points at 80% power' in text
 
   # The suite changed since: a finished point is refused, not reported
   # stale, and nothing runs.
