@@ -264,3 +264,47 @@ def scale_b(lora: PyTree, factor) -> PyTree:
 def rank_of(lora: PyTree) -> int:
   """The rank ``r`` of an adapter (the last axis of its ``a`` leaves)."""
   return int(_get(_as_dict(lora), adapted_paths(lora)[0])['a'].shape[-1])
+
+
+def rank_bytes(lora: PyTree, rank) -> jax.Array:
+  """Bytes of the first ``rank`` rank components of every adapter node of
+  one adapter (no client axis): what a padded adapter of real rank ``rank``
+  puts on the wire. ``rank`` may be traced (int32: up to 2 GiB)."""
+  total = 0
+  for p in adapted_paths(lora):
+    n = _get(_as_dict(lora), p)
+    a, b = n['a'], n['b']
+    per = (int(np.prod(a.shape[:-1])) * jnp.dtype(a.dtype).itemsize +
+           int(np.prod(b.shape[:-2] + b.shape[-1:])) *
+           jnp.dtype(b.dtype).itemsize)
+    total = total + per * jnp.asarray(rank, jnp.int32)
+  return jnp.asarray(total, jnp.int32)
+
+
+def clients_on_rank(lora: PyTree) -> PyTree:
+  """``[N, ..., in, r]``/``[N, ..., r, out]`` -> one adapter of rank
+  ``N r``: client ``i``'s components at ``[i r, (i + 1) r)``, so its
+  ``delta`` is the sum of the clients' (FLoRA's stacking)."""
+  def node(n):
+    a, b = n['a'], n['b']
+    k, r = a.shape[0], a.shape[-1]
+    a = jnp.moveaxis(a, 0, -2)                       # [..., in, N, r]
+    b = jnp.moveaxis(b, 0, -3)                       # [..., N, r, out]
+    return {'a': a.reshape(a.shape[:-2] + (k * r,)),
+            'b': b.reshape(b.shape[:-3] + (k * r,) + b.shape[-1:])}
+  return map_adapters(node, lora)
+
+
+def write_rank(lora: PyTree, part: PyTree, start) -> PyTree:
+  """``lora`` with its rank components ``[start, start + r_part)`` replaced
+  by ``part``'s (``start`` may be traced)."""
+  def node(n, m):
+    a0 = jnp.zeros((), jnp.int32)
+    sa = (a0,) * (n['a'].ndim - 1) + (jnp.asarray(start, jnp.int32),)
+    sb = (a0,) * (n['b'].ndim - 2) + (jnp.asarray(start, jnp.int32), a0)
+    return {'a': jax.lax.dynamic_update_slice(n['a'], m['a'].astype(
+                n['a'].dtype), sa),
+            'b': jax.lax.dynamic_update_slice(n['b'], m['b'].astype(
+                n['b'].dtype), sb)}
+  return map_adapters(node, lora, part)
+

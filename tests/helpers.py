@@ -6,6 +6,7 @@ conftest.py; import these as ``from tests.helpers import ...`` (the repo root
 is on the path: pyproject's ``[tool.pytest.ini_options] pythonpath``).
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -335,3 +336,39 @@ def bgl_line(label='-', msg='instruction cache parity error corrected'):
   return (f'{label} 1117838570 2005.06.03 R02-M1-N0-C:J12-U11 '
           f'2005-06-03-15.42.50.675872 R02-M1-N0-C:J12-U11 RAS KERNEL INFO '
           f'{msg}')
+
+
+# ---------------------------------------------------------------------------
+# What reaches a method's server (the LoRA-specific methods' tests)
+# ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def server_spy(eng, phase='rounds'):
+  """Within the block, every call of ``phase``'s server function appends
+  its ``(server, uploads, weights, t)`` (as numpy) to the yielded list."""
+  seen, real = [], eng._servers[phase]
+
+  def spy(server, uploads, weights, t):
+    seen.append(jax.tree.map(np.asarray, (server, uploads, weights, t)))
+    return real(server, uploads, weights, t)
+  eng._servers[phase] = spy
+  try:
+    yield seen
+  finally:
+    eng._servers[phase] = real
+
+
+def weighted_delta(loras, weights, scale=1.0):
+  """``{path: sum_i p_i a_i b_i scale}`` of ``[N, ...]`` adapters."""
+  p = np.asarray(weights, np.float64) / np.sum(weights)
+  out = {}
+  for path, dw in lora_lib.delta_weights(loras, scale).items():
+    out[path] = np.tensordot(p, np.asarray(dw, np.float64), axes=1)
+  return out
+
+
+def assert_deltas_close(got, want, rtol=1e-4, atol=1e-5):
+  """Two ``{path: delta}`` dicts agree on every path."""
+  assert set(got) == set(want)
+  for p in want:
+    np.testing.assert_allclose(np.asarray(got[p]), want[p], rtol=rtol,
+                               atol=atol, err_msg=str(p))

@@ -90,7 +90,9 @@ class WireBytes(Protocol):
   def __call__(self, upload: PyTree) -> jax.Array:
     """The bytes one client's upload puts on the wire, when that is not the
     size of its arrays (e.g. factors of a rank chosen at run time, padded
-    to a fixed shape)."""
+    to a fixed shape). The same signature counts one client's download
+    (``Phase.download_bytes``), e.g. only the new part of a stack that grows
+    by a slot each round."""
 
 
 class Search(Protocol):
@@ -141,7 +143,8 @@ class Phase:
   the federated rounds, 1 for the first round); ``chunk`` caps the steps per
   compiled call (progress, memory). ``personal_download``: ``broadcast``
   returns one download per client. ``reset_opt``: a fresh optimizer state at
-  every repeat. ``wire_bytes`` defaults to the size of the upload's arrays.
+  every repeat. ``wire_bytes`` defaults to the size of the upload's arrays,
+  ``download_bytes`` to the size of the download's.
   """
   name: str
   repeats: int = 1
@@ -158,6 +161,7 @@ class Phase:
   reset_opt: bool = False
   search: Optional[Search] = None
   wire_bytes: Optional[WireBytes] = None
+  download_bytes: Optional[WireBytes] = None
 
   @property
   def is_search(self) -> bool:
@@ -199,7 +203,8 @@ class Keys:
   The values are those the code drew before keys had one home (seed
   offsets), so outputs stay bit-identical: ``init`` ``key(seed + 1)``;
   training steps ``fold_in(fold_in(key(seed), phase), index)``; search
-  ``i`` ``key(seed + 2 + i)``; ``rows`` ``key(seed + 3)``.
+  ``i`` ``key(seed + 2 + i)``; ``rows`` ``key(seed + 3)``; a fresh adapter
+  per round and client ``fold_in(fold_in(key(seed + 4), round), client)``.
   """
   seed: int
 
@@ -216,6 +221,12 @@ class Keys:
   def search(self, i: int) -> jax.Array:
     """The ``i``-th search phase (0-based)."""
     return jax.random.key(self.seed + 2 + i)
+
+  def fresh(self, round_: jax.Array, client: jax.Array) -> jax.Array:
+    """A fresh adapter drawn by client ``client`` at repeat ``round_`` (both
+    may be traced), for methods that restart LoRA every round (FLoRA)."""
+    return jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(self.seed + 4), round_), client)
 
   def rows(self) -> jax.Array:
     """Random choices among the rows to evaluate (e.g. FDLoRA's random

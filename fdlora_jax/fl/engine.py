@@ -109,6 +109,9 @@ class Engine:
                        for p in self.training}
     self._wire_bytes = {p.name: jax.jit(jax.vmap(p.wire_bytes))
                         for p in self.training if p.wire_bytes is not None}
+    self._download_bytes = {
+        p.name: jax.jit(jax.vmap(p.download_bytes))
+        for p in self.training if p.download_bytes is not None}
     n = self.num_clients
     w = self.method.client_weights
     self.client_weights = np.ones(n) if w is None else np.asarray(w, float)
@@ -228,7 +231,10 @@ class Engine:
         'train_loss_mean': float(loss.mean()) if n else 0.0,
         'healthy': np.asarray(healthy).tolist(),
         'nonfinite_steps': nonfinite.tolist(),
-        'bytes_down_per_client': per_client_bytes(download, n),
+        'bytes_down_per_client': (
+            per_client_bytes(download, n) if phase.download_bytes is None else
+            np.asarray(self._download_bytes[phase.name](download),
+                       np.int64).tolist()),
         'bytes_up_per_client': (
             per_client_bytes(upload, n) if phase.wire_bytes is None else
             np.asarray(self._wire_bytes[phase.name](upload),

@@ -8,7 +8,7 @@ adapter frozen) and the adapter (the local model frozen).
 
 Here the heterogeneous local model is a private LoRA whose rank differs per
 client (``private_ranks``, cycled over the clients), padded to the largest
-rank and masked (:func:`fdlora_jax.lora.rank_mask`), and the homogeneous
+rank and masked (the engine's :class:`fdlora_jax.fl.ranks.ClientRanks`), and the homogeneous
 adapter is a shared LoRA of rank ``shared_rank``; the model applies both,
 concatenated on the rank axis. With ``scale_per_rank`` each part is scaled
 ``alpha / its own rank``, as PEFT would scale it.
@@ -36,6 +36,7 @@ import numpy as np
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.ranks import ClientRanks, cycled, validate_ranks
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean)
 
@@ -54,12 +55,7 @@ def config() -> ml_collections.ConfigDict:
 
 def validate(c) -> None:
   m = c.pfedlora
-  ranks = tuple(m.private_ranks) if not isinstance(m.private_ranks, str) \
-      else ()
-  need(len(ranks) > 0 and all(isinstance(r, (int, np.integer)) and r > 0
-                              for r in ranks),
-       'pfedlora.private_ranks', m.private_ranks,
-       'must be a non-empty sequence of positive integers')
+  validate_ranks(m.private_ranks, 'pfedlora.private_ranks')
   need(isinstance(m.shared_rank, (int, np.integer)) and m.shared_rank > 0,
        'pfedlora.shared_rank', m.shared_rank, 'must be a positive integer')
   need(isinstance(m.private_steps, (int, np.integer)) and m.private_steps >= -1,
@@ -72,42 +68,30 @@ def validate(c) -> None:
 
 def client_ranks(c, n: int) -> np.ndarray:
   """``[N]`` private rank of each client: ``private_ranks`` cycled."""
-  ranks = tuple(c.pfedlora.private_ranks)
-  return np.asarray([ranks[i % len(ranks)] for i in range(n)], np.int32)
+  return cycled(c.pfedlora.private_ranks, n)
 
 
 def build(s: Setup) -> Method:
   c, m, n = s.config, s.config.pfedlora, s.num_clients
-  ranks = client_ranks(c, n)
-  width = int(ranks.max())
+  ranks = ClientRanks(client_ranks(c, n), s.model.lora.rank,
+                      bool(m.scale_per_rank))
   shared_rank = int(m.shared_rank)
-  r_config = float(s.model.lora.rank)
   round_steps = s.steps(c.fl.inner_steps, c.fl.inner_unit)
   k = int(np.max(round_steps, initial=0))
   private_steps = math.ceil(k / 2) if m.private_steps < 0 else int(
       m.private_steps)
 
-  def scaled(lora, rank):
-    """Part of rank ``rank`` at ``alpha / rank`` (scale_per_rank)."""
-    return lora_lib.scale_b(lora, r_config / rank) if m.scale_per_rank \
-        else lora
-
-  def private_part(private, rank):
-    return scaled(lora_lib.mask_rank(private, rank), rank)
-
   def adapter(private, shared, rank):
     """What the model applies: private (masked) and shared on one rank axis."""
-    return lora_lib.concat_rank(private_part(private, rank),
-                                scaled(shared, shared_rank))
+    return lora_lib.concat_rank(ranks.applied(private, rank),
+                                ranks.applied(shared, shared_rank))
 
   def init(key):
     k_private, k_shared = jax.random.split(key)
-    private = lora_lib.init_rank(s.model, width, k_private)
-    private = lora_lib.mask_rank(lora_lib.replicate(private, n),
-                                 jnp.asarray(ranks))
+    private = ranks.init(s.model, k_private)
     shared = lora_lib.init_rank(s.model, shared_rank, k_shared)
     return {'shared': shared}, {'private': private,
-                                'rank': jnp.asarray(ranks)}
+                                'rank': jnp.asarray(ranks.ranks)}
 
   # -- phase 1: the private LoRA alone ------------------------------------------
   def local_start(client, download):
@@ -115,10 +99,10 @@ def build(s: Setup) -> Method:
             'rank': client['rank'].astype(jnp.float32)}
 
   def local_loss(fwd, train, download, batch, rng):
-    return fwd.nll(private_part(train['private'], train['rank']), batch, rng)
+    return fwd.nll(ranks.applied(train['private'], train['rank']), batch, rng)
 
   def local_trainable(train, i):
-    return {'private': lora_lib.rank_mask(train['private'], train['rank']),
+    return {'private': ranks.trainable(train['private'], train['rank']),
             'rank': jnp.array(False)}
 
   def local_finish(client, train, download, t):
@@ -136,7 +120,7 @@ def build(s: Setup) -> Method:
     on_private = i < private_steps
     return {'private': jax.tree.map(
                 lambda mk: mk & on_private,
-                lora_lib.rank_mask(train['private'], train['rank'])),
+                ranks.trainable(train['private'], train['rank'])),
             'shared': jax.tree.map(lambda x: ~on_private, train['shared']),
             'rank': jnp.array(False)}
 
@@ -152,7 +136,7 @@ def build(s: Setup) -> Method:
     shared = lora_lib.replicate(state['shared'], n)
     return {'personalized': adapter(client['private'], shared,
                                     client['rank']),
-            'shared': scaled(shared, shared_rank)}
+            'shared': ranks.applied(shared, shared_rank)}
 
   phases = (
       s.local_phase(start=local_start, loss=local_loss,
