@@ -433,6 +433,29 @@ def cpu_suite() -> str:
                     f'--workdir=benchmarks/results/cpu_suite`)._'])
 
 
+def stack_memory() -> str:
+  g = load('stack_memory.json')
+  rows = []
+  for r in g['rows']:
+    if r['method'] != 'fedex_lora':   # FLoRA's stack has the same shape
+      continue
+    rows.append([r['setting'], f'{r["clients"]} x rank {r["rank"]}, '
+                 f'T = {r["rounds"]}', f'{r["stack_rank"]:,}',
+                 f'{r["stack_bytes"] / 2**20:,.0f}',
+                 f'{r["dense_bytes"] / 2**20:,.0f}',
+                 f'{r["stack_over_dense"]:.2f}',
+                 f'{r["stack_madds_per_token"] / r["dense_madds_per_token"]:.2f}'])
+  return '\n'.join([
+      'Server state of FedEx-LoRA\'s residual (FLoRA\'s stack has the same '
+      f'shape when every client has the model\'s rank), LoRA on '
+      f'{", ".join(g["targets"])}, counted from the shapes of the built '
+      'method\'s state (`jax.eval_shape`).', '',
+      table(['setting', 'clients, rounds', 'stack rank', 'stack (MiB)',
+             'dense delta (MiB)', 'stack / dense', 'forward multiply-adds, '
+             'stack / dense'], rows), '',
+      source(('stack_memory.json', g))])
+
+
 RENDERERS = {
     'first-run': first_run,
     'h200-runs': h200_runs, 'h200-env': h200_env, 'h200-step': h200_step,
@@ -440,7 +463,7 @@ RENDERERS = {
     'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,
     'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
     'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
-    'cpu-suite': cpu_suite,
+    'cpu-suite': cpu_suite, 'stack-memory': stack_memory,
 }
 
 

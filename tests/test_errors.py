@@ -110,6 +110,12 @@ BAD_METHOD_FIELD = {
     'fedrod': ('head_layers', -1),
     'pfedlora': ('shared_rank', 0),
     'fedlora_opt': ('weighting', 'median'),
+    'ffa_lora': ('weighting', 'median'),
+    'fedsa_lora': ('weighting', 'median'),
+    'rolora': ('weighting', 'median'),
+    'fedex_lora': ('weighting', 'median'),
+    'flora': ('ranks', (8, 0)),
+    'flexlora': ('ranks', (-4,)),
 }
 BAD_FUSION_FIELD = [
     ('strategy', 'CMAES'), ('population_size', 1), ('steps', 0),
@@ -172,3 +178,4 @@ def test_a_bad_checkpoint_config_json_is_a_user_error(tmp_path, change, says):
   (tmp_path / 'config.json').write_text(json.dumps(hf))
   with pytest.raises(checkpoint.CheckpointError, match=says):
     checkpoint.load_hf_config(tmp_path)
+

@@ -51,10 +51,14 @@ def metrics_lines(work):
           for l in (work / 'metrics.jsonl').read_text().splitlines()]
 
 
-@pytest.mark.parametrize('method', ['fdlora', 'fedavg'])
+@pytest.mark.parametrize('method', ['fdlora', 'fedavg', 'flora', 'flexlora'])
 def test_kill_and_resume_gives_identical_results(tmp_path, monkeypatch,
                                                  method):
+  """FLoRA's stack fills a slot per round and FlexLoRA's clients have
+  ranks of their own: their state too resumes exactly."""
   c = tiny_config(tmp_path, method)
+  if method in ('flora', 'flexlora'):
+    c[method].ranks = (2, 4)
   straight = run_lib.run(c, str(tmp_path / 'a'))
 
   real = Engine.run_repeat

@@ -157,33 +157,49 @@ def stacked(uploads: PyTree, weights: jax.Array) -> PyTree:
   return lora_lib.clients_on_rank(lora_lib.map_adapters(node, uploads))
 
 
+def _truncated_factors(a: np.ndarray, b: np.ndarray, rank: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`truncated` of one node, in numpy (float64): ``a [.., in, K]``,
+  ``b [.., K, out]`` -> ``[.., in, rank]``, ``[.., rank, out]``."""
+  q, r = np.linalg.qr(np.asarray(a, np.float64))       # [.., in, k1], [.., k1, K]
+  u, sv, vt = np.linalg.svd(r @ np.asarray(b, np.float64),
+                            full_matrices=False)       # [.., k1, k], [.., k, out]
+  k = sv.shape[-1]
+  if k < rank:
+    u = np.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, rank - k)])
+    vt = np.pad(vt, [(0, 0)] * (vt.ndim - 2) + [(0, rank - k), (0, 0)])
+    sv = np.pad(sv, [(0, 0)] * (sv.ndim - 1) + [(0, rank - k)])
+  sq = np.sqrt(sv[..., :rank])
+  left = q @ (u[..., :rank] * sq[..., None, :])
+  right = sq[..., :, None] * vt[..., :rank, :]
+  return left.astype(a.dtype), right.astype(b.dtype)
+
+
 def truncated(lora: PyTree, rank: int) -> PyTree:
   """The best rank-``rank`` approximation of ``lora``'s ``delta = a b``
   (Eckart-Young), as factors of rank ``rank`` sorted by singular value
   (largest first): ``a = U_k sqrt(S_k)``, ``b = sqrt(S_k) V_k^T``, so the
   first ``r`` components are the best rank-``r`` approximation for every
-  ``r <= rank``. From the QR factors of ``a`` and ``b^T`` and the SVD of
-  the small product of their ``R``s: no ``[in, out]`` matrix is formed.
-  Components beyond the product's rank are zero."""
+  ``r <= rank``. With ``a = Q R`` (QR), ``a b = Q (R b)`` and the SVD of the
+  small ``R b`` (``K x out``, ``K`` the stacked rank) gives ``U = Q U'``:
+  no ``[in, out]`` matrix is formed. Components beyond the product's rank
+  are zero.
+
+  The factorisation runs on the host in numpy (float64) through
+  ``jax.pure_callback``: XLA's CPU LAPACK calls hung when two of them ran
+  at once inside one jitted function (every thread waiting, no CPU use;
+  jax 0.10.2 on the 2-core machine, two ``jnp.linalg.qr`` of ``[30, 576,
+  40]`` suffice), and a server runs one per adapted matrix. The matrices are
+  small (``K`` rows), once per round."""
   def node(n):
-    a = n['a'].astype(jnp.float32)
-    b = n['b'].astype(jnp.float32)
-    qa, ra = jnp.linalg.qr(a)                          # [.., in, k1], [.., k1, K]
-    qb, rb = jnp.linalg.qr(jnp.swapaxes(b, -1, -2))    # [.., out, k2], [.., k2, K]
-    u, sv, vt = jnp.linalg.svd(ra @ jnp.swapaxes(rb, -1, -2),
-                               full_matrices=False)
-    left = qa @ u                                      # [.., in, k]
-    right = vt @ jnp.swapaxes(qb, -1, -2)              # [.., k, out]
-    k = sv.shape[-1]
-    if k < rank:
-      left = jnp.pad(left, [(0, 0)] * (left.ndim - 1) + [(0, rank - k)])
-      right = jnp.pad(right, [(0, 0)] * (right.ndim - 2) +
-                      [(0, rank - k), (0, 0)])
-      sv = jnp.pad(sv, [(0, 0)] * (sv.ndim - 1) + [(0, rank - k)])
-    sq = jnp.sqrt(sv[..., :rank])
-    return {'a': (left[..., :rank] * sq[..., None, :]).astype(n['a'].dtype),
-            'b': (sq[..., :, None] * right[..., :rank, :]).astype(
-                n['b'].dtype)}
+    a, b = n['a'], n['b']
+    shapes = (jax.ShapeDtypeStruct(a.shape[:-1] + (rank,), a.dtype),
+              jax.ShapeDtypeStruct(b.shape[:-2] + (rank, b.shape[-1]),
+                                   b.dtype))
+    left, right = jax.pure_callback(
+        lambda x, y: _truncated_factors(x, y, rank), shapes, a, b,
+        vmap_method='sequential')
+    return {'a': left, 'b': right}
   return lora_lib.map_adapters(node, lora)
 
 

@@ -11,9 +11,10 @@ from types import ModuleType
 
 from fdlora_jax.errors import need
 
-from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedkd, fedlora_opt,
-                                   fedrep, fedrod, k_shot, local, pfedlora,
-                                   zero_shot)
+from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedex_lora,
+                                   fedkd, fedlora_opt, fedrep, fedrod,
+                                   fedsa_lora, ffa_lora, flexlora, flora,
+                                   k_shot, local, pfedlora, rolora, zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
@@ -27,6 +28,12 @@ METHODS = {
     'fedrod': fedrod,
     'pfedlora': pfedlora,
     'fedlora_opt': fedlora_opt,
+    'ffa_lora': ffa_lora,
+    'fedsa_lora': fedsa_lora,
+    'rolora': rolora,
+    'fedex_lora': fedex_lora,
+    'flora': flora,
+    'flexlora': flexlora,
 }
 
 

@@ -1,0 +1,98 @@
+"""FlexLoRA (Bai, Chen, Qian, Yao and Li, "Federated Fine-tuning of Large
+Language Models under Heterogeneous Tasks and Client Resources", NeurIPS
+2024).
+
+Clients have heterogeneous ranks (``ranks``, cycled; padded and masked by
+the engine's :class:`~fdlora_jax.fl.ranks.ClientRanks`). Each round a client
+downloads its own adapter, trains it for K local steps and uploads it. The
+server forms the weighted full-size update ``W = sum_i p_i a_i b_i`` and
+sends each client the truncated SVD of ``W`` at that client's own rank, the
+best rank-``r_i`` approximation (Eckart-Young). ``W`` is never formed as an
+``[in, out]`` matrix: the uploads are stacked on the rank axis and
+:func:`~fdlora_jax.fl.ranks.truncated` takes the SVD from their QR factors.
+The server keeps the top ``max(ranks)`` components; client ``i``'s download
+is their first ``r_i``, counted on the wire at ``r_i``. As for FedAvg, a
+first ``local`` phase takes the stage-1 steps and ends with the first
+aggregation. Evaluated: ``global``, each client's rank-``r_i`` download.
+Choices: docs/methods.md.
+
+Server state ``{'global'}`` (rank ``max(ranks)``, sorted by singular value,
+in the model's scale); no client state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.methods import flora
+from fdlora_jax.fl.methods.flora import client_ranks
+from fdlora_jax.fl.ranks import ClientRanks, stacked, truncated
+from fdlora_jax.fl.server import replace_step
+
+NAME = 'flexlora'
+
+
+def config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.ranks = ()              # client i: ranks[i % len]; (): lora.rank for all
+  c.scale_per_rank = True   # client i's adapter at alpha / r_i (PEFT)
+  c.weighting = 'examples'  # p_i of W: 'examples' | 'uniform'
+  return c
+
+
+def validate(c) -> None:
+  flora.validate_fields(c, NAME)
+
+
+def build(s: Setup) -> Method:
+  c, n = s.config, s.num_clients
+  ranks = client_ranks(s, c.flexlora)
+  rank_n = jnp.asarray(ranks.ranks)
+
+  def init(key):
+    return {'global': lora_lib.init_rank(s.model, ranks.width, key)}, {}
+
+  def broadcast(state, t):
+    """Client ``i``'s first ``r_i`` components, in its own scale."""
+    g = lora_lib.replicate(state['global'], n)
+    return {'lora': ranks.unapplied(g, rank_n), 'rank': rank_n}
+
+  def start(client, download):
+    return {'lora': download['lora'],
+            'rank': download['rank'].astype(jnp.float32)}
+
+  def loss(fwd, train, download, batch, rng):
+    return fwd.nll(ranks.applied(train['lora'], train['rank']), batch, rng)
+
+  def trainable(train, i):
+    return {'lora': ranks.trainable(train['lora'], train['rank']),
+            'rank': jnp.array(False)}
+
+  def finish(client, train, download, t):
+    return client, {'lora': ranks.applied(train['lora'], train['rank']),
+                    'rank': download['rank']}
+
+  def server(state, uploads, weights, t):
+    new = truncated(stacked(uploads['lora'], weights), ranks.width)
+    keep = jnp.sum(weights) > 0
+    new = jax.tree.map(lambda x, y: jnp.where(keep, x, y), new,
+                       state['global'])
+    g, metrics = replace_step(state['global'], new, weights)
+    return {'global': g}, metrics
+
+  common = dict(
+      broadcast=broadcast, personal_download=True, start=start, loss=loss,
+      trainable=trainable, finish=finish, server=server,
+      wire_bytes=lambda u: ClientRanks.wire_bytes(u['lora'], u['rank']),
+      download_bytes=lambda d: ClientRanks.wire_bytes(d['lora'], d['rank']))
+  phases = (s.local_phase(**common), s.round_phase(**common))
+
+  def rows(state, client):
+    g = lora_lib.replicate(state['global'], n)
+    return {'global': ranks.applied(ranks.unapplied(g, rank_n), rank_n)}
+  return Method(NAME, init, phases, rows, progress_rows=rows,
+                client_weights=s.example_weights(c.flexlora.weighting))
