@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import os
 import re
 import sys
 from typing import Iterator, NoReturn, Optional, Sequence
@@ -99,6 +100,29 @@ def no_such_field(path: str, config) -> Optional[str]:
   return f'config.{path}: no such field ({hint})'
 
 
+def config_file(argv: Sequence[str], name: str,
+                default: Optional[str]) -> str:
+  """The file ``--<name>`` names in ``argv`` (or ``default``), without a
+  ``:arg`` suffix, as ml_collections loads it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  probe = flags.FlagValues()     # where --<name> points, as absl reads it
+  flags.DEFINE_string(name, default, '', flag_values=probe)
+  try:
+    probe(list(argv), known_only=True)
+  except flags.Error:
+    return default or ''
+  return (probe[name].value or '').split(':', 1)[0]
+
+
+def check_config_file(argv: Sequence[str], name: str,
+                      default: Optional[str]) -> None:
+  """:func:`fail` naming the file when ``--<name>`` names a config file that
+  does not exist (ml_collections would raise from deep inside absl)."""
+  path = config_file(argv, name, default)
+  if path and not os.path.isfile(path):
+    fail(f'--{name}={path}: no such config file')
+
+
 def _bad_override(argv: Sequence[str], name: str,
                   default: Optional[str]) -> Optional[str]:
   """The message for the first ``--<name>.<path>`` in ``argv`` that names no
@@ -136,6 +160,7 @@ def config_override_errors(name: str = 'config',
   valid names. Needed at both: without ``--<name>=`` on the command line,
   ml_collections loads the default config and its overrides when the flag is
   defined."""
+  check_config_file(sys.argv, name, default)
   try:
     yield
   except (AttributeError, KeyError):
@@ -152,6 +177,8 @@ def parse_flags(argv: Sequence[str], config: Optional[str] = None,
   ``config``, the name of a ``DEFINE_config_file`` flag, a misspelled
   override too (:func:`config_override_errors`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  if config:
+    check_config_file(argv, config, config_default)
   guard = (config_override_errors(config, config_default) if config
            else contextlib.nullcontext())
   try:

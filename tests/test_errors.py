@@ -179,3 +179,13 @@ def test_a_bad_checkpoint_config_json_is_a_user_error(tmp_path, change, says):
   with pytest.raises(checkpoint.CheckpointError, match=says):
     checkpoint.load_hf_config(tmp_path)
 
+
+@pytest.mark.parametrize('override', [[], ['--config.fl.rounds=1']])
+def test_main_py_missing_config_file_is_one_line(tmp_path, override):
+  """With or without an override (ml_collections loads the file at parse
+  time or when the value is first read), a config file that does not exist
+  is one line naming it, not a traceback."""
+  line = one_error_line(['main.py', '--config=configs/nope.py', *override,
+                         f'--workdir={tmp_path}/w'])
+  assert line == 'error: --config=configs/nope.py: no such config file'
+  assert not (tmp_path / 'w').exists()
