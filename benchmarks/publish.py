@@ -414,12 +414,12 @@ def central_probes() -> str:
       source(*items)])
 
 
-def cpu_suite() -> str:
-  """results.md: the CPU study's report, re-made from its stored runs
-  (results.json and per-example predictions/ of every point)."""
+def suite_report(name: str) -> str:
+  """A stored suite's report (``benchmarks/results/<name>/``: results.json
+  and per-example predictions/ of every point), re-made from its runs."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from fdlora_jax import report  # pylint: disable=g-import-not-at-top
-  work = RESULTS / 'cpu_suite'
+  work = RESULTS / name
   with tempfile.TemporaryDirectory() as out:
     rep = report.write_report(work, out, quiet=True)
     text = rep['tables'].read_text()
@@ -427,10 +427,20 @@ def cpu_suite() -> str:
   body = text[text.index('###'):].replace('### ', '#### ')
   suite = json.loads((work / 'suite.json').read_text())
   return '\n'.join([body.rstrip(), '',
-                    f'_Source: `benchmarks/results/cpu_suite/` (suite '
+                    f'_Source: `benchmarks/results/{name}/` (suite '
                     f'{suite["name"]!r}, {rep["num_points"]} runs; '
                     f'`python -m fdlora_jax.report '
-                    f'--workdir=benchmarks/results/cpu_suite`)._'])
+                    f'--workdir=benchmarks/results/{name}`)._'])
+
+
+def cpu_suite() -> str:
+  """results.md: the CPU study's report."""
+  return suite_report('cpu_suite')
+
+
+def lora_suite() -> str:
+  """results.md: the LoRA-specific methods beside the CPU study's."""
+  return suite_report('lora_suite')
 
 
 def stack_memory() -> str:
@@ -463,7 +473,8 @@ RENDERERS = {
     'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,
     'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
     'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
-    'cpu-suite': cpu_suite, 'stack-memory': stack_memory,
+    'cpu-suite': cpu_suite, 'lora-suite': lora_suite,
+    'stack-memory': stack_memory,
 }
 
 

@@ -1,19 +1,18 @@
-"""The LoRA-specific federated methods beside the CPU study's methods, one
-seed: FFA-LoRA, FedSA-LoRA, RoLoRA, FedEx-LoRA, FLoRA and FlexLoRA with
-FDLoRA, FedAvg and Local.
+"""The LoRA-specific federated methods beside the CPU study's methods:
+FFA-LoRA, FedSA-LoRA, RoLoRA, FedEx-LoRA, FLoRA and FlexLoRA with FDLoRA,
+FedAvg and Local, on the CPU study's five seeds.
 
   python -m fdlora_jax.suite --suite=configs/suites/lora.py --workdir=runs/lora
   python -m fdlora_jax.report --workdir=runs/lora
 
 Every point is the CPU study's (configs/suites/cpu.py: configs/logs.py on
 the real LogHub lines of ../shared/data, 2,000 of them, 8 local steps then
-2 rounds of K = 8, alpha 0.5), at its seed 0, so the three methods they
-share are the same runs and a finished CPU study's seed-0 directories can be
-copied in and are skipped. One seed: the report's pairwise verdicts pair the
-methods on the same 400 test lines (examples resampled, no seed variation),
-so "not distinguishable" here is the weaker statement; the five seeds of the
-CPU study are the next step (about 2.5 minutes per run and method on the
-2-core CPU).
+2 rounds of K = 8, alpha 0.5, seeds 0-4), so the three methods they share
+are the same runs: a finished CPU study's `logs/method=*/seed*` directories
+can be copied into the workdir and are skipped (the suite checks that their
+configs match). The six new methods are 30 runs of a few minutes each on the
+2-core CPU; the suite runs seed by seed, so a stopped suite holds whole
+seeds and the report pairs what is there.
 
 The LoRA-specific methods run at their defaults: every client at the
 model's rank (FLoRA and FlexLoRA support per-client ranks,
@@ -34,8 +33,7 @@ def get_suite():
        'grid': {'method': METHODS},
        'report': {'kind': 'table', 'rows': 'method', 'order': METHODS,
                   'references': True,
-                  'title': 'LoRA-specific methods on the logs, alpha 0.5, '
-                           'seed 0',
+                  'title': 'LoRA-specific methods on the logs, alpha 0.5',
                   'cols': ('data.dirichlet_alpha',),
                   'orderings': [
                       ('an exact aggregate above FedAvg',
@@ -52,4 +50,4 @@ def get_suite():
   return {'name': 'lora',
           'configs': {'logs': 'configs/logs.py'},
           'fixed': {'data.dirichlet_alpha': 0.5},
-          'seeds': (0,), 'groups': groups}
+          'seeds': (0, 1, 2, 3, 4), 'groups': groups}
