@@ -4,7 +4,6 @@ approximation of the weighted full-size update at the client's own rank,
 counted at that rank; main.py on the medical scenario (logs: test_methods;
 kill and resume: test_run)."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +12,7 @@ from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.methods import flexlora
 from fdlora_jax.fl.ranks import ClientRanks
 from fdlora_jax.run import validate_config
-from tests.helpers import (LCFG, N, config, copy, engine, run_scenario,
+from tests.helpers import (LCFG, config, copy, engine, run_scenario,
                            server_spy, weighted_delta)
 
 COUNTS = (1, 2, 4)

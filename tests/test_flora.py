@@ -3,8 +3,6 @@ real engine, clients of ranks 4, 8 and 16: fresh adapters every round, the
 stacked aggregate exact, bytes of the stack; main.py on the medical
 scenario (logs: test_methods; kill and resume: test_run)."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -3,7 +3,6 @@ real engine: one factor trains per round, the other is bit-identical on
 every client, each aggregate is the mean of the products; main.py on the
 medical scenario (logs: test_methods)."""
 
-import jax
 import numpy as np
 import pytest
 

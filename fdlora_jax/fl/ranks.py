@@ -110,6 +110,33 @@ class ClientRanks:
     """Bytes of the real components of a padded adapter."""
     return lora_lib.rank_bytes(lora, rank)
 
+  # -- a client's trained tree {'lora', 'rank'}: the rank rides along, frozen
+  @staticmethod
+  def train(lora: PyTree, rank) -> dict:
+    """The tree a client of rank ``rank`` trains: its padded adapter and
+    its rank (float, outside the mask)."""
+    return {'lora': lora, 'rank': jnp.asarray(rank).astype(jnp.float32)}
+
+  def train_mask(self, train: dict) -> dict:
+    """The :meth:`train` tree's trainable mask: the real components."""
+    return {'lora': self.trainable(train['lora'], train['rank']),
+            'rank': jnp.array(False)}
+
+  def own(self, train: dict) -> PyTree:
+    """What the model applies of a :meth:`train` tree."""
+    return self.applied(train['lora'], train['rank'])
+
+  def upload(self, train: dict) -> dict:
+    """What a client sends of a :meth:`train` tree: the applied adapter and
+    its rank, whose real components :meth:`upload_bytes` counts."""
+    return {'lora': self.own(train),
+            'rank': train['rank'].astype(jnp.int32)}
+
+  @staticmethod
+  def upload_bytes(upload: dict) -> jax.Array:
+    """A ``wire_bytes`` of :meth:`upload`'s trees (downloads too)."""
+    return lora_lib.rank_bytes(upload['lora'], upload['rank'])
+
 
 @dataclasses.dataclass(frozen=True)
 class Stack:

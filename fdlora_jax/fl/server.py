@@ -12,7 +12,8 @@ sum.
 momentum, nesterov=True)``, DiLoCo's outer step, which FDLoRA uses;
 :func:`replace_step` is for a server that sets its state to a new value.
 All report :func:`step_metrics`. :func:`validate_weighting` checks a
-method's ``weighting`` field.
+method's ``weighting`` field; :func:`weighting_config` is the block of a
+method that has no other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from fdlora_jax.errors import need
@@ -35,6 +37,14 @@ def validate_weighting(c, name: str) -> None:
   value = c[name].weighting
   need(value in WEIGHTINGS, f'{name}.weighting', value,
        "must be 'uniform' or 'examples'")
+
+
+def weighting_config() -> ml_collections.ConfigDict:
+  """The config block of a method whose only field is ``weighting``
+  (``'examples'``, as FedAvg)."""
+  c = ml_collections.ConfigDict()
+  c.weighting = 'examples'  # server mean: 'examples' (as FedAvg) | 'uniform'
+  return c
 
 
 def outer_optimizer(lr: float, momentum: float, nesterov: bool = True

@@ -38,15 +38,13 @@ from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import token_nll
 from fdlora_jax.fl.ranks import Stack, delta_norm, stacked
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
-                                  weighted_mean)
+                                  weighted_mean, weighting_config)
 
 NAME = 'fedex_lora'
 
 
 def config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.weighting = 'examples'  # server mean: 'examples' (as FedAvg) | 'uniform'
-  return c
+  return weighting_config()       # weighting: 'examples' | 'uniform'
 
 
 def validate(c) -> None:

@@ -20,15 +20,14 @@ import ml_collections
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.methods.ffa_lora import join, split
-from fdlora_jax.fl.server import mean_step, validate_weighting
+from fdlora_jax.fl.server import (mean_step, validate_weighting,
+                                  weighting_config)
 
 NAME = 'fedsa_lora'
 
 
 def config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.weighting = 'examples'  # server mean: 'examples' (as FedAvg) | 'uniform'
-  return c
+  return weighting_config()       # weighting: 'examples' | 'uniform'
 
 
 def validate(c) -> None:

@@ -29,7 +29,6 @@ import ml_collections
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.methods import flora
-from fdlora_jax.fl.methods.flora import client_ranks
 from fdlora_jax.fl.ranks import ClientRanks, stacked, truncated
 from fdlora_jax.fl.server import replace_step
 
@@ -50,7 +49,7 @@ def validate(c) -> None:
 
 def build(s: Setup) -> Method:
   c, n = s.config, s.num_clients
-  ranks = client_ranks(s, c.flexlora)
+  ranks = flora.client_ranks(s, c.flexlora)
   rank_n = jnp.asarray(ranks.ranks)
 
   def init(key):
@@ -61,20 +60,8 @@ def build(s: Setup) -> Method:
     g = lora_lib.replicate(state['global'], n)
     return {'lora': ranks.unapplied(g, rank_n), 'rank': rank_n}
 
-  def start(client, download):
-    return {'lora': download['lora'],
-            'rank': download['rank'].astype(jnp.float32)}
-
   def loss(fwd, train, download, batch, rng):
-    return fwd.nll(ranks.applied(train['lora'], train['rank']), batch, rng)
-
-  def trainable(train, i):
-    return {'lora': ranks.trainable(train['lora'], train['rank']),
-            'rank': jnp.array(False)}
-
-  def finish(client, train, download, t):
-    return client, {'lora': ranks.applied(train['lora'], train['rank']),
-                    'rank': download['rank']}
+    return fwd.nll(ranks.own(train), batch, rng)
 
   def server(state, uploads, weights, t):
     new = truncated(stacked(uploads['lora'], weights), ranks.width)
@@ -85,10 +72,13 @@ def build(s: Setup) -> Method:
     return {'global': g}, metrics
 
   common = dict(
-      broadcast=broadcast, personal_download=True, start=start, loss=loss,
-      trainable=trainable, finish=finish, server=server,
-      wire_bytes=lambda u: ClientRanks.wire_bytes(u['lora'], u['rank']),
-      download_bytes=lambda d: ClientRanks.wire_bytes(d['lora'], d['rank']))
+      broadcast=broadcast, personal_download=True,
+      start=lambda client, download: ranks.train(download['lora'],
+                                                 download['rank']),
+      loss=loss, trainable=lambda train, i: ranks.train_mask(train),
+      finish=lambda client, train, download, t: (client, ranks.upload(train)),
+      server=server, wire_bytes=ClientRanks.upload_bytes,
+      download_bytes=ClientRanks.upload_bytes)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):

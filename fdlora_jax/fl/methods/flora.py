@@ -82,21 +82,12 @@ def build(s: Setup) -> Method:
     return dict(state, round=t)
 
   def start(client, download):
-    fresh = ranks.fresh(s.model, keys.fresh(download['round'],
-                                            client['index']), client['rank'])
-    return {'lora': fresh, 'rank': client['rank'].astype(jnp.float32)}
+    key = keys.fresh(download['round'], client['index'])
+    return ranks.train(ranks.fresh(s.model, key, client['rank']),
+                       client['rank'])
 
   def loss(fwd, train, download, batch, rng):
-    own = ranks.applied(train['lora'], train['rank'])
-    return fwd.nll(Stack.on(download['stack'], own), batch, rng)
-
-  def trainable(train, i):
-    return {'lora': ranks.trainable(train['lora'], train['rank']),
-            'rank': jnp.array(False)}
-
-  def finish(client, train, download, t):
-    return client, {'lora': ranks.applied(train['lora'], train['rank']),
-                    'rank': train['rank'].astype(jnp.int32)}
+    return fwd.nll(Stack.on(download['stack'], ranks.own(train)), batch, rng)
 
   def server(state, uploads, weights, t):
     part = stacked(uploads['lora'], weights)
@@ -108,9 +99,10 @@ def build(s: Setup) -> Method:
                  'stacked_rank': new['sent']}
 
   common = dict(
-      broadcast=broadcast, start=start, loss=loss, trainable=trainable,
-      finish=finish, server=server,
-      wire_bytes=lambda u: ClientRanks.wire_bytes(u['lora'], u['rank']),
+      broadcast=broadcast, start=start, loss=loss,
+      trainable=lambda train, i: ranks.train_mask(train),
+      finish=lambda client, train, download, t: (client, ranks.upload(train)),
+      server=server, wire_bytes=ClientRanks.upload_bytes,
       # The slot stacked since the last round, its real components only (a
       # client keeps the slots it merged before).
       download_bytes=lambda d: lora_lib.rank_bytes(d['stack'], d['sent']))

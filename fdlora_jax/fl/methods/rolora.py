@@ -27,15 +27,14 @@ import ml_collections
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.methods.ffa_lora import join, split
-from fdlora_jax.fl.server import replace_step, validate_weighting, weighted_mean
+from fdlora_jax.fl.server import (replace_step, validate_weighting,
+                                  weighted_mean, weighting_config)
 
 NAME = 'rolora'
 
 
 def config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.weighting = 'examples'  # server mean: 'examples' (as FedAvg) | 'uniform'
-  return c
+  return weighting_config()       # weighting: 'examples' | 'uniform'
 
 
 def validate(c) -> None:
