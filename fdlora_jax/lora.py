@@ -141,6 +141,21 @@ def join_layers(lower: PyTree, upper: PyTree) -> PyTree:
                       upper)
 
 
+def split_factors(lora: PyTree) -> tuple[PyTree, PyTree]:
+  """``(a tree, b tree)``: the adapter's shape with each node's ``a`` (or
+  ``b``) in place of the node, e.g. FFA-LoRA's frozen ``a`` and trained
+  ``b``. Works with or without a client axis."""
+  return (map_adapters(lambda n: n['a'], lora),
+          map_adapters(lambda n: n['b'], lora))
+
+
+def join_factors(a: PyTree, b: PyTree) -> PyTree:
+  """The inverse of :func:`split_factors`."""
+  if isinstance(a, dict):
+    return {k: join_factors(a[k], b[k]) for k in a}
+  return {'a': a, 'b': b}
+
+
 def delta_weights(lora: PyTree, scale: float) -> dict:
   """``{path: a @ b * scale}`` in kernel layout ``[..., in, out]``."""
   return {p: jnp.einsum('...ir,...ro->...io', _get(lora, p)['a'],

@@ -44,7 +44,7 @@ def test_a_is_the_weighted_mean_and_b_stays_on_the_client(tiny):
         atol=1e-6)
   # Every client evaluates (and next downloads) that a with its own b.
   rows = eng.method.rows(new['server'], new['client'])['personalized']
-  a_rows = fedsa_lora.split(rows)[0]
+  a_rows = lora_lib.split_factors(rows)[0]
   close(a_rows, lora_lib.replicate(new['server']['a'], N), atol=0)
   # The b's trained and differ between clients.
   b = [np.asarray(x) for x in leaves(new['client']['b'])]

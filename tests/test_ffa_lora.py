@@ -46,7 +46,7 @@ def test_a_is_its_shared_draw_after_every_round(run):
   """The server's ``a`` is the init's draw after every round, and what a
   client trains is ``b`` alone: every client applies that same ``a``."""
   eng, states, _, _, trained = run
-  a0 = ffa_lora.split(lora_lib.init(eng.model, eng.keys.init()))[0]
+  a0 = lora_lib.split_factors(lora_lib.init(eng.model, eng.keys.init()))[0]
   for s in states:
     assert_same(s['server']['a'], a0)
   for train, download in trained:
@@ -68,9 +68,9 @@ def test_only_b_reaches_the_server_and_the_mean_is_exact(run):
     assert jax.tree.structure(uploads) == jax.tree.structure(
         before['server']['b'])
     a = lora_lib.replicate(before['server']['a'], N)
-    want = weighted_delta(ffa_lora.join(a, uploads), w, LCFG.scale)
+    want = weighted_delta(lora_lib.join_factors(a, uploads), w, LCFG.scale)
     got = lora_lib.delta_weights(
-        ffa_lora.join(after['server']['a'], after['server']['b']), LCFG.scale)
+        lora_lib.join_factors(after['server']['a'], after['server']['b']), LCFG.scale)
     assert_deltas_close(got, want)
   size = lora_lib.num_bytes(states[0]['server']['b'])
   for m in metrics:        # a is never sent: b down and up

@@ -60,7 +60,14 @@ def test_rank_bytes_count_the_real_components(tiny):
     sliced = lora_lib.map_adapters(
         lambda n, r=r: {'a': n['a'][..., :r], 'b': n['b'][..., :r, :]}, padded)
     assert int(lora_lib.rank_bytes(padded, r)) == lora_lib.num_bytes(sliced)
-  assert int(ClientRanks.wire_bytes(padded, 8)) == lora_lib.num_bytes(padded)
+  assert int(ClientRanks.upload_bytes({'lora': padded, 'rank': 8})) == (
+      lora_lib.num_bytes(padded))
+  parts = lora_lib.split_factors(padded)
+  joined = lora_lib.join_factors(*parts)
+  for x, y in zip(leaves(joined), leaves(padded)):
+    np.testing.assert_array_equal(x, y)
+  assert lora_lib.num_bytes(parts[0]) + lora_lib.num_bytes(parts[1]) == (
+      lora_lib.num_bytes(padded))
 
 
 def test_stacked_is_the_weighted_sum_of_the_products(tiny):

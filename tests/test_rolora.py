@@ -9,7 +9,6 @@ import pytest
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import ConfigError
 from fdlora_jax.fl.methods import rolora
-from fdlora_jax.fl.methods.ffa_lora import join
 from fdlora_jax.run import validate_config
 from tests.helpers import (LCFG, N, assert_deltas_close, assert_same, config,
                            copy, differs, engine, run_scenario, server_spy,
@@ -43,9 +42,9 @@ def test_frozen_factor_is_bit_identical_and_the_aggregate_exact(tiny):
     assert differs(new['server'][moving], state['server'][moving]) > 1e-5
     # The new global product is the weighted mean of the clients' products.
     assert_deltas_close(
-        lora_lib.delta_weights(join(new['server']['a'], new['server']['b']),
+        lora_lib.delta_weights(lora_lib.join_factors(new['server']['a'], new['server']['b']),
                                LCFG.scale),
-        weighted_delta(join(uploads['a'], uploads['b']), w, LCFG.scale))
+        weighted_delta(lora_lib.join_factors(uploads['a'], uploads['b']), w, LCFG.scale))
     # Only the trained factor leaves a client.
     assert m['bytes_up_per_client'] == [
         lora_lib.num_bytes(state['server'][moving])] * N

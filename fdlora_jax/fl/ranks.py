@@ -6,7 +6,7 @@ own low-rank change to the effective base (:class:`Stack`).
 every client's adapter is padded to the largest rank and the components at
 and beyond its own rank are masked to exact zeros (:func:`lora.mask_rank`),
 never trained (:meth:`ClientRanks.trainable`) and never counted on the wire
-(:meth:`ClientRanks.wire_bytes`). With ``per_rank_scale`` a client of rank
+(:meth:`ClientRanks.upload_bytes`). With ``per_rank_scale`` a client of rank
 ``r_i`` applies its adapter at ``alpha / r_i``, as PEFT would; the model
 applies every adapter at ``alpha / r`` of its config, so
 :meth:`ClientRanks.applied` scales ``b`` by ``r / r_i``.
@@ -104,11 +104,6 @@ class ClientRanks:
     client of rank ``rank`` holds so that it applies ``lora``."""
     return lora_lib.scale_b(lora_lib.mask_rank(lora, rank),
                             1.0 / self.scale(rank))
-
-  @staticmethod
-  def wire_bytes(lora: PyTree, rank) -> jax.Array:
-    """Bytes of the real components of a padded adapter."""
-    return lora_lib.rank_bytes(lora, rank)
 
   # -- a client's trained tree {'lora', 'rank'}: the rank rides along, frozen
   @staticmethod

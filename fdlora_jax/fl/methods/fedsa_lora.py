@@ -19,7 +19,6 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
-from fdlora_jax.fl.methods.ffa_lora import join, split
 from fdlora_jax.fl.server import (mean_step, validate_weighting,
                                   weighting_config)
 
@@ -38,7 +37,7 @@ def build(s: Setup) -> Method:
   c, n = s.config, s.num_clients
 
   def init(key):
-    a, b = split(s.lora_init(key))
+    a, b = lora_lib.split_factors(s.lora_init(key))
     return {'a': a}, {'b': lora_lib.replicate(b, n)}
 
   def server(state, uploads, weights, t):
@@ -47,17 +46,17 @@ def build(s: Setup) -> Method:
 
   common = dict(
       broadcast=lambda state, t: state['a'],
-      start=lambda client, download: join(download, client['b']),
+      start=lambda client, download: lora_lib.join_factors(download, client['b']),
       loss=lambda fwd, train, download, batch, rng: fwd.nll(train, batch,
                                                             rng),
       finish=lambda client, train, download, t: (
-          {'b': split(train)[1]}, split(train)[0]),
+          {'b': lora_lib.split_factors(train)[1]}, lora_lib.split_factors(train)[0]),
       server=server)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):
     a = lora_lib.replicate(state['a'], n)
-    return {'personalized': join(a, client['b'])}
+    return {'personalized': lora_lib.join_factors(a, client['b'])}
   return Method(NAME, init, phases, rows, headline='personalized',
                 progress_rows=rows,
                 client_weights=s.example_weights(c.fedsa_lora.weighting))

@@ -36,31 +36,15 @@ def validate(c) -> None:
   validate_weighting(c, NAME)
 
 
-def split(lora):
-  """``({'a' of every node}, {'b' of every node})`` as two trees of the
-  adapter's shape with the other factor left out."""
-  return (lora_lib.map_adapters(lambda n: n['a'], lora),
-          lora_lib.map_adapters(lambda n: n['b'], lora))
-
-
-def join(a, b):
-  """The inverse of :func:`split`."""
-  def visit(x, y):
-    if isinstance(x, dict):
-      return {k: visit(x[k], y[k]) for k in x}
-    return {'a': x, 'b': y}
-  return visit(a, b)
-
-
 def build(s: Setup) -> Method:
   c, n = s.config, s.num_clients
 
   def init(key):
-    a, b = split(s.lora_init(key))
+    a, b = lora_lib.split_factors(s.lora_init(key))
     return {'a': a, 'b': b}, {}
 
   def loss(fwd, train, download, batch, rng):
-    return fwd.nll(join(download['a'], train), batch, rng)
+    return fwd.nll(lora_lib.join_factors(download['a'], train), batch, rng)
 
   def server(state, uploads, weights, t):
     b, metrics = mean_step(state['b'], uploads, weights)
@@ -78,6 +62,6 @@ def build(s: Setup) -> Method:
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):
-    return {'global': lora_lib.replicate(join(state['a'], state['b']), n)}
+    return {'global': lora_lib.replicate(lora_lib.join_factors(state['a'], state['b']), n)}
   return Method(NAME, init, phases, rows, progress_rows=rows,
                 client_weights=s.example_weights(c.ffa_lora.weighting))

@@ -36,11 +36,9 @@ NAME = 'flexlora'
 
 
 def config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.ranks = ()              # client i: ranks[i % len]; (): lora.rank for all
-  c.scale_per_rank = True   # client i's adapter at alpha / r_i (PEFT)
-  c.weighting = 'examples'  # p_i of W: 'examples' | 'uniform'
-  return c
+  """FLoRA's fields: ``ranks`` (cycled; (): lora.rank for all),
+  ``scale_per_rank``, ``weighting`` (the ``p_i`` of ``W``)."""
+  return flora.config()
 
 
 def validate(c) -> None:

@@ -26,7 +26,6 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
-from fdlora_jax.fl.methods.ffa_lora import join, split
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean, weighting_config)
 
@@ -51,7 +50,7 @@ def build(s: Setup) -> Method:
   c, n = s.config, s.num_clients
 
   def init(key):
-    a, b = split(s.lora_init(key))
+    a, b = lora_lib.split_factors(s.lora_init(key))
     return {'a': a, 'b': b}, {}
 
   def broadcast(state, t):
@@ -61,7 +60,7 @@ def build(s: Setup) -> Method:
     return download
 
   def loss(fwd, train, download, batch, rng):
-    return fwd.nll(join(train['a'], train['b']), batch, rng)
+    return fwd.nll(lora_lib.join_factors(train['a'], train['b']), batch, rng)
 
   def trainable(train, i):
     on_b = train['on_b'] > 0
@@ -93,10 +92,10 @@ def build(s: Setup) -> Method:
                 trainable=trainable, finish=finish, server=server,
                 wire_bytes=wire_bytes,
                 download_bytes=lambda d: lora_lib.num_bytes(
-                    join(d['a'], d['b'])))
+                    lora_lib.join_factors(d['a'], d['b'])))
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):
-    return {'global': lora_lib.replicate(join(state['a'], state['b']), n)}
+    return {'global': lora_lib.replicate(lora_lib.join_factors(state['a'], state['b']), n)}
   return Method(NAME, init, phases, rows, progress_rows=rows,
                 client_weights=s.example_weights(c.rolora.weighting))
