@@ -7,7 +7,9 @@ of all clients are packed into fixed-size chunks (no client is padded to the
 largest), each row scored under its own client's adapter in one vmapped pass
 over the shared base, so memory stays bounded and the function compiles once
 per shape. Single-token options (' yes' / ' no') are scored from one forward
-of the prompt.
+of the prompt. A row may also mix adapters per test instance
+(:class:`fdlora_jax.lora.InstanceMix`, FedDPA): each packed row's adapter is
+then built from its own prompt before it is scored.
 
 Example::
 
@@ -28,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdlora_jax.model import (apply_after_prefix, empty_cache,
+from fdlora_jax import lora as lora_lib
+from fdlora_jax.model import (apply_after_prefix, empty_cache, hidden_at,
                               num_targets_bucket, positions_from_mask, prefill,
-                              prefix_length, shared_prefix,
+                              prefix_length, prompt_end, shared_prefix,
                               shared_prefix_length,
                               target_log_probs)
 
@@ -127,6 +130,32 @@ def _prefill_clients(model, base, lora, starts):
   return jax.vmap(one)(lora, starts)
 
 
+@functools.partial(jax.jit, static_argnames=('model',))
+def instance_adapters(model, base, mix: lora_lib.InstanceMix, tokens,
+                      attention_mask, at) -> tuple[PyTree, jax.Array]:
+  """``(adapters [S, ...], weights [S, K])``: the adapter of each of ``S``
+  rows of an :class:`~fdlora_jax.lora.InstanceMix` whose leaves are already
+  picked per row (``[S, ...]``), from the row's prompt ``tokens [S, L]``
+  ending at position ``at [S]``."""
+  def one(parts, probe, context, tok, mask, end):
+    e = hidden_at(model, {'params': base, 'lora': probe}, tok[None],
+                  mask[None], end[None])[0]
+    w = mix.weigh(e, context)
+    return lora_lib.mixed(parts, w), w
+  return jax.vmap(one)(mix.parts, mix.probe, mix.context, tokens,
+                       attention_mask, at)
+
+
+def _option_prompts(tokens, option_mask, attention_mask):
+  """``(tokens [S, L], attention_mask [S, L], at [S])``: each example's row
+  of its first option with tokens, and its prompt's last position."""
+  has = option_mask.sum(-1) > 0                                  # [S, O]
+  row = np.argmax(has, -1)
+  pick = lambda x: x[np.arange(len(row)), row]
+  om = pick(option_mask)
+  return pick(tokens), pick(attention_mask), np.asarray(prompt_end(om))
+
+
 def client_prefixes(tokens, option_mask, attention_mask,
                     minimum: int = 16) -> np.ndarray:
   """``[N, P]``: the leading tokens every row of a client shares
@@ -179,8 +208,10 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
   Args:
     model: a ``Llama`` (with the LoRA config of ``lora``, if any).
     base: base params, shared by all clients.
-    lora: adapters with a leading client axis ``[N, ...]``, or None to score
-      the bare base model for every client.
+    lora: adapters with a leading client axis ``[N, ...]``, an
+      :class:`~fdlora_jax.lora.InstanceMix` (each row's adapter built from
+      its prompt; no shared prefix then), or None to score the bare base
+      model for every client.
     arrays: ``tokens`` int ``[N, M, O, L]`` (prompt followed by the option),
       ``option_mask`` ``[N, M, O, L]`` (1 on the option tokens),
       ``attention_mask`` ``[N, M, O, L]``; attributes or dict keys. Left or
@@ -239,8 +270,11 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
   out = np.full((n, m, tokens.shape[2]), -np.inf, np.float32)
   if not len(rows):
     return out
+  mix = lora if isinstance(lora, lora_lib.InstanceMix) else None
+  # A mixed row's adapter differs per example: no cache of a client's start.
   starts = (client_prefixes(tokens, option_mask, attention_mask)
-            if share_prefix else np.zeros((n, 0), tokens.dtype))
+            if share_prefix and mix is None
+            else np.zeros((n, 0), tokens.dtype))
   prefix = starts.shape[1]
   caches = None
   one_start = lora is None and (starts == starts[:1]).all()
@@ -261,6 +295,10 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
                  jax.tree.map(lambda x: x[jnp.asarray(c_sel)], lora))
     tok, om, am = (x[c_sel, r_sel][:, None] for x in (
         tokens, option_mask, attention_mask))                 # [S, 1, O, L]
+    if mix is not None:
+      lora_rows, _ = instance_adapters(
+          model, base, lora_rows, *_option_prompts(tok[:, 0], om[:, 0],
+                                                   am[:, 0]))
     cache_rows = None
     if prefix:
       idx = jnp.asarray(np.zeros_like(c_sel) if one_start else c_sel)
@@ -548,6 +586,19 @@ def prompts_from_options(arrays) -> tuple[np.ndarray, np.ndarray]:
   return out, mask
 
 
+def _generate_mixed(gen, model, base, mix, prompts, masks):
+  """``gen`` (clients vmapped, one adapter each) for an InstanceMix: every
+  prompt of ``[N, C, T]`` (left-padded, so it ends at ``T - 1``) gets its own
+  adapter and decodes as a batch of one."""
+  n, c, t = prompts.shape
+  flat_p, flat_k = prompts.reshape(n * c, 1, t), masks.reshape(n * c, 1, t)
+  rows = jax.tree.map(lambda x: x[jnp.repeat(jnp.arange(n), c)], mix)
+  adapters, _ = instance_adapters(model, base, rows, flat_p[:, 0],
+                                  flat_k[:, 0], jnp.full((n * c,), t - 1))
+  out = gen(adapters, flat_p, flat_k)                           # [NC, 1, new]
+  return np.asarray(out).reshape(n, c, -1)
+
+
 def generated_predictions(model, base: PyTree, lora: Optional[PyTree],
                           arrays, tokenizer, options: Sequence[str],
                           max_new_tokens: int = 4, chunk: int = 16,
@@ -569,6 +620,8 @@ def generated_predictions(model, base: PyTree, lora: Optional[PyTree],
   gen = jax.vmap(lambda lo, p, k: greedy_generate(
       model, base, lo, p, k, max_new_tokens, tokenizer.eos_token_id,
       tokenizer.pad_token_id), in_axes=(None if lora is None else 0, 0, 0))
+  if isinstance(lora, lora_lib.InstanceMix):
+    gen = functools.partial(_generate_mixed, gen, model, base)
   outs = [np.asarray(gen(lora, prompts[:, s:s + chunk], masks[:, s:s + chunk]))
           for s in range(0, padded, chunk)]
   tokens = np.concatenate(outs, axis=1)[:, :m]

@@ -15,7 +15,7 @@ Many clients' adapters are the same pytree with a leading client axis
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -323,3 +323,34 @@ def write_rank(lora: PyTree, part: PyTree, start) -> PyTree:
                 n['b'].dtype), sb)}
   return map_adapters(node, lora, part)
 
+
+
+def mixed(parts: Sequence[PyTree], weights) -> PyTree:
+  """One adapter whose output is ``sum_k weights[k] * delta_k x``: the parts
+  side by side on the rank axis (:func:`concat_rank`), each ``b`` scaled by
+  its weight. ``weights`` is ``[K]``, or ``[lead..., K]`` for parts with
+  leading client (or row) axes. The adapters' outputs are mixed, not their
+  factors: ``(w1 a1 + w2 a2)(w1 b1 + w2 b2)`` would add cross terms."""
+  weights = jnp.asarray(weights, jnp.float32)
+  return concat_rank(*(scale_b(p, weights[..., k])
+                       for k, p in enumerate(parts)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InstanceMix:
+  """A row whose adapter depends on the test instance ``x``: the output
+  ``sum_k w_k(x) delta_k x`` of ``parts``, with ``w(x) = weigh(e(x),
+  context)``. ``e(x)`` is the model's final (normed) hidden state at the
+  prompt's last token under the ``probe`` adapter; ``weigh`` is the method's
+  rule for one client (``e [H]``, that client's ``context`` -> ``[K]``).
+
+  ``parts``, ``probe`` and ``context`` carry the client axis ``[N, ...]``,
+  like any row; :mod:`fdlora_jax.evaluate` builds each test row's adapter
+  (:func:`mixed`) before scoring it. A pytree (``weigh`` is static), so
+  ``jax.tree.map(lambda x: x[idx], mix)`` picks clients.
+  """
+  parts: tuple
+  probe: PyTree
+  context: PyTree
+  weigh: Callable = dataclasses.field(metadata=dict(static=True))

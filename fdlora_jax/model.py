@@ -594,6 +594,25 @@ def shared_prefix(tokens, target_mask, attention_mask,
   return tokens[np.asarray(target_mask).sum(-1) > 0][0, :p]
 
 
+def prompt_end(target_mask: Array) -> Array:
+  """``[...]`` the position of each row's last prompt token: the one before
+  its first target token (0 for a row with none)."""
+  return jnp.maximum(jnp.argmax(target_mask > 0, axis=-1) - 1, 0).astype(
+      jnp.int32)
+
+
+def hidden_at(model: 'Llama', variables: dict, tokens: Array,
+              attention_mask: Array, at: Array) -> Array:
+  """``[B, H]`` float32: the final (normed) hidden state of row ``b`` at
+  position ``at[b]``: e.g. the embedding of a prompt at its last token
+  (:func:`prompt_end`), as Hugging Face's ``hidden_states[-1][:, -1]`` of a
+  left-padded prompt."""
+  x = model.apply(variables, tokens, attention_mask,
+                  positions_from_mask(attention_mask), return_hidden=True)
+  return jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0].astype(
+      jnp.float32)
+
+
 def target_log_probs(model: 'Llama', variables: dict, tokens: Array,
                      target_mask: Array, attention_mask: Array,
                      num_targets: Optional[int] = None,

@@ -116,6 +116,7 @@ BAD_METHOD_FIELD = {
     'fedex_lora': ('weighting', 'median'),
     'flora': ('ranks', (8, 0)),
     'flexlora': ('ranks', (-4,)),
+    'feddpa': ('max_weight', 0.0),
 }
 BAD_FUSION_FIELD = [
     ('strategy', 'CMAES'), ('population_size', 1), ('steps', 0),

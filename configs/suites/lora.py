@@ -1,6 +1,6 @@
 """The LoRA-specific federated methods beside the CPU study's methods:
-FFA-LoRA, FedSA-LoRA, RoLoRA, FedEx-LoRA, FLoRA and FlexLoRA with FDLoRA,
-FedAvg and Local, on the CPU study's five seeds.
+FFA-LoRA, FedSA-LoRA, RoLoRA, FedEx-LoRA, FLoRA, FlexLoRA and FedDPA with
+FDLoRA, FedAvg and Local, on the CPU study's five seeds.
 
   python -m fdlora_jax.suite --suite=configs/suites/lora.py --workdir=runs/lora
   python -m fdlora_jax.report --workdir=runs/lora
@@ -10,8 +10,8 @@ the real LogHub lines of ../shared/data, 2,000 of them, 8 local steps then
 2 rounds of K = 8, alpha 0.5, seeds 0-4), so the three methods they share
 are the same runs: a finished CPU study's `logs/method=*/seed*` directories
 can be copied into the workdir and are skipped (the suite checks that their
-configs match). The six new methods are 30 runs of a few minutes each on the
-2-core CPU; the suite runs seed by seed, so a stopped suite holds whole
+configs match). The seven new methods are 35 runs of a few minutes each on
+the 2-core CPU; the suite runs seed by seed, so a stopped suite holds whole
 seeds and the report pairs what is there.
 
 The LoRA-specific methods run at their defaults: every client at the
@@ -23,7 +23,8 @@ aggregation rule differs).
 from configs.suites.cpu import LOGS
 
 BASELINES = ('fdlora', 'fedavg', 'local')
-LORA = ('ffa_lora', 'fedsa_lora', 'rolora', 'fedex_lora', 'flora', 'flexlora')
+LORA = ('ffa_lora', 'fedsa_lora', 'rolora', 'fedex_lora', 'flora', 'flexlora',
+        'feddpa')
 METHODS = BASELINES + LORA
 
 

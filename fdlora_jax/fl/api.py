@@ -55,7 +55,8 @@ class Loss(Protocol):
                batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(mean loss, target count)`` of one batch. ``fwd`` is a
     :class:`fdlora_jax.fl.step.Forward` (the frozen base applied with an
-    adapter)."""
+    adapter); ``fwd.step`` is the local step within the repeat, as
+    :class:`Trainable` gets it."""
 
 
 class Trainable(Protocol):
@@ -112,7 +113,9 @@ class Init(Protocol):
 class Rows(Protocol):
   def __call__(self, server: PyTree, client: PyTree
                ) -> dict[str, Optional[PyTree]]:
-    """``{name: adapters [N, ...] or None (the base)}``, in order."""
+    """``{name: adapters [N, ...] or None (the base)}``, in order. A row
+    may be a :class:`fdlora_jax.lora.InstanceMix`: adapters mixed per test
+    instance (FedDPA)."""
 
 
 class EvalContext(NamedTuple):

@@ -28,11 +28,17 @@ from fdlora_jax.model import positions_from_mask, target_log_probs
 # The model as a loss sees it
 # ---------------------------------------------------------------------------
 class Forward(NamedTuple):
-  """The frozen base applied with an adapter, inside the compiled step."""
+  """The frozen base applied with an adapter, inside the compiled step.
+
+  ``step``: the local step within the repeat (0-based, traced), as
+  ``Trainable`` sees it; None outside the step loop. A loss whose forward
+  changes between parts of a round reads it (FedDPA: the local adapter's
+  steps, then the global one's)."""
   model: Any
   base: PyTree
   num_targets: Optional[int]
   dropout: bool
+  step: Optional[jax.Array] = None
 
   def target_log_probs(self, lora, batch, rng=None):
     """``(logp [B, A], mask [B, A])`` at the ``loss_mask`` targets; padded
@@ -137,8 +143,9 @@ def make_client_update(loss: Loss, optimizer: optax.GradientTransformation,
   def step(fwd, download, carry, inputs):
     train, opt_state, healthy = carry
     batch, rng, i = inputs
+    fwd_i = fwd._replace(step=i)
     (value, count), grads = accumulated_value_and_grad(
-        lambda t, b, r: loss(fwd, t, download, b, r), train, batch, rng,
+        lambda t, b, r: loss(fwd_i, t, download, b, r), train, batch, rng,
         grad_accum)
     finite = jnp.isfinite(value) & _all_finite(grads)
     apply = healthy & finite & (count > 0)

@@ -11,10 +11,11 @@ from types import ModuleType
 
 from fdlora_jax.errors import need
 
-from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, fedex_lora,
-                                   fedkd, fedlora_opt, fedrep, fedrod,
-                                   fedsa_lora, ffa_lora, flexlora, flora,
-                                   k_shot, local, pfedlora, rolora, zero_shot)
+from fdlora_jax.fl.methods import (fdlora, fedamp, fedavg, feddpa,
+                                   fedex_lora, fedkd, fedlora_opt, fedrep,
+                                   fedrod, fedsa_lora, ffa_lora, flexlora,
+                                   flora, k_shot, local, pfedlora, rolora,
+                                   zero_shot)
 
 METHODS = {
     'fdlora': fdlora,
@@ -34,6 +35,7 @@ METHODS = {
     'fedex_lora': fedex_lora,
     'flora': flora,
     'flexlora': flexlora,
+    'feddpa': feddpa,
 }
 
 
