@@ -324,7 +324,6 @@ def write_rank(lora: PyTree, part: PyTree, start) -> PyTree:
   return map_adapters(node, lora, part)
 
 
-
 def mixed(parts: Sequence[PyTree], weights) -> PyTree:
   """One adapter whose output is ``sum_k weights[k] * delta_k x``: the parts
   side by side on the rank axis (:func:`concat_rank`), each ``b`` scaled by

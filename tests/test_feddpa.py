@@ -15,8 +15,10 @@ from fdlora_jax.fl.api import Setup
 from fdlora_jax.fl.methods import feddpa
 from fdlora_jax.model import Llama, init_params, positions_from_mask
 from fdlora_jax.run import validate_config
+from fdlora_jax.fl.step import Forward
 from tests.helpers import (CFG, LCFG, N, close, config, copy, differs,
-                           engine, leaves, noisy, run_scenario, server_spy)
+                           engine, leaves, noisy, random_batches, run_scenario,
+                           server_spy)
 from tests.test_evaluate import make_arrays
 
 COUNTS = (1, 2, 4)
@@ -199,6 +201,27 @@ def test_a_round_trains_the_local_adapter_then_the_global_one(tiny):
       state['server']['global'], 3)) > 1e-4
 
 
+def test_the_rounds_loss_mixes_local_then_global(tiny):
+  """Steps before ``k`` see ``local_weight`` of the local adapter and the
+  rest of the global one; later steps the global adapter alone."""
+  model, base = tiny
+  c = config()
+  c.feddpa.local_weight = 0.3
+  loss = engine(tiny, feddpa, c, COUNTS).method.phases[1].loss
+  one = lora_lib.init(model, jax.random.key(0))
+  glob, loc = noisy(one, 1), noisy(one, 2)
+  train = {'local': loc, 'global': glob, 'k': jnp.float32(2)}
+  batch = jax.tree.map(lambda x: jnp.asarray(x[0, 0]), random_batches(0, 1))
+  fwd = Forward(model, base, None, False)
+  want_local = fwd.nll(lora_lib.mixed((loc, glob), [0.3, 0.7]), batch)[0]
+  want_global = fwd.nll(glob, batch)[0]
+  assert abs(float(want_local) - float(want_global)) > 1e-3
+  for step, want in ((0, want_local), (1, want_local), (2, want_global),
+                     (3, want_global)):
+    got = loss(fwd._replace(step=jnp.int32(step)), train, None, batch, None)
+    np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-6)
+
+
 def test_rows_weigh_by_the_few_shot_instances(tiny):
   """rows(): ``dynamic`` compares with the client's few-shot instances
   under its local adapter; ``fixed`` is the fixed mixture."""
@@ -235,9 +258,11 @@ def test_rows_weigh_by_the_few_shot_instances(tiny):
       np.testing.assert_allclose(mix.context['refs'][cl, f], want, rtol=1e-4,
                                  atol=1e-5)
   g = lora_lib.replicate(server['global'], N)
-  close(rows['fixed'], lora_lib.mixed((g, client['local']),
-                                      jnp.tile(jnp.asarray([0.5, 0.5]),
-                                               (N, 1))), atol=0)
+  dg, dl, got = (lora_lib.delta_weights(x, 1.0) for x in (
+      g, client['local'], rows['fixed']))
+  for path, dw in got.items():
+    np.testing.assert_allclose(dw, 0.5 * dg[path] + 0.5 * dl[path],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_config_is_validated():

@@ -138,12 +138,12 @@ def build(s: Setup) -> Method:
     return instance_weights(e, context['refs'], context['valid'], max_w)
 
   @jax.jit
-  def references(local):
+  def references(base, local, shots):
     """``[N, F, H]`` hidden states of every client's few-shot instances at
-    their prompts' last token, under its local adapter."""
-    shots = s.few_shot
+    their prompts' last token, under its local adapter (the base an
+    argument, not a constant baked into the compiled program)."""
     return jax.vmap(lambda lo, tok, am, lm: hidden_at(
-        s.model, {'params': s.base, 'lora': lo}, tok, am, prompt_end(lm)))(
+        s.model, {'params': base, 'lora': lo}, tok, am, prompt_end(lm)))(
             local, shots['tokens'], shots['attention_mask'],
             shots['loss_mask'])
 
@@ -152,9 +152,10 @@ def build(s: Setup) -> Method:
     valid = jnp.asarray(s.few_shot['loss_mask']).sum(-1) > 0   # [N, F]
     dynamic = lora_lib.InstanceMix(
         parts=(global_n, local), probe=local,
-        context={'refs': references(local), 'valid': valid}, weigh=weigh)
-    fixed = lora_lib.mixed((global_n, local), jnp.tile(jnp.asarray(
-        [m.fixed_weight, 1.0 - m.fixed_weight], jnp.float32), (n, 1)))
+        context={'refs': references(s.base, local, s.few_shot),
+                 'valid': valid}, weigh=weigh)
+    fixed = lora_lib.mixed((global_n, local),
+                           [m.fixed_weight, 1.0 - m.fixed_weight])
     return {'dynamic': dynamic, 'fixed': fixed, 'global': global_n,
             'local': local}
 
