@@ -7,6 +7,7 @@ Large Language Model via Dual LoRA Tuning", 2024, Sec. 4.1) are marked ``paper``
 
 import ml_collections
 
+from fdlora_jax.fl import privacy
 from fdlora_jax.fl.methods import METHODS
 
 # Scenario 1 (paper, Sec. 4.1): the log anomaly detection prompt.
@@ -176,6 +177,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'fdlora'
   for name, module in METHODS.items():
     c[name] = module.config()
+
+  # ---- Client-level differential privacy of the uploads (off by default) -----
+  # Clip each client's update to dp.clip, add Gaussian noise to the server's
+  # weighted mean, report epsilon at dp.delta (docs/privacy.md).
+  c.dp = privacy.config()
 
   # ---- Evaluation ------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()

@@ -234,16 +234,23 @@ def check_resumable(saved_path: Path, config, allowed: tuple[str, ...] = (),
         f'resuming')
 
 
-def config_changes(saved: dict, config, allowed: tuple[str, ...] = ()) -> str:
+def config_changes(saved: dict, config, allowed: tuple[str, ...] = (),
+                   defaults=None) -> str:
   """``'field: old -> new, ...'`` (at most 6) for the fields of ``config``
   (a ConfigDict) that differ from the ``saved`` config dict, ignoring those
-  starting with any of ``allowed``; ``''`` when none does."""
+  starting with any of ``allowed``; ``''`` when none does. With
+  ``defaults`` (a ConfigDict), a field the saved config lacks (added to the
+  code since) is no change while ``config`` holds its default value."""
   # Both as results.json writes them (non-finite floats as strings).
+  flat = lambda c: _flatten(to_jsonable(json.loads(c.to_json_best_effort())))
   saved = _flatten(to_jsonable(saved))
-  now = _flatten(to_jsonable(json.loads(config.to_json_best_effort())))
+  now = flat(config)
+  default = flat(defaults) if defaults is not None else {}
   changed = sorted(k for k in set(saved) | set(now)
                    if saved.get(k) != now.get(k)
-                   and not (allowed and k.startswith(allowed)))
+                   and not (allowed and k.startswith(allowed))
+                   and not (k not in saved and k in default
+                            and default[k] == now.get(k)))
   return ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}'
                    for k in changed[:6]) + (' ...' if len(changed) > 6 else '')
 

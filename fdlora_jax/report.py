@@ -45,6 +45,7 @@ label of the example's system; the label of the nearest training message).
 between a table's rows; each is reported "held" (every pair's verdict is A
 better), "did not hold" (some pair's is B better) or "not distinguishable",
 with the differences and their intervals.
+``'col_names': {'epsilon=None': 'no DP'}`` renames a column's header.
 ``'from': '<group>'`` (or a list of groups) reads other groups' points (a
 group without ``config`` runs nothing itself); ``'where': {path: value}``
 keeps only the points whose config has those values.
@@ -183,8 +184,9 @@ def _col_key(p: dict, cols) -> tuple:
   return tuple(get_path(p['results']['config'], c) for c in cols)
 
 
-def _fmt_col(cols, key) -> str:
-  return ', '.join(f'{c.split(".")[-1]}={k}' for c, k in zip(cols, key))
+def _fmt_col(cols, key, names=None) -> str:
+  text = ', '.join(f'{c.split(".")[-1]}={k}' for c, k in zip(cols, key))
+  return (names or {}).get(text, text)
 
 
 def _footer(points: list[dict]) -> str:
@@ -258,9 +260,10 @@ def table(group: dict, points: list[dict]) -> tuple[str, dict, dict]:
         if any(g is not None for g in got):
           auc[(lab, ck)] = interval(got)
   head = ['method' if spec.get('rows', 'method') == 'method' else 'model']
-  head += [_fmt_col(cols, ck) or 'value' for ck in col_keys]
+  names = spec.get('col_names')
+  head += [_fmt_col(cols, ck, names) or 'value' for ck in col_keys]
   if auc:
-    head += [f'AUC {_fmt_col(cols, ck)}'.strip() for ck in col_keys]
+    head += [f'AUC {_fmt_col(cols, ck, names)}'.strip() for ck in col_keys]
   paper = spec.get('paper')      # the paper's own figures, beside ours
   if paper:
     head.append(paper['title'])

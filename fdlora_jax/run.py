@@ -38,6 +38,7 @@ from fdlora_jax.data.tasks import TASKS
 from fdlora_jax.data.tokenize import CHAT_TEMPLATE_MODES
 from fdlora_jax.errors import MissingFileError, need
 from fdlora_jax.fl import engine as engine_lib
+from fdlora_jax.fl import privacy
 from fdlora_jax.fl import step as step_lib
 from fdlora_jax.fl.api import EvalContext, Method, Setup
 from fdlora_jax.fl.methods import method_module, other_blocks
@@ -60,6 +61,7 @@ def validate_config(c: ml_collections.ConfigDict) -> ModuleType:
        "must be 'score' (option log-likelihood) or 'generate' (greedy)")
   need(c.eval.normalize in ('sum', 'mean'), 'eval.normalize',
        c.eval.normalize, "must be 'sum' or 'mean'")
+  privacy.validate(c.dp)
   module.validate(c)
   return module
 
@@ -244,7 +246,7 @@ def prepare(c: ml_collections.ConfigDict, module: ModuleType) -> Experiment:
       sample=lambda s0, k: data_lib.sample_steps(
           train_arrays, s0, k, c.fl.batch_size, c.seed,
           c.data.length_buckets),
-      seed=c.seed, mesh=mesh)
+      seed=c.seed, mesh=mesh, dp=c.dp)
   return Experiment(c, task, part, model, tokenizer, model_desc, method,
                     engine, counts, context, tests, timing)
 
@@ -257,8 +259,12 @@ def open_outputs(x: Experiment, work: Path) -> Outputs:
   checkpoints = io_lib.StateCheckpoints(work / 'checkpoints')
   resume = checkpoints.latest_step()
   if resume is not None:
+    # Under DP every round spends privacy (and dp.epsilon fixes the noise
+    # for the configured rounds): a resume may not add rounds.
+    allowed = tuple(f for f in RESUMABLE_CHANGES
+                    if not (c.dp.enabled and f == 'fl.rounds'))
     io_lib.check_resumable(work / 'config.json', c,
-                           allowed=RESUMABLE_CHANGES + x.method.resumable,
+                           allowed=allowed + x.method.resumable,
                            ignored=other_blocks(c))
   (work / 'config.json').write_text(c.to_json_best_effort(indent=2))
   data_lib.write_partition(work / 'partition.json', x.part, x.task)
@@ -360,6 +366,12 @@ def write(x: Experiment, out: Outputs, evaluated: dict, references: dict,
   table = eval_lib.format_table(rows, eval_lib.metric_names(task))
   headline = outcomes_lib.HEADLINE[task.metric][0]
   banner = ('SYNTHETIC data' if task.is_synthetic else 'real data')
+  p = results['privacy']
+  if p is not None:
+    print(f"client-level DP: epsilon {p['epsilon']} at delta {p['delta']:g} "
+          f"after {p['private_rounds']} private rounds (noise multiplier "
+          f"{p['noise_multiplier']:.4g}, clip {c.dp.clip:g}"
+          f"{', adaptive' if c.dp.adaptive else ''})")
   print(f'\n{task.name} ({banner}: {task.data_source})\nmethod: {c.method}'
         f'\nmodel: {x.model_desc}\n{table}\n\n'
         f'{outcomes_lib.format_figures(rows, headline)}\n'
@@ -413,6 +425,7 @@ def _results(x: Experiment, evaluated: dict, references: dict,
       'search': searched,
       'context_shots': _context_shots(x.context, x.tests),
       'communication': engine_lib.communication(repeats, n),
+      'privacy': x.engine.guarantee(len(x.engine.schedule())),
       'timing': x.timing,
       'config': json.loads(c.to_json_best_effort()),
   }

@@ -25,7 +25,8 @@ with a ``point.json`` naming its group and overrides. A point whose
 stopped (a point killed midway resumes from its own checkpoints); a
 finished point whose config no longer equals the suite's (the suite file or
 a config default changed since) is refused, naming the fields, instead of
-being reported stale. Every point's config is built and validated before
+being reported stale; a field added to the code since it ran is no change
+while the point holds its default. Every point's config is built and validated before
 the first one runs.
 
 Shared between points: the pretrained model (loaded once per process) and,
@@ -121,13 +122,15 @@ def expand(suite: dict) -> list[dict]:
   return points
 
 
-def point_config(suite: dict, point: dict, root: Path):
+def point_config(suite: dict, point: dict, root: Path, overrides: bool = True):
+  """The point's config: its base config file, then (``overrides``) the
+  point's fields."""
   base = suite['configs'][point['config']]
   path = Path(base)
   if not path.is_absolute():
     path = root / path
   c = load_file(path, 'get_config')
-  for field, value in point['overrides'].items():
+  for field, value in (point['overrides'].items() if overrides else ()):
     set_field(c, field, value)
   return c
 
@@ -162,8 +165,12 @@ def run_suite(suite: dict, workdir: str | Path, root: Path = Path('.'),
               if (work / p['id'] / 'results.json').is_file()}
   for pid in sorted(finished):          # a finished point must still match
     saved = json.loads((work / pid / 'results.json').read_text())['config']
-    changes = io_lib.config_changes(saved, configs[pid],
-                                    other_blocks(configs[pid]))
+    # A field added to the code since the point ran is no change while the
+    # point keeps its default (e.g. config.dp, off).
+    point = next(p for p in points if p['id'] == pid)
+    changes = io_lib.config_changes(
+        saved, configs[pid], other_blocks(configs[pid]),
+        defaults=point_config(suite, point, root, overrides=False))
     if changes:
       raise ConfigError(
           f'suite point {pid}: its finished results.json was run with a '

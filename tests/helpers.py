@@ -138,7 +138,7 @@ def engine(tiny, module, c, counts=(2, 2, 2), sample=random_batches):
                 train_counts=np.asarray(counts),
                 label_counts=np.ones((N, 2), np.int64), few_shot={},
                 lora_init=lambda key: lora_lib.init(model, key))
-  return Engine(module.build(setup), model, base, c.fl, N, sample)
+  return Engine(module.build(setup), model, base, c.fl, N, sample, dp=c.dp)
 
 
 def run_all(eng, state, upto=None):
@@ -298,7 +298,7 @@ SCHEMA = {'method', 'headline', 'headline_metric', 'predictions',
           'data_source', 'is_synthetic',
           'skipped_lines', 'task', 'metric', 'model', 'seed', 'num_clients',
           'partition', 'phases', 'models', 'reference', 'search',
-          'context_shots', 'communication', 'timing', 'config'}
+          'context_shots', 'communication', 'privacy', 'timing', 'config'}
 
 
 # ---------------------------------------------------------------------------

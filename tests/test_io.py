@@ -64,3 +64,19 @@ def test_state_checkpoint_round_trip(tmp_path):
   back = ck.restore(like, 3)
   jax.tree.map(np.testing.assert_array_equal, back, state)
   assert jax.tree.structure(back) == jax.tree.structure(state)
+
+
+def test_a_field_added_since_is_no_change_at_its_default():
+  import ml_collections
+  from fdlora_jax.io import config_changes
+  now = ml_collections.ConfigDict({'a': 1, 'dp': {'enabled': False}})
+  defaults = ml_collections.ConfigDict({'a': 5, 'dp': {'enabled': False}})
+  saved = {'a': 1}                           # written before config.dp was
+  assert config_changes(saved, now) == 'dp.enabled: None -> False'
+  assert config_changes(saved, now, defaults=defaults) == ''
+  now.dp.enabled = True                      # not the default: a change
+  assert config_changes(saved, now, defaults=defaults) == (
+      'dp.enabled: None -> True')
+  # A field the saved config has is compared as before.
+  assert config_changes({'a': 2, 'dp': {'enabled': True}}, now,
+                        defaults=defaults) == 'a: 2 -> 1'

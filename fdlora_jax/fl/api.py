@@ -147,7 +147,13 @@ class Phase:
   compiled call (progress, memory). ``personal_download``: ``broadcast``
   returns one download per client. ``reset_opt``: a fresh optimizer state at
   every repeat. ``wire_bytes`` defaults to the size of the upload's arrays,
-  ``download_bytes`` to the size of the download's.
+  ``download_bytes`` to the size of the download's. ``dp_reference``
+  ((client, download) -> a tree of the upload's structure, or None for
+  zero; known to the server) is what an upload is measured against under
+  client-level DP
+  (:mod:`fdlora_jax.fl.privacy`); a phase sets it only when its ``server``
+  reads the uploads through their weighted mean alone, and ``config.dp``
+  refuses a method with a server phase that does not.
   """
   name: str
   repeats: int = 1
@@ -165,6 +171,7 @@ class Phase:
   search: Optional[Search] = None
   wire_bytes: Optional[WireBytes] = None
   download_bytes: Optional[WireBytes] = None
+  dp_reference: Optional[Callable[[PyTree, PyTree], PyTree]] = None
 
   @property
   def is_search(self) -> bool:
@@ -207,7 +214,8 @@ class Keys:
   offsets), so outputs stay bit-identical: ``init`` ``key(seed + 1)``;
   training steps ``fold_in(fold_in(key(seed), phase), index)``; search
   ``i`` ``key(seed + 2 + i)``; ``rows`` ``key(seed + 3)``; a fresh adapter
-  per round and client ``fold_in(fold_in(key(seed + 4), round), client)``.
+  per round and client ``fold_in(fold_in(key(seed + 4), round), client)``;
+  DP noise ``fold_in(key(seed + 5), repeat index)``.
   """
   seed: int
 
@@ -230,6 +238,11 @@ class Keys:
     may be traced), for methods that restart LoRA every round (FLoRA)."""
     return jax.random.fold_in(
         jax.random.fold_in(jax.random.key(self.seed + 4), round_), client)
+
+  def dp(self, index: int) -> jax.Array:
+    """The server's noise for client-level DP in repeat ``index`` of the
+    schedule (0-based over all phases)."""
+    return jax.random.fold_in(jax.random.key(self.seed + 5), index)
 
   def rows(self) -> jax.Array:
     """Random choices among the rows to evaluate (e.g. FDLoRA's random

@@ -12,7 +12,10 @@ step in :mod:`fdlora_jax.fl.step`. The engine is the only place for:
 * RNG: every key from :class:`~fdlora_jax.fl.api.Keys` of the run's seed;
 * mesh placement of the client axis;
 * communication bytes, counted from the arrays actually broadcast to and
-  uploaded by each client, per round.
+  uploaded by each client, per round;
+* client-level differential privacy of the uploads (``dp``, off by
+  default): clipping, the server's noise and the privacy accountant
+  (:mod:`fdlora_jax.fl.privacy`).
 
 The names of :mod:`.api` and :mod:`.step` are re-exported here for code
 written against the single-module engine.
@@ -29,6 +32,8 @@ import numpy as np
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax import sharding
+from fdlora_jax.errors import ConfigError
+from fdlora_jax.fl import privacy
 from fdlora_jax.fl.api import (Keys, Method, Phase, PyTree, Setup,  # noqa: F401
                                client_steps)
 from fdlora_jax.fl.step import (INNER_OPTIMIZERS,  # noqa: F401
@@ -72,7 +77,8 @@ class Engine:
 
   ``sample(step0, num_steps) -> batches [K, N, B, T]`` supplies training data
   as a pure function of the global step, so a resumed run sees the same order.
-  ``seed`` is the run's: :attr:`keys` derives every key from it.
+  ``seed`` is the run's: :attr:`keys` derives every key from it. ``dp`` is
+  ``config.dp`` (:func:`fdlora_jax.fl.privacy.config`), or None: no DP.
   """
   method: Method
   model: Any
@@ -82,6 +88,7 @@ class Engine:
   sample: Callable[[int, int], dict]
   seed: int = 0
   mesh: Any = None
+  dp: Any = None
 
   def __post_init__(self):
     self.training = [p for p in self.method.phases if not p.is_search]
@@ -115,6 +122,80 @@ class Engine:
     n = self.num_clients
     w = self.method.client_weights
     self.client_weights = np.ones(n) if w is None else np.asarray(w, float)
+    self._init_privacy()
+
+  # -- client-level DP -----------------------------------------------------------
+  def _init_privacy(self) -> None:
+    """With ``dp.enabled``: checks that every phase with a server opts in
+    (``Phase.dp_reference``), fixes the noise multiplier (from
+    ``dp.epsilon`` when > 0) and compiles :func:`privacy.privatize` per
+    phase."""
+    dp = self.dp
+    self.private = bool(dp is not None and dp.enabled)
+    self.noise_multiplier = 0.0
+    if not self.private:
+      return
+    for p in self.training:
+      if p.server is not None and p.dp_reference is None:
+        raise ConfigError(
+            f'config.dp.enabled=True: method {self.method.name!r} phase '
+            f'{p.name!r} has a server that does not read the uploads through '
+            'their weighted mean alone, so noise on that mean would not '
+            'protect it; client-level DP runs with the methods listed in '
+            'docs/privacy.md')
+    rounds = self.private_rounds(len(self.schedule()))
+    self.noise_multiplier = (
+        privacy.noise_for_epsilon(dp.epsilon, rounds, dp.delta)
+        if dp.epsilon > 0 else float(dp.noise_multiplier))
+    try:
+      update_noise = privacy.update_noise(self.noise_multiplier,
+                                          dp.count_noise, dp.adaptive)
+    except ValueError:
+      raise ConfigError(
+          f'config.dp.count_noise={dp.count_noise!r}: adaptive clipping '
+          f'needs 2 * count_noise > the noise multiplier '
+          f'({self.noise_multiplier:.4g})') from None
+    self._references = {
+        p.name: jax.jit(jax.vmap(p.dp_reference))
+        for p in self.training if p.server is not None}
+    self._privatize = jax.jit(lambda up, ref, w, clip, key: privacy.privatize(
+        up, ref, w, clip, update_noise, key))
+    self._adapt_clip = jax.jit(lambda clip, norms, w, key: privacy.adapt_clip(
+        clip, norms, w, dp.target_quantile, dp.clip_lr, dp.count_noise, key))
+
+  def private_rounds(self, upto: int) -> int:
+    """Repeats among the first ``upto`` of :meth:`schedule` whose uploads
+    reach a server (each one Gaussian mechanism under DP)."""
+    return sum(p.server is not None for p, *_ in self.schedule()[:upto])
+
+  def guarantee(self, done: int) -> Optional[dict]:
+    """What the run's DP guarantees after ``done`` repeats (None: off)."""
+    if not self.private:
+      return None
+    dp, rounds = self.dp, self.private_rounds(done)
+    eps = privacy.epsilon(self.noise_multiplier, rounds, dp.delta)
+    return {'epsilon': eps if np.isfinite(eps) else 'inf',
+            'delta': dp.delta, 'noise_multiplier': self.noise_multiplier,
+            'private_rounds': rounds, 'adaptive_clip': bool(dp.adaptive),
+            'accountant': 'RDP (dp_accounting), every client every round',
+            'unit': 'client (add or remove one client)'}
+
+  def _private_uploads(self, phase: Phase, index: int, upload, client,
+                       download, weights, dp_state: dict
+                       ) -> tuple[Any, dict, dict]:
+    """The uploads the server sees under DP, the DP state after the round
+    and the round's DP metrics; ``client`` is the state before the repeat."""
+    k_noise, k_count = jax.random.split(self.keys.dp(index))
+    clip = dp_state['clip']
+    reference = self._references[phase.name](client, download)
+    upload, m = self._privatize(upload, reference, weights, clip, k_noise)
+    metrics = {'dp_clip': float(clip), 'dp_noise_std': float(m['noise_std'])}
+    if self.dp.adaptive:
+      clip, below = self._adapt_clip(clip, m['norms'], weights, k_count)
+      metrics['dp_unclipped_fraction'] = float(below)
+    eps = self.guarantee(index + 1)["epsilon"]
+    metrics['dp_epsilon'] = eps
+    return upload, {'clip': clip}, metrics
 
   # -- the schedule ------------------------------------------------------------
   @staticmethod
@@ -157,8 +238,11 @@ class Engine:
       download = self._download(p, server, p.first_round)
       opt[p.name] = self._opt_inits[p.name](
           self._starts[p.name](client, download))
-    return {'done': jnp.array(0, jnp.int32), 'server': server,
-            'client': client, 'opt': opt}
+    state = {'done': jnp.array(0, jnp.int32), 'server': server,
+             'client': client, 'opt': opt}
+    if self.private:
+      state['dp'] = {'clip': jnp.asarray(self.dp.clip, jnp.float32)}
+    return state
 
   def _rngs(self, phase_index: int, index: int) -> jax.Array:
     return self._place(jax.random.split(self.keys.steps(phase_index, index),
@@ -215,16 +299,20 @@ class Engine:
             healthy.reshape((n,) + (1,) * (new.ndim - 1)), new, old),
         new_client, client)
     weights = jnp.asarray(self.client_weights, jnp.float32) * healthy
-    server_metrics = {}
+    server_metrics, sent, extra = {}, upload, {}
     if phase.server is not None:
+      if self.private:
+        upload, extra['dp'], dp_metrics = self._private_uploads(
+            phase, index, upload, client, download, weights, state['dp'])
+        server_metrics.update(dp_metrics)
       server, sm = self._servers[phase.name](server, upload, weights,
                                              jnp.int32(t))
-      server_metrics = {k: np.asarray(v).tolist() for k, v in sm.items()}
+      server_metrics.update({k: np.asarray(v).tolist() for k, v in sm.items()})
     tok = np.sum(tokens, 0) if tokens else np.zeros(n)
     loss = (np.sum(losses, 0) / np.maximum(tok, 1)) if losses else np.zeros(n)
-    new_state = {'done': jnp.array(index + 1, jnp.int32), 'server': server,
-                 'client': new_client,
-                 'opt': dict(state['opt'], **{phase.name: opt})}
+    new_state = dict(state, done=jnp.array(index + 1, jnp.int32),
+                     server=server, client=new_client,
+                     opt=dict(state['opt'], **{phase.name: opt}), **extra)
     metrics = {
         'phase': phase.name, 'round': t,
         'train_loss': loss.tolist(),
@@ -236,8 +324,8 @@ class Engine:
             np.asarray(self._download_bytes[phase.name](download),
                        np.int64).tolist()),
         'bytes_up_per_client': (
-            per_client_bytes(upload, n) if phase.wire_bytes is None else
-            np.asarray(self._wire_bytes[phase.name](upload),
+            per_client_bytes(sent, n) if phase.wire_bytes is None else
+            np.asarray(self._wire_bytes[phase.name](sent),
                        np.int64).tolist()),
         **server_metrics,
     }

@@ -36,6 +36,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Phase, Setup
 from fdlora_jax.fl.losses import token_nll
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import (outer_optimizer, outer_step,
                                   validate_weighting, weighted_mean)
 
@@ -134,11 +135,15 @@ def build(s: Setup) -> Method:
   start_personal = lambda client, download: client['personal']
   start_download = lambda client, download: download
   phases = (
+      # Under DP, stage 1's update is measured from the adapter every
+      # client starts from, the server's initial one.
       s.local_phase(start=start_personal, loss=token_nll, finish=local_finish,
-                    server=local_server),
+                    server=local_server,
+                    dp_reference=lambda client, download: client['personal']),
       s.round_phase(broadcast=lambda server, t: server['global'],
                     start=start_download, loss=token_nll, finish=round_finish,
-                    server=round_server, reset_opt=m.reset_inner_opt),
+                    server=round_server, dp_reference=downloaded,
+                    reset_opt=m.reset_inner_opt),
       Phase('fusion', search=fusion),
   )
   weights = s.example_weights(m.weighting)

@@ -19,6 +19,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import token_nll
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import mean_step, validate_weighting
 
 NAME = 'fedavg'
@@ -51,7 +52,7 @@ def build(s: Setup) -> Method:
   common = dict(broadcast=lambda state, t: state['global'],
                 start=lambda client, download: download, loss=token_nll,
                 finish=lambda client, train, download, t: (client, train),
-                server=server)
+                server=server, dp_reference=downloaded)
   phases = (s.local_phase(**common), s.round_phase(**common))
   rows = lambda state, client: {
       'global': lora_lib.replicate(state['global'], n)}

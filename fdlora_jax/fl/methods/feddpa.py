@@ -39,6 +39,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.losses import token_nll
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import mean_step, validate_weighting
 from fdlora_jax.model import hidden_at, prompt_end
 
@@ -125,10 +126,10 @@ def build(s: Setup) -> Method:
       s.local_phase(broadcast=broadcast, start=lambda client, download:
                     download, loss=token_nll,
                     finish=lambda client, train, download, t: (client, train),
-                    server=server),
+                    server=server, dp_reference=downloaded),
       s.round_phase(broadcast=broadcast, start=start, loss=loss,
                     trainable=trainable, finish=finish, server=server,
-                    steps=2 * k, reset_opt=True),
+                    dp_reference=downloaded, steps=2 * k, reset_opt=True),
   )
 
   # -- inference -------------------------------------------------------------

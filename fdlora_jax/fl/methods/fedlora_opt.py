@@ -37,6 +37,7 @@ import numpy as np
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Phase, Setup
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean)
 
@@ -169,7 +170,7 @@ def build(s: Setup) -> Method:
 
   stage = dict(broadcast=broadcast, start=start, loss=loss,
                trainable=lambda train, i: global_mask(train, m.global_trains),
-               finish=global_finish, server=server)
+               finish=global_finish, server=server, dp_reference=downloaded)
 
   # -- local stage: B's magnitudes -------------------------------------------------
   def local_start(client, download):

@@ -31,6 +31,7 @@ from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Setup
 from fdlora_jax.fl.layer_split import body_layers, validate_head_layers
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import mean_step, validate_weighting
 
 NAME = 'fedrep'
@@ -84,7 +85,7 @@ def build(s: Setup) -> Method:
       loss=loss, trainable=trainable,
       finish=lambda client, train, download, t: (
           dict(client, head=train['head']), train['body']),
-      server=server)
+      server=server, dp_reference=downloaded)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):

@@ -36,6 +36,7 @@ from fdlora_jax.errors import need
 from fdlora_jax.fl import layer_split, losses
 from fdlora_jax.fl import server as server_lib
 from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.privacy import downloaded
 
 NAME = 'fedrod'
 
@@ -95,7 +96,8 @@ def build(s: Setup) -> Method:
           dict(client, personal=train['personal']),
           {'body': train['body'], 'generic': train['generic']}),
       server=lambda state, uploads, weights, t: server_lib.mean_step(
-          state, uploads, weights))
+          state, uploads, weights),
+      dp_reference=downloaded)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def generic_rows(state, client):

@@ -19,6 +19,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import (mean_step, validate_weighting,
                                   weighting_config)
 
@@ -51,7 +52,7 @@ def build(s: Setup) -> Method:
                                                             rng),
       finish=lambda client, train, download, t: (
           {'b': lora_lib.split_factors(train)[1]}, lora_lib.split_factors(train)[0]),
-      server=server)
+      server=server, dp_reference=downloaded)
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):

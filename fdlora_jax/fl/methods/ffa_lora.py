@@ -58,7 +58,9 @@ def build(s: Setup) -> Method:
                 start=lambda client, download: download['b'],
                 loss=loss,
                 finish=lambda client, train, download, t: (client, train),
-                server=server)
+                server=server,
+                # Under DP the update is b's change: a never moves.
+                dp_reference=lambda client, download: download['b'])
   phases = (s.local_phase(**common), s.round_phase(**common))
 
   def rows(state, client):

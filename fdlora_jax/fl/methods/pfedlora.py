@@ -36,6 +36,7 @@ import numpy as np
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.errors import need
 from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.ranks import ClientRanks, cycled, validate_ranks
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean)
@@ -145,7 +146,7 @@ def build(s: Setup) -> Method:
                     broadcast=lambda state, t: state['shared'],
                     start=round_start, loss=round_loss,
                     trainable=round_trainable, finish=round_finish,
-                    server=server),
+                    server=server, dp_reference=downloaded),
   )
   weights = s.example_weights(m.weighting)
   return Method(NAME, init, phases, rows, headline='personalized',

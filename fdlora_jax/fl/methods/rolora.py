@@ -26,6 +26,7 @@ import ml_collections
 
 from fdlora_jax import lora as lora_lib
 from fdlora_jax.fl.api import Method, Setup
+from fdlora_jax.fl.privacy import downloaded
 from fdlora_jax.fl.server import (replace_step, validate_weighting,
                                   weighted_mean, weighting_config)
 
@@ -90,7 +91,7 @@ def build(s: Setup) -> Method:
 
   common = dict(broadcast=broadcast, start=start, loss=loss,
                 trainable=trainable, finish=finish, server=server,
-                wire_bytes=wire_bytes,
+                dp_reference=downloaded, wire_bytes=wire_bytes,
                 download_bytes=lambda d: lora_lib.num_bytes(
                     lora_lib.join_factors(d['a'], d['b'])))
   phases = (s.local_phase(**common), s.round_phase(**common))
