@@ -428,3 +428,42 @@ def test_communication_totals_the_repeats_bytes():
                                  'bytes_down_per_client': [0, 0],
                                  'bytes_up_per_client': [5, 6]}
   assert engine_lib.communication([], 2)['bytes_total'] == 0
+
+
+@pytest.mark.parametrize('name', ['fedavg', 'fdlora'])
+def test_clients_run_one_at_a_time_equal_the_vmapped_repeat(tiny, name):
+  """What a deployment does: the server broadcasts, each client runs
+  client_repeat on its own slice (its own keys, batches, steps), the
+  server stacks the uploads and runs server_repeat. Equal to run_repeat."""
+  from fdlora_jax.fl.methods import method_module
+  from tests.helpers import config, copy, engine
+  c = config()
+  c.method = name
+  eng = engine(tiny, method_module(c), c, counts=(2, 1, 3))
+  whole = eng.initial_state()
+  sliced = copy(whole)
+  take = lambda tree, i: jax.tree.map(lambda x: x[i:i + 1], tree)
+  for index, (phase, *_) in enumerate(eng.schedule()):
+    whole, m = eng.run_repeat(whole, index)
+    download = eng.broadcast(index, sliced['server'])
+    parts = [eng.client_repeat(index, take(sliced['client'], i),
+                               take(sliced['opt'][phase.name], i),
+                               take(download, i), clients=np.array([i]))
+             for i in range(N)]
+    cat = lambda trees: jax.tree.map(lambda *x: jnp.concatenate(x), *trees)
+    uploads = cat([p[2] for p in parts])
+    healthy = np.concatenate([p[3]['healthy'] for p in parts])
+    server, _, sm = eng.server_repeat(index, sliced['server'], uploads,
+                                      healthy)
+    sliced = dict(sliced, server=server, client=cat([p[0] for p in parts]),
+                  opt=dict(sliced['opt'], **{phase.name: cat(
+                      [p[1] for p in parts])}))
+    for key in ('train_loss', 'bytes_up_per_client', 'bytes_down_per_client'):
+      np.testing.assert_allclose(sum((p[3][key] for p in parts), []), m[key],
+                                 rtol=1e-5)
+  # Equal to float tolerance: XLA may order a sum differently for one
+  # client than for three.
+  for a, b in zip(jax.tree.leaves((whole['server'], whole['client'])),
+                  jax.tree.leaves((sliced['server'], sliced['client']))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5)

@@ -158,8 +158,9 @@ class Engine:
     self._references = {
         p.name: jax.jit(jax.vmap(p.dp_reference))
         for p in self.training if p.server is not None}
-    self._privatize = jax.jit(lambda up, ref, w, clip, key: privacy.privatize(
-        up, ref, w, clip, update_noise, key))
+    self._clip = jax.jit(privacy.clip_updates)
+    self._noise = jax.jit(lambda up, w, clip, key: privacy.add_noise(
+        up, w, clip, update_noise, key))
     self._adapt_clip = jax.jit(lambda clip, norms, w, key: privacy.adapt_clip(
         clip, norms, w, dp.target_quantile, dp.clip_lr, dp.count_noise, key))
 
@@ -179,23 +180,6 @@ class Engine:
             'private_rounds': rounds, 'adaptive_clip': bool(dp.adaptive),
             'accountant': 'RDP (dp_accounting), every client every round',
             'unit': 'client (add or remove one client)'}
-
-  def _private_uploads(self, phase: Phase, index: int, upload, client,
-                       download, weights, dp_state: dict
-                       ) -> tuple[Any, dict, dict]:
-    """The uploads the server sees under DP, the DP state after the round
-    and the round's DP metrics; ``client`` is the state before the repeat."""
-    k_noise, k_count = jax.random.split(self.keys.dp(index))
-    clip = dp_state['clip']
-    reference = self._references[phase.name](client, download)
-    upload, m = self._privatize(upload, reference, weights, clip, k_noise)
-    metrics = {'dp_clip': float(clip), 'dp_noise_std': float(m['noise_std'])}
-    if self.dp.adaptive:
-      clip, below = self._adapt_clip(clip, m['norms'], weights, k_count)
-      metrics['dp_unclipped_fraction'] = float(below)
-    eps = self.guarantee(index + 1)["epsilon"]
-    metrics['dp_epsilon'] = eps
-    return upload, {'clip': clip}, metrics
 
   # -- the schedule ------------------------------------------------------------
   @staticmethod
@@ -244,50 +228,102 @@ class Engine:
       state['dp'] = {'clip': jnp.asarray(self.dp.clip, jnp.float32)}
     return state
 
-  def _rngs(self, phase_index: int, index: int) -> jax.Array:
-    return self._place(jax.random.split(self.keys.steps(phase_index, index),
-                                        self.num_clients))
+  def _rngs(self, phase_index: int, index: int,
+            clients: Optional[np.ndarray] = None) -> jax.Array:
+    """Each client's key of one compiled call (``clients``: those of a
+    slice; a client's key is the same in any slice)."""
+    keys = jax.random.split(self.keys.steps(phase_index, index),
+                            self.num_clients)
+    return self._place(keys) if clients is None else keys[clients]
 
-  def _batches(self, step0: int, num_steps: int, real: np.ndarray):
+  def _batches(self, step0: int, num_steps: int, real: np.ndarray,
+               clients: np.ndarray):
+    """``[K, M, ...]`` batches of ``clients`` (the bucket of target counts
+    from all N, so a client's compiled step is the full run's)."""
     b = dict(self.sample(step0, num_steps))
-    active = np.arange(num_steps)[:, None] < real[None, :]       # [K, N]
-    b['valid'] = b['valid'] * active[:, :, None]
     num_targets = num_targets_bucket(b['loss_mask'])
-    return self._place(jax.tree.map(jnp.asarray, b), axis=1), num_targets
+    b = {k: np.asarray(v)[:, clients] for k, v in b.items()}
+    active = np.arange(num_steps)[:, None] < real[None, :]       # [K, M]
+    b['valid'] = b['valid'] * active[:, :, None]
+    return jax.tree.map(jnp.asarray, b), num_targets
 
   # -- one repeat ----------------------------------------------------------------
   def run_repeat(self, state: dict, index: int, progress=None
                  ) -> tuple[dict, dict]:
     """Runs repeat ``index`` of :meth:`schedule`; returns the new state and
-    its metrics (per-client loss, health, bytes, server metrics).
+    its metrics (per-client loss, health, bytes, server metrics): the
+    server's :meth:`broadcast`, every client's :meth:`client_repeat`, the
+    server's :meth:`server_repeat`. A deployment runs the same three, each
+    client its own slice.
 
     The phase's optimizer state in ``state`` is donated: pass a copy to run
     the same state twice."""
+    phase = self.schedule()[index][0]
+    download = self.broadcast(index, state['server'])
+    client, opt, upload, cm = self.client_repeat(
+        index, state['client'], state['opt'][phase.name], download,
+        dp_clip=state['dp']['clip'] if self.private else None,
+        progress=progress)
+    server, dp_state, sm = self.server_repeat(
+        index, state['server'], upload, np.asarray(cm['healthy']),
+        state.get('dp'), cm.get('dp_unclipped'))
+    new_state = dict(state, done=jnp.array(index + 1, jnp.int32),
+                     server=server, client=client,
+                     opt=dict(state['opt'], **{phase.name: opt}))
+    if dp_state is not None:
+      new_state['dp'] = dp_state
+    cm.pop('dp_unclipped', None)
+    return new_state, {'phase': phase.name, 'round': cm.pop('round'), **cm,
+                       **sm}
+
+  def broadcast(self, index: int, server: PyTree) -> PyTree:
+    """The server's download for repeat ``index``: ``[N, ...]`` (the shared
+    download replicated, or one per client), or None."""
+    phase, _, t, _ = self.schedule()[index]
+    return self._download(phase, server, t)
+
+  def client_repeat(self, index: int, client: PyTree, opt: PyTree,
+                    download: PyTree, clients: Optional[np.ndarray] = None,
+                    dp_clip: Optional[float] = None, progress=None
+                    ) -> tuple[PyTree, PyTree, PyTree, dict]:
+    """The clients' part of repeat ``index``: start, the K masked steps,
+    finish, the health mask, and (under DP) each upload clipped by its
+    client to ``dp_clip``, the server's clip in force. ``clients`` are the indices the ``[M, ...]`` trees ``client``,
+    ``opt`` and ``download`` hold (default: all N, placed on the mesh); a
+    client's keys, batches and steps are those it has in the full run.
+
+    Returns ``(client, opt, upload, metrics)``; ``metrics`` per client:
+    ``train_loss``, ``healthy``, ``nonfinite_steps``, bytes down and up,
+    and ``dp_unclipped`` (under DP, for adaptive clipping)."""
     phase, _, t, cursor = self.schedule()[index]
-    n = self.num_clients
+    whole = clients is None
+    clients = np.arange(self.num_clients) if whole else np.asarray(clients)
+    m = len(clients)
+    place = self._place if whole else (lambda tree, axis=0: tree)
     p_index = self.method.phases.index(phase) + 1
-    server, client = state['server'], self._place(state['client'])
-    download = self._download(phase, server, t)
+    client, download = place(client), place(download)
     train = self._starts[phase.name](client, download)
-    opt = self._place(state['opt'][phase.name])
+    opt = place(opt)
     if phase.reset_opt:
       opt = self._opt_inits[phase.name](train)
-    steps = np.asarray(phase.steps)
+    steps = np.asarray(phase.steps)[clients]
     k = self.max_steps(phase)
     chunk = max(1, min(phase.chunk or k, k)) if k else 0
-    healthy = jnp.ones(n, bool)
-    losses, tokens, nonfinite = [], [], np.zeros(n, np.int64)
+    healthy = jnp.ones(m, bool)
+    losses, tokens, nonfinite = [], [], np.zeros(m, np.int64)
     for c, s0 in enumerate(range(0, k, chunk or 1)):
       real = np.clip(steps - s0, 0, chunk)
-      batches, num_targets = self._batches(cursor + s0, chunk, real)
-      train, opt, ok, m = self._updates[phase.name](
-          self.base, train, opt, download, batches, self._rngs(p_index, t + c),
-          jnp.int32(s0), num_targets=num_targets)
-      train, opt = self._place((train, opt))
+      batches, num_targets = self._batches(cursor + s0, chunk, real, clients)
+      rngs = self._rngs(p_index, t + c, None if whole else clients)
+      train, opt, ok, sm = self._updates[phase.name](
+          self.base, train, opt, download, place(batches, 1), rngs,
+          jnp.int32(s0),
+          num_targets=num_targets)
+      train, opt = place((train, opt))
       healthy = healthy & ok
-      losses.append(np.asarray(m.loss * m.tokens).sum(1))
-      tokens.append(np.asarray(m.tokens).sum(1))
-      nonfinite += np.asarray(m.nonfinite).sum(1)
+      losses.append(np.asarray(sm.loss * sm.tokens).sum(1))
+      tokens.append(np.asarray(sm.tokens).sum(1))
+      nonfinite += np.asarray(sm.nonfinite).sum(1)
       if progress is not None:
         progress(min(s0 + chunk, k), k)
     new_client, upload = self._finishes[phase.name](client, train, download,
@@ -296,40 +332,64 @@ class Engine:
     # of the server's mean.
     new_client = jax.tree.map(
         lambda new, old: jnp.where(
-            healthy.reshape((n,) + (1,) * (new.ndim - 1)), new, old),
+            healthy.reshape((m,) + (1,) * (new.ndim - 1)), new, old),
         new_client, client)
-    weights = jnp.asarray(self.client_weights, jnp.float32) * healthy
-    server_metrics, sent, extra = {}, upload, {}
-    if phase.server is not None:
-      if self.private:
-        upload, extra['dp'], dp_metrics = self._private_uploads(
-            phase, index, upload, client, download, weights, state['dp'])
-        server_metrics.update(dp_metrics)
-      server, sm = self._servers[phase.name](server, upload, weights,
-                                             jnp.int32(t))
-      server_metrics.update({k: np.asarray(v).tolist() for k, v in sm.items()})
-    tok = np.sum(tokens, 0) if tokens else np.zeros(n)
-    loss = (np.sum(losses, 0) / np.maximum(tok, 1)) if losses else np.zeros(n)
-    new_state = dict(state, done=jnp.array(index + 1, jnp.int32),
-                     server=server, client=new_client,
-                     opt=dict(state['opt'], **{phase.name: opt}), **extra)
+    tok = np.sum(tokens, 0) if tokens else np.zeros(m)
+    loss = (np.sum(losses, 0) / np.maximum(tok, 1)) if losses else np.zeros(m)
     metrics = {
-        'phase': phase.name, 'round': t,
+        'round': t,
         'train_loss': loss.tolist(),
-        'train_loss_mean': float(loss.mean()) if n else 0.0,
+        'train_loss_mean': float(loss.mean()) if m else 0.0,
         'healthy': np.asarray(healthy).tolist(),
         'nonfinite_steps': nonfinite.tolist(),
         'bytes_down_per_client': (
-            per_client_bytes(download, n) if phase.download_bytes is None else
+            per_client_bytes(download, m) if phase.download_bytes is None else
             np.asarray(self._download_bytes[phase.name](download),
                        np.int64).tolist()),
         'bytes_up_per_client': (
-            per_client_bytes(sent, n) if phase.wire_bytes is None else
-            np.asarray(self._wire_bytes[phase.name](sent),
+            per_client_bytes(upload, m) if phase.wire_bytes is None else
+            np.asarray(self._wire_bytes[phase.name](upload),
                        np.int64).tolist()),
-        **server_metrics,
     }
-    return new_state, metrics
+    if self.private and phase.server is not None:
+      # Client-side clipping, against a reference the server knows; the
+      # clip in force is the server's (adaptive clipping moves it).
+      clip = jnp.float32(dp_clip)
+      upload, norms = self._clip(
+          upload, self._references[phase.name](client, download), clip)
+      metrics['dp_unclipped'] = np.asarray(norms <= clip).tolist()
+    return new_client, opt, upload, metrics
+
+  def server_repeat(self, index: int, server: PyTree, uploads: PyTree,
+                    healthy: np.ndarray, dp_state: Optional[dict] = None,
+                    unclipped: Optional[list] = None
+                    ) -> tuple[PyTree, Optional[dict], dict]:
+    """The server's part of repeat ``index``: the weights (client weights x
+    ``healthy``), under DP the noise on the (clipped) ``uploads [N, ...]``
+    and the clip's adaptation from the clients' ``unclipped`` flags, then
+    the phase's server function. Returns ``(server, dp_state, metrics)``."""
+    phase, _, t, _ = self.schedule()[index]
+    weights = jnp.asarray(self.client_weights, jnp.float32) * jnp.asarray(
+        healthy, bool)
+    metrics = {}
+    if phase.server is None:
+      return server, dp_state, metrics
+    if self.private:
+      k_noise, k_count = jax.random.split(self.keys.dp(index))
+      clip = dp_state['clip']
+      uploads, std = self._noise(uploads, weights, clip, k_noise)
+      metrics.update(dp_clip=float(clip), dp_noise_std=float(std))
+      if self.dp.adaptive:
+        below = jnp.asarray(unclipped, bool)
+        clip, frac = self._adapt_clip(clip, jnp.where(below, 0.0, jnp.inf),
+                                      weights, k_count)
+        metrics['dp_unclipped_fraction'] = float(frac)
+      dp_state = {'clip': clip}
+      metrics['dp_epsilon'] = self.guarantee(index + 1)['epsilon']
+    server, sm = self._servers[phase.name](server, uploads, weights,
+                                           jnp.int32(t))
+    metrics.update({k: np.asarray(v).tolist() for k, v in sm.items()})
+    return server, dp_state, metrics
 
   def run_searches(self, state: dict, progress: Optional[Callable] = None
                    ) -> tuple[dict, dict]:

@@ -157,32 +157,51 @@ def update_norms(upload: PyTree, reference: Optional[PyTree]) -> jax.Array:
   return jnp.sqrt(total)
 
 
-def privatize(upload: PyTree, reference: Optional[PyTree], weights: jax.Array,
-              clip: jax.Array, noise_multiplier: jax.Array, key: jax.Array
-              ) -> tuple[PyTree, dict]:
-  """Clips each client's update to ``clip`` and adds one Gaussian draw of
-  std ``noise_multiplier * clip * max_i p_i`` to every upload (module
-  docstring). ``reference`` has the upload's structure, or is None (zero).
-
-  Returns ``(uploads, {'norms': [N], 'noise_std': []})``."""
+def clip_updates(upload: PyTree, reference: Optional[PyTree], clip: jax.Array
+                 ) -> tuple[PyTree, jax.Array]:
+  """Each client's update clipped to norm ``clip``: ``(reference + update *
+  min(1, clip / ||update||), norms [N])``. ``reference`` has the upload's
+  structure, or is None (zero). A client can apply it to its own upload
+  (client-side clipping, as a deployment does)."""
   norms = update_norms(upload, reference)
   factor = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
+  leaves, tree = jax.tree.flatten(upload)
+  refs = (jax.tree.leaves(reference) if reference is not None
+          else [None] * len(leaves))
+  out = []
+  for u, r in zip(leaves, refs):
+    base = 0.0 if r is None else r.astype(jnp.float32)
+    f = factor.reshape((-1,) + (1,) * (u.ndim - 1))
+    out.append((base + (u.astype(jnp.float32) - base) * f).astype(u.dtype))
+  return jax.tree.unflatten(tree, out), norms
+
+
+def add_noise(uploads: PyTree, weights: jax.Array, clip: jax.Array,
+              noise_multiplier: jax.Array, key: jax.Array
+              ) -> tuple[PyTree, jax.Array]:
+  """One Gaussian draw of std ``noise_multiplier * clip * max_i p_i`` added
+  to every upload (the server's part): ``(uploads, std)``."""
   total = jnp.sum(weights)
   share = jnp.max(jnp.where(total > 0, weights / jnp.maximum(total, 1e-30),
                             0.0))
   std = noise_multiplier * clip * share
-  leaves, tree = jax.tree.flatten(upload)
-  refs = (jax.tree.leaves(reference) if reference is not None
-          else [None] * len(leaves))
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for u, r, k in zip(leaves, refs, keys):
-    base = 0.0 if r is None else r.astype(jnp.float32)
-    f = factor.reshape((-1,) + (1,) * (u.ndim - 1))
-    clipped = base + (u.astype(jnp.float32) - base) * f
-    z = jax.random.normal(k, u.shape[1:], jnp.float32) * std
-    out.append((clipped + z[None]).astype(u.dtype))
-  return jax.tree.unflatten(tree, out), {'norms': norms, 'noise_std': std}
+  leaves, tree = jax.tree.flatten(uploads)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = [(u.astype(jnp.float32)
+          + (jax.random.normal(k, u.shape[1:], jnp.float32) * std)[None]
+          ).astype(u.dtype) for u, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, out), std
+
+
+def privatize(upload: PyTree, reference: Optional[PyTree], weights: jax.Array,
+              clip: jax.Array, noise_multiplier: jax.Array, key: jax.Array
+              ) -> tuple[PyTree, dict]:
+  """:func:`clip_updates` then :func:`add_noise` (module docstring).
+
+  Returns ``(uploads, {'norms': [N], 'noise_std': []})``."""
+  clipped, norms = clip_updates(upload, reference, clip)
+  noisy, std = add_noise(clipped, weights, clip, noise_multiplier, key)
+  return noisy, {'norms': norms, 'noise_std': std}
 
 
 def adapt_clip(clip: jax.Array, norms: jax.Array, weights: jax.Array,
