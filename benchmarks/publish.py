@@ -443,6 +443,11 @@ def lora_suite() -> str:
   return suite_report('lora_suite')
 
 
+def dp_suite() -> str:
+  """privacy.md: the headline against epsilon (configs/suites/dp.py)."""
+  return suite_report('dp_suite')
+
+
 def stack_memory() -> str:
   g = load('stack_memory.json')
   rows = []
@@ -473,7 +478,7 @@ RENDERERS = {
     'cpu-step-time': cpu_step_time, 'cpu-memory': cpu_memory,
     'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
     'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
-    'cpu-suite': cpu_suite, 'lora-suite': lora_suite,
+    'cpu-suite': cpu_suite, 'lora-suite': lora_suite, 'dp-suite': dp_suite,
     'stack-memory': stack_memory,
 }
 

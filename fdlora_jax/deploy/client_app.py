@@ -1,0 +1,118 @@
+"""The Flower ClientApp: one client's site of any method.
+
+A SuperNode runs it with ``--node-config "partition-id=<i>"`` (and
+optionally ``state-dir=<path>``: the private state is also written there
+after every message, ``client<i>.msgpack``). The run config (pyproject's
+``[tool.flwr.app.config]``) names the experiment; the private state (the
+method's client state and optimizer states) lives in Flower's context
+state between messages and never leaves the node.
+
+Messages (sent by :mod:`fdlora_jax.deploy.server_app`):
+
+* ``query``: which partition this node holds and the config's fingerprint;
+* ``train``: one repeat (``index``) from its download; replies the upload
+  (clipped under DP) and the client's metrics;
+* ``evaluate.search``: the method's searches (AdaFusion) with the server
+  state; replies their metrics;
+* ``evaluate``: every evaluation row on the client's own test split;
+  replies the answers and option scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fdlora_jax.deploy import federation, wire
+
+app = ClientApp()
+_SITES: dict = {}      # (config fingerprint, partition) -> Site, per process
+
+
+def _site(context: Context) -> federation.Site:
+  rc = context.run_config
+  c = federation.build_config(str(rc['config']), str(rc.get('overrides', '')))
+  if 'partition-id' not in context.node_config:
+    raise ValueError('node config has no partition-id: start the SuperNode '
+                     'with --node-config "partition-id=<i>"')
+  pid = int(context.node_config['partition-id'])
+  key = (federation.fingerprint(c), pid)
+  if key not in _SITES:
+    _SITES[key] = federation.Site(federation.prepare(c), pid)
+  return _SITES[key]
+
+
+def _private(site: federation.Site, context: Context) -> dict:
+  template = site.initial()
+  if 'private' not in context.state:
+    return template
+  return wire.unpack(context.state['private'], template)
+
+
+def _keep(site: federation.Site, context: Context, private: dict) -> None:
+  context.state['private'] = wire.pack(private)
+  directory = context.node_config.get('state-dir')
+  if directory:
+    path = Path(str(directory)).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    from flax import serialization
+    (path / f'client{site.index}.msgpack').write_bytes(
+        serialization.msgpack_serialize(serialization.to_state_dict(
+            __import__('jax').tree.map(np.asarray, private))))
+
+
+def _reply(msg: Message, **records) -> Message:
+  return Message(content=RecordDict(records), reply_to=msg)
+
+
+def _server_state(site: federation.Site, msg: Message):
+  return wire.unpack(msg.content['server'], site.engine.initial_state()['server'])
+
+
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+  site = _site(context)
+  return _reply(msg, info=ConfigRecord({
+      'partition-id': site.index,
+      'fingerprint': federation.fingerprint(site.x.config)}))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+  site = _site(context)
+  cfg = msg.content['config']
+  index = int(cfg['index'])
+  template = federation.take(site.engine.broadcast(
+      index, site.engine.initial_state()['server']), 0)
+  download = wire.unpack(msg.content['download'], template)
+  clip = float(cfg['dp_clip'])
+  private, upload, metrics = site.train(_private(site, context), index,
+                                        download, clip if clip > 0 else None)
+  _keep(site, context, private)
+  return _reply(msg, upload=wire.pack(upload),
+                metrics=ConfigRecord({'json': json.dumps(metrics)}))
+
+
+@app.evaluate('search')
+def search(msg: Message, context: Context) -> Message:
+  site = _site(context)
+  private, metrics = site.search(_private(site, context),
+                                 _server_state(site, msg))
+  _keep(site, context, private)
+  return _reply(msg, metrics=wire.pack(
+      {p: {k: {'value': v, 'axis': np.int32(a)} for k, (v, a) in m.items()}
+       for p, m in metrics.items()}))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+  site = _site(context)
+  rows = site.evaluate(_private(site, context), _server_state(site, msg))
+  return _reply(msg, rows=wire.pack(
+      {name: {'preds': p, **({} if s is None else {'scores': s})}
+       for name, (p, s) in rows.items()}),
+      order=ConfigRecord({'names': list(rows)}))

@@ -1,0 +1,151 @@
+"""The Flower ServerApp: the server of any method, over real SuperNodes.
+
+Run config (pyproject's ``[tool.flwr.app.config]``, or ``flwr run
+--run-config``):
+
+* ``config``: the experiment's config file (relative to the repository);
+* ``overrides``: ``'field=value ...'`` as ``--config.field=value`` would;
+* ``workdir``: where results.json, metrics.jsonl and the predictions go;
+* ``on-drop``: a client that does not reply within ``round-timeout``
+  seconds: ``'continue'`` (the round completes with the others; the
+  metrics line names who dropped) or ``'wait'`` (ask it again until it
+  replies);
+* ``connect-timeout``: seconds to wait for every SuperNode to connect.
+
+The server never sees a client's private state: it sends each client its
+download and reads back its upload and metrics, as in the simulation
+(:mod:`fdlora_jax.deploy.federation`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fdlora_jax.deploy import federation, wire
+from fdlora_jax.errors import ConfigError
+
+app = ServerApp()
+
+
+def _ask(grid: Grid, nodes: dict, kind: str, content: dict,
+         timeout: float, on_drop: str = 'wait') -> dict:
+  """Sends ``content[pid]`` (a RecordDict) to the node of every partition
+  ``pid``; returns ``{pid: reply content or None (dropped)}``."""
+  want, replies = set(content), {}
+  deadline = None
+  while want:
+    messages = [Message(content=content[pid], dst_node_id=nodes[pid],
+                        message_type=kind) for pid in sorted(want)]
+    by_node = {n: p for p, n in nodes.items()}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+      pid = by_node[reply.metadata.src_node_id]
+      if reply.has_error():
+        raise RuntimeError(f'client {pid} (node {nodes[pid]}): '
+                           f'{reply.error.reason}')
+      replies[pid] = reply.content
+      want.discard(pid)
+    if want and on_drop == 'continue':
+      replies.update({pid: None for pid in want})
+      break
+    if want:
+      deadline = deadline or time.time() + 10 * timeout
+      if time.time() > deadline:
+        raise RuntimeError(f'clients {sorted(want)} did not reply')
+  return replies
+
+
+def _connect(grid: Grid, n: int, timeout: float, fingerprint: str) -> dict:
+  """``{partition id: node id}`` of the n SuperNodes, once all have
+  connected and hold the server's config."""
+  t0 = time.time()
+  nodes = list(grid.get_node_ids())
+  while len(nodes) < n:
+    if time.time() - t0 > timeout:
+      raise ConfigError(f'{len(nodes)} of fl.num_clients={n} SuperNodes '
+                        f'connected within {timeout:.0f} s')
+    time.sleep(1.0)
+    nodes = list(grid.get_node_ids())
+  out = {}
+  messages = [Message(content=RecordDict({}), dst_node_id=node,
+                      message_type=MessageType.QUERY) for node in nodes]
+  for reply in grid.send_and_receive(messages, timeout=timeout):
+    if reply.has_error():
+      raise ConfigError(f'node {reply.metadata.src_node_id}: '
+                        f'{reply.error.reason}')
+    info = reply.content['info']
+    pid = int(info['partition-id'])
+    if info['fingerprint'] != fingerprint:
+      raise ConfigError(f'client {pid} (node {reply.metadata.src_node_id}) '
+                        'runs a different config than the server')
+    if pid in out:
+      raise ConfigError(f'two SuperNodes hold partition-id={pid}')
+    out[pid] = reply.metadata.src_node_id
+  missing = sorted(set(range(n)) - set(out))
+  if missing:
+    raise ConfigError(f'no SuperNode holds partition-id {missing}')
+  return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+  rc = context.run_config
+  c = federation.build_config(str(rc['config']), str(rc.get('overrides', '')))
+  on_drop = str(rc.get('on-drop', 'continue'))
+  if on_drop not in ('continue', 'wait'):
+    raise ConfigError(f"on-drop={on_drop!r}: must be 'continue' or 'wait'")
+  timeout = float(rc.get('round-timeout', 600))
+  x = federation.prepare(c)
+  server = federation.Server(x, str(rc['workdir']))
+  n, engine = server.n, server.engine
+  nodes = _connect(grid, n, float(rc.get('connect-timeout', 120)),
+                   federation.fingerprint(c))
+  out = server.open()
+  state, repeats = server.initial(), []
+  for index in range(len(engine.schedule())):
+    t0 = time.time()
+    download = engine.broadcast(index, state['server'])
+    clip = float(state['dp']['clip']) if state.get('dp') else -1.0
+    content = {pid: RecordDict({
+        'download': wire.pack(federation.take(download, pid)
+                              if download is not None else None),
+        'config': ConfigRecord({'index': index, 'dp_clip': clip})})
+        for pid in range(n)}
+    replies = _ask(grid, nodes, MessageType.TRAIN, content, timeout, on_drop)
+    uploads = [None if replies[p] is None else wire.unpack(replies[p]['upload'])
+               for p in range(n)]
+    metrics = [None if replies[p] is None else
+               json.loads(replies[p]['metrics']['json']) for p in range(n)]
+    state, line = server.repeat(state, index, uploads, metrics)
+    line['step'] = index + 1
+    line['wall_s'] = time.time() - t0
+    out.log.write(line)
+    repeats.append(line)
+    print(f"repeat {index + 1}/{len(engine.schedule())} ({line['phase']}): "
+          f"train loss {line['train_loss_mean']:.4f}"
+          + (f", dropped {line['dropped_clients']}"
+             if 'dropped_clients' in line else ''), flush=True)
+  server_state = RecordDict({'server': wire.pack(state['server'])})
+  searched = {}
+  if engine.searches:
+    replies = _ask(grid, nodes, 'evaluate.search',
+                   {p: server_state for p in range(n)}, timeout)
+    got = [wire.unpack(replies[p]['metrics']) for p in range(n)]
+    searched = server.assemble_search(
+        [{ph: {k: (v['value'], int(v['axis'])) for k, v in m.items()}
+          for ph, m in g.items()} for g in got])
+  replies = _ask(grid, nodes, MessageType.EVALUATE,
+                 {p: server_state for p in range(n)}, timeout)
+  rows = []
+  for p in range(n):
+    got = wire.unpack(replies[p]['rows'])
+    names = list(replies[p]['order']['names'])
+    rows.append({k: (np.asarray(got[k]['preds']),
+                     np.asarray(got[k]['scores']) if 'scores' in got[k]
+                     else None) for k in names})
+  server.save_state(state)
+  server.finish(out, rows, searched, repeats)
