@@ -242,3 +242,13 @@ def test_a_real_federation_equals_the_simulation(method, tmp_path):
   lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()]
   np.testing.assert_allclose([l['train_loss'] for l in lines[:-1]],
                              [m['train_loss'] for m in repeats], rtol=1e-4)
+
+
+def test_overrides_keep_quoted_and_bracketed_values_whole():
+  got = federation.parse_overrides(
+      "data.answer_prefix=' ' fdlora.fusion.baselines=('sum', 'average') "
+      "fl.rounds=2 method=fedavg model.tokenizer_cache='/tmp/a b'")
+  assert got == {'data.answer_prefix': ' ',
+                 'fdlora.fusion.baselines': ('sum', 'average'),
+                 'fl.rounds': 2, 'method': 'fedavg',
+                 'model.tokenizer_cache': '/tmp/a b'}

@@ -47,9 +47,10 @@ REPO = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------
 def parse_overrides(text: str) -> dict:
   """``'fl.rounds=2 method=fedavg'`` -> ``{'fl.rounds': 2, 'method':
-  'fedavg'}`` (values as Python literals, else strings)."""
+  'fedavg'}`` (values as Python literals, else strings; a value with
+  spaces in quotes or brackets: ``data.answer_prefix=' '``)."""
   out = {}
-  for item in text.split():
+  for item in _fields(text):
     if '=' not in item:
       raise ConfigError(f'deploy overrides: {item!r} is not field=value')
     key, value = item.split('=', 1)
@@ -58,6 +59,29 @@ def parse_overrides(text: str) -> dict:
     except (ValueError, SyntaxError):
       out[key] = value
   return out
+
+
+def _fields(text: str) -> list[str]:
+  """``text`` split at spaces outside quotes and brackets."""
+  items, current, quote, depth = [], '', '', 0
+  for ch in text:
+    if quote:
+      quote = '' if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch.isspace() and depth == 0:
+      if current:
+        items.append(current)
+      current = ''
+      continue
+    current += ch
+  if current:
+    items.append(current)
+  return items
 
 
 def build_config(config_file: str, overrides: str = ''
@@ -192,6 +216,23 @@ class Server:
     """The server state and, under DP, the clip."""
     s = self.engine.initial_state()
     return {'server': s['server'], 'dp': s.get('dp')}
+
+  def upload_template(self, index: int) -> PyTree:
+    """The structure (shapes, dtypes) of one client's ``[1, ...]`` upload
+    in repeat ``index``, to read it off the wire (tuples and NamedTuples
+    included)."""
+    e = self.engine
+    phase, _, t, _ = e.schedule()[index]
+    if not hasattr(self, '_start'):
+      self._start = e.initial_state()
+    client = take(self._start['client'], 0)
+    download = e.broadcast(index, self._start['server'])
+    download = None if download is None else take(download, 0)
+
+    def upload(c, d):
+      return e._finishes[phase.name](c, e._starts[phase.name](c, d), d,
+                                     jnp.int32(t))[1]
+    return jax.eval_shape(upload, client, download)
 
   def repeat(self, state: dict, index: int, uploads: list[PyTree],
              client_metrics: list[Optional[dict]]) -> tuple[dict, dict]:

@@ -116,8 +116,9 @@ def main(grid: Grid, context: Context) -> None:
         'config': ConfigRecord({'index': index, 'dp_clip': clip})})
         for pid in range(n)}
     replies = _ask(grid, nodes, MessageType.TRAIN, content, timeout, on_drop)
-    uploads = [None if replies[p] is None else wire.unpack(replies[p]['upload'])
-               for p in range(n)]
+    like = server.upload_template(index)
+    uploads = [None if replies[p] is None else
+               wire.unpack(replies[p]['upload'], like) for p in range(n)]
     metrics = [None if replies[p] is None else
                json.loads(replies[p]['metrics']['json']) for p in range(n)]
     state, line = server.repeat(state, index, uploads, metrics)

@@ -1,0 +1,130 @@
+"""Every method through the deployment's code path, against the simulation.
+
+  python benchmarks/deploy_methods.py [--methods=fedavg,fdlora,...]
+
+For each method on configs/tiny.py (3 clients, 2 rounds, the sizes of
+tests/test_deploy.py): the vmapped simulation, then the deployment's sites
+and server (fdlora_jax/deploy/federation.py) one client at a time, with
+every tree that would cross the network (downloads, uploads, server state,
+search metrics, answers) packed and unpacked by fdlora_jax/deploy/wire.py
+as the Flower apps do. Writes benchmarks/results/deploy_methods.json: per
+method, the largest difference in the server state and in the clients'
+states, and whether every row's answers are equal. (Flower's transport
+itself is tested for FedAvg and FDLoRA in tests/test_deploy.py.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fdlora_jax.deploy import federation, wire  # noqa: E402
+from fdlora_jax.fl.methods import METHODS  # noqa: E402
+
+OVERRIDES = ('fl.num_clients=3 fl.rounds=2 fl.inner_steps=1 '
+             'fl.local_epochs=0.25 data.synthetic_windows=40 '
+             'data.min_examples_per_client=3 data.few_shot=2 eval.every=0 '
+             'fdlora.fusion.steps=1 fdlora.fusion.population_size=4')
+RESULTS = Path(__file__).resolve().parent / 'results'
+# What a method needs beyond OVERRIDES: FedRep's head steps need K >= 2;
+# FedRoD's class logits need options that start with distinct tokens.
+EXTRA = {'fedrep': 'fl.inner_steps=2', 'fedrod': "data.answer_prefix=' '"}
+
+
+def max_diff(a, b) -> float:
+  d = [float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v))))
+       for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+       if np.size(u)]
+  return max(d, default=0.0)
+
+
+def wired(tree, template=None):
+  return wire.unpack(wire.pack(tree), template)
+
+
+def one(method: str, tmp: str) -> dict:
+  c = federation.build_config(
+      'configs/tiny.py', f'{OVERRIDES} {EXTRA.get(method, "")} '
+      f"method={method} model.tokenizer_cache='{tmp}/tok'")
+  x = federation.prepare(c)
+  e, n = x.engine, x.engine.num_clients
+  sim = e.initial_state()
+  for i in range(len(e.schedule())):
+    sim, _ = e.run_repeat(sim, i)
+  sim, _ = e.run_searches(sim)
+  sim_rows = x.method.rows(sim['server'], sim['client'])
+  sim_preds = {k: np.asarray(x.predict(v)[0]) for k, v in sim_rows.items()}
+
+  sites = [federation.Site(x, i) for i in range(n)]
+  server = federation.Server(x, Path(tmp) / 'work')
+  start = server.initial()
+  private = [wired(s.initial(), s.initial()) for s in sites]
+  state = server.initial()
+  for index in range(len(e.schedule())):
+    download = e.broadcast(index, state['server'])
+    like = server.upload_template(index)
+    outs = []
+    for s, p in zip(sites, private):
+      d = None if download is None else federation.take(download, s.index)
+      d = wired(d, None if d is None else federation.take(
+          e.broadcast(index, start['server']), 0))
+      p, up, m = s.train(p, index, d)
+      outs.append((wired(p, s.initial()), wired(up, like),
+                   json.loads(json.dumps(m))))
+    private = [o[0] for o in outs]
+    state, _ = server.repeat(state, index, [o[1] for o in outs],
+                             [o[2] for o in outs])
+  server_state = wired(state['server'], start['server'])
+  if e.searches:
+    got = [s.search(p, server_state) for s, p in zip(sites, private)]
+    private = [g[0] for g in got]
+  answers = [s.evaluate(p, server_state) for s, p in zip(sites, private)]
+  return {
+      'server_state_max_abs_diff': max_diff(state['server'], sim['server']),
+      'client_state_max_abs_diff': max(
+          max_diff(p['client'], federation.take(sim['client'], i))
+          for i, p in enumerate(private)),
+      'rows': list(sim_preds),
+      'answers_equal': all(
+          np.array_equal(np.stack([a[k][0] for a in answers]), sim_preds[k])
+          for k in sim_preds)}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--methods', default=','.join(METHODS))
+  args = ap.parse_args()
+  path = RESULTS / 'deploy_methods.json'
+  methods = args.methods.split(',')
+  # Rows of methods not run now are kept from the file.
+  rows = ([r for r in json.loads(path.read_text())['rows']
+           if r['method'] not in methods] if path.is_file() else [])
+  for method in methods:
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+      r = one(method, tmp)
+    r.update(method=method, seconds=round(time.time() - t0, 1))
+    print(json.dumps(r), flush=True)
+    rows.append(r)
+  out = {'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
+         'machine': f'{platform.machine()}, {jax.device_count()} '
+                    f'{jax.default_backend()} device(s)',
+         'jax': jax.__version__, 'command': 'python benchmarks/deploy_methods.py',
+         'config': f'configs/tiny.py {OVERRIDES}', 'extra': EXTRA,
+         'rows': sorted(rows, key=lambda r: list(METHODS).index(r['method']))}
+  path.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == '__main__':
+  main()
