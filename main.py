@@ -9,12 +9,22 @@ with the same --workdir resumes from the newest checkpoint. Bad input (a
 config value, a missing or malformed file) is reported in one line, naming
 the field or file, with exit status 2. Library logs are off below WARNING;
 --verbosity=0 brings back INFO.
+
+Several processes (jax.distributed; docs/usage.md, "Several processes"):
+every process runs the same command with --coordinator=HOST:PORT
+--num_processes=P --process_id=I (or --distributed on a cluster JAX
+detects); the clients are split over all their devices, and process 0
+writes the outputs.
 """
 
+import os
+import sys
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fdlora_jax import run
+from fdlora_jax import run, sharding
 from fdlora_jax.errors import (config_override_errors, exit_on_user_error,
                                parse_flags)
 
@@ -26,6 +36,22 @@ with config_override_errors('config', _DEFAULT_CONFIG):
       'config', _DEFAULT_CONFIG, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default',
                                'Where checkpoints, metrics and results go.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Run as one of several processes (jax.distributed): the clients are '
+    'split over every process\'s devices. On a cluster JAX finds the '
+    'coordinator itself; else give --coordinator, --num_processes and '
+    '--process_id. Every process takes the same flags and --workdir.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'jax.distributed: host:port of process 0 '
+    '(implies --distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'jax.distributed: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'jax.distributed: this process, from 0.')
+_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300,
+    'jax.distributed: seconds to wait for every process to join.')
 
 
 def main(argv):
@@ -34,6 +60,11 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)   # orbax, data INFO: --verbosity=0
   with exit_on_user_error():
+    if _DISTRIBUTED.value or _COORDINATOR.value is not None:
+      sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value, _TIMEOUT.value)
+      if jax.process_index() > 0:    # the first process prints and writes
+        sys.stdout = open(os.devnull, 'w')
     run.run(_CONFIG.value, _WORKDIR.value)
 
 

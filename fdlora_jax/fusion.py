@@ -45,8 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
-from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
 from fdlora_jax.errors import ConfigError, need
 from fdlora_jax.model import (num_targets_bucket, prefill, shared_prefix,
@@ -55,15 +53,29 @@ from fdlora_jax.model import (num_targets_bucket, prefill, shared_prefix,
 PyTree = Any
 Array = jax.Array
 
-# Names in ``evosax.algorithms.algorithms`` whose constructors need more than
-# (population_size, solution) are left out: RandomSearch (a sampling_fn),
-# SV_CMA_ES and SV_Open_ES (num_populations).
-STRATEGIES: tuple[str, ...] = tuple(sorted(
-    name for name, cls in EVOSAX_ALGORITHMS.items()
-    if all(p.default is not inspect.Parameter.empty
-           for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-           if p.name not in ('population_size', 'solution')
-           and p.kind is p.POSITIONAL_OR_KEYWORD)))
+
+def _evosax():
+  """evosax's algorithms, imported on first use: importing evosax runs JAX
+  computations, which would start JAX's backend before
+  ``jax.distributed.initialize`` can (``main.py --coordinator``)."""
+  from evosax.algorithms import algorithms
+  from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+  return algorithms, PopulationBasedAlgorithm
+
+
+@functools.cache
+def strategies() -> tuple[str, ...]:
+  """The evosax algorithms ``fusion.strategy`` may name. Names in
+  ``evosax.algorithms.algorithms`` whose constructors need more than
+  (population_size, solution) are left out: RandomSearch (a sampling_fn),
+  SV_CMA_ES and SV_Open_ES (num_populations)."""
+  return tuple(sorted(
+      name for name, cls in _evosax()[0].items()
+      if all(p.default is not inspect.Parameter.empty
+             for p in list(inspect.signature(cls.__init__).parameters.values()
+                           )[1:]
+             if p.name not in ('population_size', 'solution')
+             and p.kind is p.POSITIONAL_OR_KEYWORD)))
 
 BASELINES = ('personal', 'global', 'average', 'sum', 'random')
 
@@ -71,7 +83,7 @@ BASELINES = ('personal', 'global', 'average', 'sum', 'random')
 def fusion_config() -> ml_collections.ConfigDict:
   """Defaults for AdaFusion (meant for ``configs/common.py`` as ``c.fusion``)."""
   c = ml_collections.ConfigDict()
-  # Any name in STRATEGIES (the dict ``evosax.algorithms.algorithms``).
+  # Any name in strategies() (the dict ``evosax.algorithms.algorithms``).
   c.strategy = 'CMA_ES'
   c.population_size = 8   # candidates per client per step
   c.steps = 5             # paper: 5 ask/tell rounds
@@ -242,8 +254,8 @@ def validate_config(cfg, field: str = 'fusion') -> None:
   """Raises :class:`ConfigError` naming the offending ``<field>.*`` entry;
   ``field`` is where the block sits in the run's config (FDLoRA:
   ``'fdlora.fusion'``), so the message names the flag to fix."""
-  need(cfg.strategy in STRATEGIES, f'{field}.strategy', cfg.strategy,
-       f'not a supported evosax algorithm; choose from {list(STRATEGIES)}')
+  need(cfg.strategy in strategies(), f'{field}.strategy', cfg.strategy,
+       f'not a supported evosax algorithm; choose from {list(strategies())}')
   need(int(cfg.population_size) >= 2, f'{field}.population_size',
        cfg.population_size, 'must be >= 2')
   need(int(cfg.steps) >= 1, f'{field}.steps', cfg.steps, 'must be >= 1')
@@ -263,7 +275,7 @@ def validate_config(cfg, field: str = 'fusion') -> None:
 def _algorithm(cfg, field: str = 'fusion'):
   """The evosax algorithm named ``cfg.strategy``, with the initial spread
   set to ``cfg.sigma_init`` where the algorithm has one."""
-  cls = EVOSAX_ALGORITHMS[cfg.strategy]
+  cls = _evosax()[0][cfg.strategy]
   kwargs = {}
   if 'std_schedule' in inspect.signature(cls.__init__).parameters:
     kwargs['std_schedule'] = optax.constant_schedule(float(cfg.sigma_init))
@@ -293,9 +305,9 @@ def make_adafusion(num_clients: int, cfg,
   """A jitted ``search(fitness_fn, key) -> (w_best [N, 2], history)``.
 
   ``progress(done, total)``, when given, is called on the host (a
-  ``jax.debug.callback``, in order) after each of the ``total = steps + 1``
-  population evaluations (the start one included), so a bar can follow the
-  one compiled search.
+  ``jax.debug.callback``, in order on one device) after each of the
+  ``total = steps + 1`` population evaluations (the start one included), so
+  a bar can follow the one compiled search.
 
   ``fitness_fn`` must be a pytree callable (what :func:`make_fitness_fn`
   returns, or any function wrapped in ``jax.tree_util.Partial``). Use this
@@ -306,7 +318,7 @@ def make_adafusion(num_clients: int, cfg,
   n, p, steps = int(num_clients), int(cfg.population_size), int(cfg.steps)
   lo, hi = map(float, cfg.bounds)
   sigma = float(cfg.sigma_init)
-  population_based = isinstance(es, PopulationBasedAlgorithm)
+  population_based = isinstance(es, _evosax()[1])
   clients = jnp.arange(n)
 
   def finite(f):
@@ -314,8 +326,11 @@ def make_adafusion(num_clients: int, cfg,
 
   def report(done):
     if progress is not None:
+      # Ordered effects need one device; on several (a mesh, or
+      # jax.distributed) the callback may come once per device, out of
+      # order: progress callbacks take the largest count seen.
       jax.debug.callback(lambda d: progress(int(d), steps + 1), done,
-                         ordered=True)
+                         ordered=jax.device_count() == 1)
 
   @jax.jit
   def search(fitness_fn, key):

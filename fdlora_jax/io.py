@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fdlora_jax import sharding
 from fdlora_jax.errors import ConfigError
 
 PyTree = Any
@@ -51,13 +52,15 @@ class StateCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state: PyTree) -> None:
+    state = sharding.globalize(state)      # jax.distributed: one checkpoint
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self.manager.wait_until_finished()
 
   def restore(self, like: PyTree, step: Optional[int] = None) -> PyTree:
     """Restores into the structure, shapes and dtypes of ``like``."""
     step = self.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            sharding.globalize(like))
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:

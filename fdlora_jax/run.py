@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -200,6 +201,24 @@ class Outputs:
   log: io_lib.MetricsLog
   events: io_lib.EventWriter
   resume: Optional[int]         # the checkpoint step resumed from
+  primary: bool = True          # jax.distributed: process 0 writes the files
+
+
+class _Discard:
+  """The metrics log and event writer of a process other than the first
+  under ``jax.distributed``: the first process writes them."""
+
+  def write(self, record: dict) -> None:
+    pass
+
+  def scalars(self, step: int, values: dict) -> None:
+    pass
+
+  def records(self) -> list[dict]:
+    return []
+
+  def close(self) -> None:
+    pass
 
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -266,6 +285,9 @@ def open_outputs(x: Experiment, work: Path) -> Outputs:
     io_lib.check_resumable(work / 'config.json', c,
                            allowed=allowed + x.method.resumable,
                            ignored=other_blocks(c))
+  primary = jax.process_index() == 0
+  if not primary:     # every process trains; the first one writes
+    return Outputs(work, checkpoints, _Discard(), _Discard(), resume, False)
   (work / 'config.json').write_text(c.to_json_best_effort(indent=2))
   data_lib.write_partition(work / 'partition.json', x.part, x.task)
   print(x.part.table(x.task))
@@ -346,13 +368,16 @@ def write(x: Experiment, out: Outputs, evaluated: dict, references: dict,
   """predictions/<row>.npz, results.json, the final metrics line and
   scalars; prints the tables."""
   c, task = x.config, x.task
+  _versus_references(x, evaluated, references)
+  results = _results(x, evaluated, references, searched, repeats)
+  out.checkpoints.close()
+  if not out.primary:
+    return results
   for name, (_, _, outcome) in evaluated.items():
     outcomes_lib.save(out.work / 'predictions' / f'{name}.npz', outcome)
   for key, (_, _, outcome) in references.items():
     outcomes_lib.save(out.work / 'predictions' / f'reference_{key}.npz',
                       outcome)
-  _versus_references(x, evaluated, references)
-  results = _results(x, evaluated, references, searched, repeats)
   io_lib.write_json(out.work / 'results.json', results)
   means = {k: m['mean'][task.metric] for k, (_, m, _) in evaluated.items()}
   out.log.write({'phase': 'final', 'round': c.fl.rounds,
@@ -360,7 +385,6 @@ def write(x: Experiment, out: Outputs, evaluated: dict, references: dict,
   out.events.scalars(len(x.engine.schedule()),
                      {f'final/{k}': v for k, v in means.items()})
   out.events.close()
-  out.checkpoints.close()
   rows = {label: m for label, m, _ in [*evaluated.values(),
                                        *references.values()]}
   table = eval_lib.format_table(rows, eval_lib.metric_names(task))

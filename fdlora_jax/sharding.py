@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -35,6 +37,95 @@ from fdlora_jax.errors import ConfigError
 PyTree = Any
 
 CLIENTS, MODEL = 'clients', 'model'
+
+
+def initialize_distributed(coordinator: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           timeout_s: int = 300) -> None:
+  """Joins a multi-process run (``jax.distributed``): afterwards
+  ``jax.devices()`` lists every process's devices, and the client mesh of
+  :func:`device_mesh` spans them all.
+
+  ``coordinator`` is ``host:port`` of process 0, the same for every
+  process, with ``num_processes`` and this process's ``process_id``; all
+  None: JAX finds them itself where it can (SLURM, Open MPI, Cloud TPU).
+  A bad id or a coordinator not reached within ``timeout_s`` raises
+  :class:`ConfigError` naming it.
+  """
+  given = [v is not None for v in (coordinator, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise ConfigError('--coordinator, --num_processes and --process_id go '
+                      'together (or none of them, on a cluster JAX detects)')
+  if all(given):
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f'--process_id={process_id} must be in [0, '
+                        f'--num_processes={num_processes})')
+    if ':' not in coordinator:
+      raise ConfigError(f'--coordinator={coordinator!r} must be host:port')
+    _reach(coordinator, process_id, timeout_s)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes,
+        process_id=process_id, initialization_timeout=timeout_s)
+  except (RuntimeError, ValueError) as e:   # XlaRuntimeError is a RuntimeError
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
+    raise ConfigError(
+        f'jax.distributed could not start (coordinator {coordinator or "auto"}'
+        f', process {process_id}, {timeout_s} s timeout): {first}') from None
+
+
+def _reach(coordinator: str, process_id: int, timeout_s: int) -> None:
+  """Process 0 must be able to listen on the coordinator's port, and every
+  other process to reach it within ``timeout_s``: checked here, because
+  JAX's coordination client aborts the process (no Python error) when it
+  cannot connect."""
+  host, _, port = coordinator.rpartition(':')
+  try:
+    port = int(port)
+  except ValueError:
+    raise ConfigError(f'--coordinator={coordinator!r}: the port must be a '
+                      'number') from None
+  if process_id == 0:
+    with socket.socket() as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        s.bind(('', port))
+      except OSError as e:
+        raise ConfigError(f'--coordinator={coordinator}: process 0 cannot '
+                          f'listen on port {port} ({e.strerror})') from None
+    return
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=2).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ConfigError(
+            f'--coordinator={coordinator}: process {process_id} could not '
+            f'reach process 0 within {timeout_s} s ({e.strerror or e})'
+            ) from None
+      time.sleep(0.5)
+
+
+def put(x, sharding: NamedSharding):
+  """``jax.device_put`` that also works when ``sharding`` spans the devices
+  of several processes (``jax.distributed``): every process holds the same
+  host value (the same config, seed and data build it), and each places the
+  slices of its own devices. A typed PRNG key goes through its key data."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)           # global -> global
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                    impl=impl)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
 
 
 def make_mesh(num_client_shards: int, num_model_shards: int = 1,
@@ -67,6 +158,34 @@ def device_mesh(num_clients: int, model_shards: int) -> Optional[Mesh]:
   return make_mesh(client_shards, model_shards)
 
 
+def to_host(tree: PyTree) -> PyTree:
+  """A numpy copy of every leaf. A leaf split over the devices of several
+  processes is gathered first; that is a collective, so under
+  ``jax.distributed`` every process calls this at the same point."""
+  def get(x):
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable
+        and not x.is_fully_replicated):
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def globalize(tree: PyTree) -> PyTree:
+  """Under ``jax.distributed``: every process-local leaf as a global array
+  replicated on all devices (what a multi-process orbax checkpoint takes);
+  leaves that already span processes are kept. One process: unchanged."""
+  if jax.process_count() == 1:
+    return tree
+  everywhere = NamedSharding(Mesh(np.array(jax.devices()), ('all',)), P())
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    return put(x, everywhere)
+  return jax.tree.map(get, tree)
+
+
 def shard_clients(tree: PyTree, mesh: Mesh, axis: int = 0) -> PyTree:
   """Splits axis ``axis`` (the client axis) of every leaf over 'clients'.
 
@@ -77,15 +196,15 @@ def shard_clients(tree: PyTree, mesh: Mesh, axis: int = 0) -> PyTree:
   """
   size = mesh.shape[CLIENTS]
 
-  def put(x):
+  def place(x):
     if np.ndim(x) <= axis:
-      return jax.device_put(x, NamedSharding(mesh, P()))
+      return put(x, NamedSharding(mesh, P()))
     if np.shape(x)[axis] % size:
       raise ValueError(f'{np.shape(x)[axis]} clients cannot be split over '
                        f"{size} 'clients' shards")
     spec = P(*([None] * axis), CLIENTS)
-    return jax.device_put(x, NamedSharding(mesh, spec))
-  return jax.tree.map(put, tree)
+    return put(x, NamedSharding(mesh, spec))
+  return jax.tree.map(place, tree)
 
 
 def base_spec(shape: Sequence[int], model_shards: int) -> P:
@@ -108,11 +227,10 @@ def shard_base(params: PyTree, mesh: Mesh) -> PyTree:
   replicated over 'clients'."""
   m = mesh.shape[MODEL]
   return jax.tree.map(
-      lambda x: jax.device_put(x, NamedSharding(mesh, base_spec(x.shape, m))),
+      lambda x: put(x, NamedSharding(mesh, base_spec(x.shape, m))),
       params)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """A full copy of every leaf on every device of ``mesh``."""
-  return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())),
-                      tree)
+  return jax.tree.map(lambda x: put(x, NamedSharding(mesh, P())), tree)

@@ -162,3 +162,117 @@ def test_fdlora_rounds_on_a_mesh_equal_one_device():
 ])
 def test_base_spec(shape, shards, spec):
   assert tuple(base_spec(shape, shards)) == spec
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _checkpoint(path: Path):
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  ck = ocp.PyTreeCheckpointer()
+  tree = ck.metadata(path).item_metadata.tree
+  return ck.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
+def _diff_json(a, b, path=''):
+  """Paths where two results.json differ (floats to 1e-5; timings
+  skipped)."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = [f'{path}/{k}: missing' for k in set(a) ^ set(b)]
+    for k in set(a) & set(b):
+      if k not in ('timing', 'wall_s', 'seconds'):
+        out += _diff_json(a[k], b[k], f'{path}/{k}')
+    return out
+  if isinstance(a, list) and isinstance(b, list):
+    if len(a) != len(b):
+      return [f'{path}: length {len(a)} != {len(b)}']
+    return [d for i, (x, y) in enumerate(zip(a, b))
+            for d in _diff_json(x, y, f'{path}[{i}]')]
+  if isinstance(a, float) and isinstance(b, float):
+    return [] if abs(a - b) <= 1e-5 * max(1.0, abs(b)) else [
+        f'{path}: {a} != {b}']
+  return [] if a == b else [f'{path}: {a!r} != {b!r}']
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+  """main.py as 2 jax.distributed processes of 2 (forced host) devices each,
+  the 4 clients split over all 4 devices, equals main.py in one process on
+  one device: results.json, every row's answers and the final checkpoint."""
+  import json
+  import jax
+  import numpy as np
+  args = [sys.executable, 'main.py', '--config=configs/tiny.py',
+          '--config.fl.num_clients=4']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env.pop('XLA_FLAGS', None)
+  port = _free_port()
+  multi_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs = [subprocess.Popen(
+      args + [f'--workdir={tmp_path / "multi"}',
+              f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}', '--distributed_timeout=120']
+      + (['--verbosity=0'] if i == 0 else []),
+      env=multi_env, cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  single = subprocess.run(args + [f'--workdir={tmp_path / "single"}'],
+                          env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert single.returncode == 0, single.stderr[-3000:]
+  # The clients really were split over the 4 devices of both processes.
+  assert "Mesh {'clients': 4, 'model': 1} over 4 devices" in outs[0][1]
+  # Process 0 printed and wrote; process 1 neither (Gloo's own C++ lines
+  # about connected ranks aside).
+  assert 'results:' in outs[0][0]
+  assert [l for l in outs[1][0].splitlines()
+          if not l.startswith('[Gloo]')] == [], outs[1][0][-2000:]
+  multi, one = tmp_path / 'multi', tmp_path / 'single'
+  diffs = _diff_json(json.loads((multi / 'results.json').read_text()),
+                     json.loads((one / 'results.json').read_text()))
+  assert not diffs, diffs[:10]
+  for f in sorted((one / 'predictions').glob('*.npz')):
+    a, b = np.load(multi / 'predictions' / f.name), np.load(f)
+    np.testing.assert_array_equal(a['pred'], b['pred'], err_msg=f.name)
+    if 'scores' in b:                  # model rows (references have none)
+      np.testing.assert_allclose(a['scores'], b['scores'], rtol=1e-4,
+                                 atol=1e-5, err_msg=f.name)
+  step = max(int(d.name) for d in (one / 'checkpoints').iterdir()
+             if d.name.isdigit())
+  a = _checkpoint(multi / 'checkpoints' / str(step) / 'default')
+  b = _checkpoint(one / 'checkpoints' / str(step) / 'default')
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float32),
+                               np.asarray(y, np.float32), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_distributed_bad_launch_is_one_line(tmp_path):
+  """A process that cannot reach the coordinator, or a process id out of
+  range: one line naming it, exit status 2, nothing written."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  port = _free_port()       # nothing listens there
+  for extra, words in [
+      (['--num_processes=2', '--process_id=1', '--distributed_timeout=2'],
+       'could not reach process 0'),
+      (['--num_processes=2', '--process_id=2'], '--process_id=2 must be in'),
+  ]:
+    proc = subprocess.run(
+        [sys.executable, 'main.py', '--config=configs/tiny.py',
+         f'--workdir={tmp_path / "w"}', f'--coordinator=127.0.0.1:{port}']
+        + extra, env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], proc.stderr
+    assert not (tmp_path / 'w').exists()

@@ -321,9 +321,10 @@ class Engine:
           num_targets=num_targets)
       train, opt = place((train, opt))
       healthy = healthy & ok
-      losses.append(np.asarray(sm.loss * sm.tokens).sum(1))
-      tokens.append(np.asarray(sm.tokens).sum(1))
-      nonfinite += np.asarray(sm.nonfinite).sum(1)
+      sm = sharding.to_host(sm)
+      losses.append((sm.loss * sm.tokens).sum(1))
+      tokens.append(sm.tokens.sum(1))
+      nonfinite += sm.nonfinite.sum(1)
       if progress is not None:
         progress(min(s0 + chunk, k), k)
     new_client, upload = self._finishes[phase.name](client, train, download,
@@ -340,16 +341,16 @@ class Engine:
         'round': t,
         'train_loss': loss.tolist(),
         'train_loss_mean': float(loss.mean()) if m else 0.0,
-        'healthy': np.asarray(healthy).tolist(),
+        'healthy': sharding.to_host(healthy).tolist(),
         'nonfinite_steps': nonfinite.tolist(),
         'bytes_down_per_client': (
             per_client_bytes(download, m) if phase.download_bytes is None else
-            np.asarray(self._download_bytes[phase.name](download),
-                       np.int64).tolist()),
+            sharding.to_host(self._download_bytes[phase.name](download)
+                             ).astype(np.int64).tolist()),
         'bytes_up_per_client': (
             per_client_bytes(upload, m) if phase.wire_bytes is None else
-            np.asarray(self._wire_bytes[phase.name](upload),
-                       np.int64).tolist()),
+            sharding.to_host(self._wire_bytes[phase.name](upload)
+                             ).astype(np.int64).tolist()),
     }
     if self.private and phase.server is not None:
       # Client-side clipping, against a reference the server knows; the
@@ -357,7 +358,7 @@ class Engine:
       clip = jnp.float32(dp_clip)
       upload, norms = self._clip(
           upload, self._references[phase.name](client, download), clip)
-      metrics['dp_unclipped'] = np.asarray(norms <= clip).tolist()
+      metrics['dp_unclipped'] = sharding.to_host(norms <= clip).tolist()
     return new_client, opt, upload, metrics
 
   def server_repeat(self, index: int, server: PyTree, uploads: PyTree,
@@ -388,7 +389,7 @@ class Engine:
       metrics['dp_epsilon'] = self.guarantee(index + 1)['epsilon']
     server, sm = self._servers[phase.name](server, uploads, weights,
                                            jnp.int32(t))
-    metrics.update({k: np.asarray(v).tolist() for k, v in sm.items()})
+    metrics.update({k: v.tolist() for k, v in sharding.to_host(sm).items()})
     return server, dp_state, metrics
 
   def run_searches(self, state: dict, progress: Optional[Callable] = None
@@ -402,5 +403,6 @@ class Engine:
       client, m = p.search(state['server'], client,
                            self.keys.search(i),
                            progress(p.name) if progress else None)
-      metrics[p.name] = {k: np.asarray(v).tolist() for k, v in m.items()}
+      metrics[p.name] = {k: v.tolist()
+                         for k, v in sharding.to_host(m).items()}
     return dict(state, client=client), metrics
