@@ -165,15 +165,24 @@ def free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method', ['fedavg', 'fdlora'])
-def test_a_real_federation_equals_the_simulation(method, tmp_path):
+@pytest.mark.parametrize('method,secure', [('fedavg', False),
+                                           ('fdlora', False),
+                                           ('fedavg', True)])
+def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
   """`flwr run` on a SuperLink and three SuperNodes (separate processes,
   gRPC over 127.0.0.1): the same server state, per-client adapters and
-  per-client metrics as the vmapped simulation."""
+  per-client metrics as the vmapped simulation. With SecAgg+ the server
+  receives no upload (no array at all in any reply of a round) and gets
+  the weighted mean within the quantisation error."""
   bindir = Path(sys.executable).parent
   if not (bindir / 'flower-superlink').exists():
     pytest.skip('flwr is not installed')
-  c, overrides = config(method, tmp_path)
+  # SecAgg+: one aggregation (no local phase, one round), so the final
+  # server state is one aggregate of the very uploads the simulation
+  # averages in the clear. (After two, the second round's clients start
+  # from globals a quantum apart, and Adam moves a rare weight further.)
+  c, overrides = config(method, tmp_path, **(
+      {'fl.rounds': 1, 'fl.local_epochs': 0.0} if secure else {}))
   home, work, nodes = tmp_path / 'flwr', tmp_path / 'work', tmp_path / 'nodes'
   home.mkdir()
   port = free_port()
@@ -204,7 +213,8 @@ def test_a_real_federation_equals_the_simulation(method, tmp_path):
     run = subprocess.run(
         [str(bindir / 'flwr'), 'run', '.', 'test', '--stream',
          '--run-config', f'config="configs/tiny.py" overrides="{overrides}" '
-         f'workdir="{work}"'],
+         f'workdir="{work}"'
+         + (' secagg=true secagg-clipping-range=1.0' if secure else '')],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert (work / 'results.json').is_file(), (
         run.stdout[-3000:] + run.stderr[-2000:]
@@ -225,13 +235,32 @@ def test_a_real_federation_equals_the_simulation(method, tmp_path):
   server = serialization.from_state_dict(
       sim['server'], serialization.msgpack_restore(
           (work / 'server_state.msgpack').read_bytes()))
-  close(server, sim['server'])
   template = federation.take(sim['client'], 0)
   for i in range(3):
     private = serialization.msgpack_restore(
         (nodes / f'client{i}.msgpack').read_bytes())
     close(serialization.from_state_dict(template, private['client']),
           federation.take(sim['client'], i))
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()]
+  if secure:
+    # The aggregate against the plain weighted mean of the same uploads:
+    # each client's weighted value is quantised to one of 2**22 levels over
+    # [-1, 1] (secagg-clipping-range=1), so each adds under 2 / 2**22; and a
+    # site's per-client step differs from the vmapped one by up to 3e-7
+    # (the plain runs above agree with the simulation to that).
+    bound = 3 * 2 / 2 ** 22 + 5e-7
+    diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+               for u, v in zip(jax.tree.leaves(server),
+                               jax.tree.leaves(sim['server'])))
+    if os.environ.get('DUMP_SECAGG'):
+      np.savez('/tmp/secagg_dump.npz', **{f'got{i}': np.asarray(u) for i, u in enumerate(jax.tree.leaves(server))}, **{f'sim{i}': np.asarray(v) for i, v in enumerate(jax.tree.leaves(sim['server']))})
+    assert 0 < diff <= bound, (diff, bound)
+    # No upload reached the server: no array in any reply of any repeat
+    # (FedAvg aggregates after every one; the final line aside).
+    assert [l.get('secagg') for l in lines[:-1]] == [
+        {'clients': [0, 1, 2], 'arrays_received': 0}] * (len(lines) - 1)
+    return
+  close(server, sim['server'])
   # Per-client metrics of every row, and the bytes on the wire.
   got = json.loads((work / 'results.json').read_text())
   assert set(got['models']) == set(metrics)
@@ -239,7 +268,6 @@ def test_a_real_federation_equals_the_simulation(method, tmp_path):
     assert got['models'][row]['per_client'] == m['per_client'], row
   assert got['communication']['bytes_total'] == communication(
       repeats, 3)['bytes_total']
-  lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()]
   np.testing.assert_allclose([l['train_loss'] for l in lines[:-1]],
                              [m['train_loss'] for m in repeats], rtol=1e-4)
 
@@ -252,3 +280,28 @@ def test_overrides_keep_quoted_and_bracketed_values_whole():
                  'fdlora.fusion.baselines': ('sum', 'average'),
                  'fl.rounds': 2, 'method': 'fedavg',
                  'model.tokenizer_cache': '/tmp/a b'}
+
+
+def test_secure_aggregation_weights_refusals_and_range(tmp_path):
+  """The weights each client gets for SecAgg+ (0 for a dropped or
+  non-finite client, the rest summing to one), a method whose server reads
+  individual uploads refused, and a weighted upload outside the clipping
+  range stopped with the field named."""
+  from fdlora_jax.deploy import secagg
+  c, _ = config('fedavg', tmp_path)
+  server = federation.Server(federation.prepare(c), tmp_path / 'w')
+  server.check_secure()
+  ok = {'healthy': [True]}
+  w = server.secure_weights(0, [ok, None, {'healthy': [False]}])
+  np.testing.assert_allclose(w, [1.0, 0.0, 0.0])
+  w = server.secure_weights(0, [ok, ok, ok])
+  cw = server.engine.client_weights
+  np.testing.assert_allclose(w, cw / cw.sum())
+  c, _ = config('fedamp', tmp_path)
+  with pytest.raises(ConfigError, match="secagg=true: method 'fedamp'"):
+    federation.Server(federation.prepare(c), tmp_path / 'w').check_secure()
+  got = secagg.weighted([np.array([1.0, -3.0], np.float32)], 0.5, 8.0)
+  assert got[0].dtype == np.float64
+  np.testing.assert_array_equal(got[0], [0.5, -1.5])
+  with pytest.raises(ValueError, match='secagg-clipping-range=1'):
+    secagg.weighted([np.array([1.0, -3.0], np.float32)], 0.5, 1.0)

@@ -10,8 +10,12 @@ state between messages and never leaves the node.
 Messages (sent by :mod:`fdlora_jax.deploy.server_app`):
 
 * ``query``: which partition this node holds and the config's fingerprint;
-* ``train``: one repeat (``index``) from its download; replies the upload
-  (clipped under DP) and the client's metrics;
+* ``train.repeat``: one repeat (``index``) from its download; replies the
+  upload (clipped under DP) and the client's metrics; with secure
+  aggregation it keeps the upload and replies the metrics only;
+* ``train`` (wrapped in Flower's ``secaggplus_mod``): the SecAgg+ protocol,
+  which masks the kept upload times the client's weight
+  (:mod:`fdlora_jax.deploy.secagg`);
 * ``evaluate.search``: the method's searches (AdaFusion) with the server
   state; replies their metrics;
 * ``evaluate``: every evaluation row on the client's own test split;
@@ -23,11 +27,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from fdlora_jax.deploy import federation, wire
+from fdlora_jax.deploy import federation, secagg, wire
 
 app = ClientApp()
 _SITES: dict = {}      # (config fingerprint, partition) -> Site, per process
@@ -81,7 +87,7 @@ def hello(msg: Message, context: Context) -> Message:
       'fingerprint': federation.fingerprint(site.x.config)}))
 
 
-@app.train()
+@app.train('repeat')
 def train(msg: Message, context: Context) -> Message:
   site = _site(context)
   cfg = msg.content['config']
@@ -93,8 +99,21 @@ def train(msg: Message, context: Context) -> Message:
   private, upload, metrics = site.train(_private(site, context), index,
                                         download, clip if clip > 0 else None)
   _keep(site, context, private)
-  return _reply(msg, upload=wire.pack(upload),
-                metrics=ConfigRecord({'json': json.dumps(metrics)}))
+  metrics = ConfigRecord({'json': json.dumps(metrics)})
+  if bool(cfg.get('secagg', False)):
+    # Kept for the SecAgg+ protocol: the server never sees it alone.
+    context.state['upload'] = ArrayRecord(
+        [np.asarray(x) for x in jax.tree.leaves(upload)])
+    return _reply(msg, metrics=metrics)
+  return _reply(msg, upload=wire.pack(upload), metrics=metrics)
+
+
+@app.train(mods=[secaggplus_mod])
+def secure_upload(msg: Message, context: Context) -> Message:
+  """The SecAgg+ masked-vector stage: the kept upload times the weight."""
+  leaves = context.state['upload'].to_numpy_ndarrays()
+  return secagg.client_reply(msg, leaves, float(context.run_config.get(
+      'secagg-clipping-range', 8.0)))
 
 
 @app.evaluate('search')

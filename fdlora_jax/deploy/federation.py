@@ -234,13 +234,40 @@ class Server:
                                      jnp.int32(t))[1]
     return jax.eval_shape(upload, client, download)
 
+  def check_secure(self) -> None:
+    """Secure aggregation gives the server only the weighted mean of the
+    uploads: a method whose server needs more (the phases DP refuses, with
+    no ``Phase.dp_reference``) is refused."""
+    for p in self.engine.training:
+      if p.server is not None and p.dp_reference is None:
+        raise ConfigError(
+            f'secagg=true: method {self.x.config.method!r} (phase {p.name!r})'
+            ' reads individual uploads on the server, not only their '
+            'weighted mean, so it cannot run under secure aggregation')
+
+  def secure_weights(self, index: int,
+                     client_metrics: list[Optional[dict]]) -> np.ndarray:
+    """Each client's share ``p_i = w_i / sum_j w_j`` of the weighted mean in
+    repeat ``index`` (0 for a dropped or non-finite client), sent to it for
+    secure aggregation."""
+    w = self.engine.client_weights * np.array(
+        [m is not None and bool(m['healthy'][0]) for m in client_metrics])
+    return w / w.sum() if w.sum() > 0 else w
+
   def repeat(self, state: dict, index: int, uploads: list[PyTree],
-             client_metrics: list[Optional[dict]]) -> tuple[dict, dict]:
+             client_metrics: list[Optional[dict]],
+             aggregate: Optional[PyTree] = None) -> tuple[dict, dict]:
     """The server's part of repeat ``index`` from each client's ``[1, ...]``
     upload and metrics (None: the client dropped out this round; it gets
-    weight 0 and its upload is never read). Returns the state and the
-    repeat's metrics line, as the simulation writes it."""
+    weight 0 and its upload is never read). With secure aggregation the
+    uploads are unknown and ``aggregate`` is their weighted mean
+    (``[1, ...]``): every client's slot holds it, so the server function's
+    weighted mean is that mean. Returns the state and the repeat's metrics
+    line, as the simulation writes it."""
     phase = self.engine.schedule()[index][0]
+    if aggregate is not None:
+      uploads = [aggregate if m is not None else None
+                 for m in client_metrics]
     present = [u for u, m in zip(uploads, client_metrics) if m is not None]
     if not present:
       raise RuntimeError(f'repeat {index}: no client replied')

@@ -10,7 +10,11 @@ Run config (pyproject's ``[tool.flwr.app.config]``, or ``flwr run
   seconds: ``'continue'`` (the round completes with the others; the
   metrics line names who dropped) or ``'wait'`` (ask it again until it
   replies);
-* ``connect-timeout``: seconds to wait for every SuperNode to connect.
+* ``connect-timeout``: seconds to wait for every SuperNode to connect;
+* ``secagg``: ``true`` aggregates the uploads with Flower's SecAgg+ (the
+  server learns their weighted mean only; :mod:`fdlora_jax.deploy.secagg`),
+  with ``secagg-clipping-range``, ``secagg-quantization-range`` and
+  ``secagg-threshold``.
 
 The server never sees a client's private state: it sends each client its
 download and reads back its upload and metrics, as in the simulation
@@ -22,11 +26,12 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fdlora_jax.deploy import federation, wire
+from fdlora_jax.deploy import federation, secagg, wire
 from fdlora_jax.errors import ConfigError
 
 app = ServerApp()
@@ -104,24 +109,57 @@ def main(grid: Grid, context: Context) -> None:
   n, engine = server.n, server.engine
   nodes = _connect(grid, n, float(rc.get('connect-timeout', 120)),
                    federation.fingerprint(c))
+  secure = str(rc.get('secagg', 'false')).lower() in ('true', '1')
+  settings = secagg.Settings.from_run_config(rc) if secure else None
+  if secure:
+    server.check_secure()
+    if n < 2 or settings.threshold < 2:
+      raise ConfigError(f'secagg=true needs fl.num_clients >= 2 and '
+                        f'secagg-threshold >= 2 (got {n}, '
+                        f'{settings.threshold})')
   out = server.open()
   state, repeats = server.initial(), []
   for index in range(len(engine.schedule())):
     t0 = time.time()
+    phase = engine.schedule()[index][0]
+    hidden = secure and phase.server is not None
+    seen = secagg.RecordingGrid(grid)
     download = engine.broadcast(index, state['server'])
     clip = float(state['dp']['clip']) if state.get('dp') else -1.0
     content = {pid: RecordDict({
         'download': wire.pack(federation.take(download, pid)
                               if download is not None else None),
-        'config': ConfigRecord({'index': index, 'dp_clip': clip})})
+        'config': ConfigRecord({'index': index, 'dp_clip': clip,
+                                'secagg': hidden})})
         for pid in range(n)}
-    replies = _ask(grid, nodes, MessageType.TRAIN, content, timeout, on_drop)
+    replies = _ask(seen, nodes, 'train.repeat', content, timeout, on_drop)
     like = server.upload_template(index)
-    uploads = [None if replies[p] is None else
-               wire.unpack(replies[p]['upload'], like) for p in range(n)]
     metrics = [None if replies[p] is None else
                json.loads(replies[p]['metrics']['json']) for p in range(n)]
-    state, line = server.repeat(state, index, uploads, metrics)
+    if hidden:
+      share = server.secure_weights(index, metrics)
+      leaves, inside = secagg.weighted_mean(
+          seen, context, {nodes[p]: float(share[p]) for p in range(n)
+                          if metrics[p] is not None}, settings, index + 1)
+      if leaves is None:
+        raise RuntimeError(f'repeat {index}: too few clients stayed for '
+                           'secure aggregation to finish')
+      # A client that left during the protocol is not in the mean.
+      metrics = [m if nodes[p] in inside else None
+                 for p, m in enumerate(metrics)]
+      flat, tree = jax.tree.flatten(like)
+      aggregate = jax.tree.unflatten(tree, [
+          np.asarray(v).reshape(t.shape).astype(t.dtype)
+          for v, t in zip(leaves, flat)])
+      state, line = server.repeat(state, index, [None] * n, metrics,
+                                  aggregate=aggregate)
+      line['secagg'] = {'clients': [p for p in range(n)
+                                    if nodes[p] in inside],
+                        'arrays_received': seen.arrays}
+    else:
+      uploads = [None if replies[p] is None else
+                 wire.unpack(replies[p]['upload'], like) for p in range(n)]
+      state, line = server.repeat(state, index, uploads, metrics)
     line['step'] = index + 1
     line['wall_s'] = time.time() - t0
     out.log.write(line)
