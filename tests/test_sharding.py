@@ -215,17 +215,31 @@ def test_two_processes_equal_one(tmp_path):
   env.pop('XLA_FLAGS', None)
   port = _free_port()
   multi_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  # Output to files, not pipes: a process blocked on a full pipe would
+  # stall the other one inside a collective.
+  files = [(open(tmp_path / f'p{i}.out', 'w'), open(tmp_path / f'p{i}.err',
+                                                     'w')) for i in range(2)]
   procs = [subprocess.Popen(
       args + [f'--workdir={tmp_path / "multi"}',
               f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
               f'--process_id={i}', '--distributed_timeout=120']
       + (['--verbosity=0'] if i == 0 else []),
-      env=multi_env, cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=multi_env, cwd=REPO, stdout=out, stderr=err)
+      for i, (out, err) in enumerate(files)]
   single = subprocess.run(args + [f'--workdir={tmp_path / "single"}'],
                           env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)
-  outs = [p.communicate(timeout=900) for p in procs]
+  try:
+    for p in procs:
+      p.wait(timeout=900)
+  finally:
+    for p in procs:
+      p.kill()
+    for out, err in files:
+      out.close()
+      err.close()
+  outs = [((tmp_path / f'p{i}.out').read_text(),
+           (tmp_path / f'p{i}.err').read_text()) for i in range(2)]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert single.returncode == 0, single.stderr[-3000:]
