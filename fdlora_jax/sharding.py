@@ -24,12 +24,15 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import socket
 import time
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdlora_jax.errors import ConfigError
@@ -73,6 +76,39 @@ def initialize_distributed(coordinator: Optional[str] = None,
     raise ConfigError(
         f'jax.distributed could not start (coordinator {coordinator or "auto"}'
         f', process {process_id}, {timeout_s} s timeout): {first}') from None
+  if coordinator is not None and _is_loopback(coordinator.rpartition(':')[0]):
+    _loopback_collectives()
+
+
+def _is_loopback(host: str) -> bool:
+  try:
+    return ipaddress.ip_address(socket.gethostbyname(host.strip('[]'))
+                                ).is_loopback
+  except (OSError, ValueError):
+    return False
+
+
+def _loopback_collectives() -> None:
+  """Every process on this machine (the coordinator is a loopback
+  address): the CPU collectives (Gloo) connect the processes over
+  127.0.0.1. By default Gloo uses the address the machine's hostname
+  resolves to, which in a sandbox or container need not route, and then a
+  collective waits forever. Uses JAX's CPU client factory (private API);
+  where that has moved, JAX's default stays."""
+  try:
+    from jax._src import distributed, xla_bridge
+    from jax._src.lib import _jax
+    if jax.config.jax_cpu_collectives_implementation not in (None, 'gloo'):
+      return
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=distributed.global_state.client,
+        hostname='127.0.0.1')
+    xla_bridge.register_backend_factory(
+        'cpu', functools.partial(xla_bridge.make_cpu_client,
+                                 collectives=collectives),
+        priority=0, fail_quietly=False)
+  except (AttributeError, ImportError, TypeError, RuntimeError) as e:
+    logging.warning('Gloo stays on its default address: %s', e)
 
 
 def _reach(coordinator: str, process_id: int, timeout_s: int) -> None:

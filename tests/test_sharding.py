@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,10 @@ def test_two_processes_equal_one(tmp_path):
           '--config.fl.num_clients=4']
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   env.pop('XLA_FLAGS', None)
+  single = subprocess.run(args + [f'--workdir={tmp_path / "single"}'],
+                          env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+  assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   multi_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   # Output to files, not pipes: a process blocked on a full pipe would
@@ -226,23 +231,28 @@ def test_two_processes_equal_one(tmp_path):
       + (['--verbosity=0'] if i == 0 else []),
       env=multi_env, cwd=REPO, stdout=out, stderr=err)
       for i, (out, err) in enumerate(files)]
-  single = subprocess.run(args + [f'--workdir={tmp_path / "single"}'],
-                          env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+  deadline, late = time.monotonic() + 900, None
   try:
-    for p in procs:
-      p.wait(timeout=900)
+    for i, p in enumerate(procs):
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        late = i
+        break
   finally:
     for p in procs:
       p.kill()
     for out, err in files:
       out.close()
       err.close()
+  tails = '\n'.join(f'--- process {i} {name}:\n'
+                    + (tmp_path / f'p{i}.{name}').read_text()[-1500:]
+                    for i in range(2) for name in ('out', 'err'))
+  assert late is None, f'process {late} still running after 900 s\n{tails}'
   outs = [((tmp_path / f'p{i}.out').read_text(),
            (tmp_path / f'p{i}.err').read_text()) for i in range(2)]
   for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert single.returncode == 0, single.stderr[-3000:]
+    assert p.returncode == 0, tails
   # The clients really were split over the 4 devices of both processes.
   assert "Mesh {'clients': 4, 'model': 1} over 4 devices" in outs[0][1]
   # Process 0 printed and wrote; process 1 neither (Gloo's own C++ lines
