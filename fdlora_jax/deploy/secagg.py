@@ -20,8 +20,10 @@ survivors.
 Precision: each value ``p_i u_i`` is clipped to ``[-clipping_range,
 clipping_range]`` (a client whose weighted upload exceeds it stops with an
 error naming ``secagg-clipping-range``) and quantised to
-``quantization_range`` levels, so each client adds at most
-``2 clipping_range / quantization_range`` of error per value.
+``quantization_range`` levels: a quantum of ``2 clipping_range /
+quantization_range``. The aggregate's error measured in the tests is four
+to seven quanta over three clients, above the three that rounding the
+values alone would give (docs/deploy.md).
 """
 
 from __future__ import annotations
