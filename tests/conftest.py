@@ -2,9 +2,22 @@
 tiny random Hugging Face LLaMA checkpoints made on the fly. Plain helpers
 (constants, batch makers, runners) are in tests/helpers.py."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session, as main.py keeps one per
+# user: the many tiny runs compile the same programs (in this process and in
+# the main.py subprocesses, which inherit it). Fresh each session, so a test
+# never meets a program compiled by older code.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='fdlora_jax_test_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest
 
