@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -221,11 +222,16 @@ class _Discard:
     pass
 
 
-def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) ``c.method`` on ``c``'s data; returns the results."""
+def run(c: ml_collections.ConfigDict, workdir: str,
+        checkpoint_every_s: float = 0.0) -> dict:
+  """Runs (or resumes) ``c.method`` on ``c``'s data; returns the results.
+
+  The run state is checkpointed after every repeat, or with
+  ``checkpoint_every_s`` > 0 at most that often (and after each phase's
+  last repeat): the outputs are the same, a killed run redoes more."""
   t_start = time.time()
   x = prepare(c, validate_config(c))
-  out = open_outputs(x, Path(workdir).expanduser())
+  out = open_outputs(x, Path(workdir).expanduser(), checkpoint_every_s)
   state, repeats = train(x, out)
   state, searched = search(x, state)
   evaluated, references = evaluate(x, state)
@@ -270,12 +276,14 @@ def prepare(c: ml_collections.ConfigDict, module: ModuleType) -> Experiment:
                     engine, counts, context, tests, timing)
 
 
-def open_outputs(x: Experiment, work: Path) -> Outputs:
+def open_outputs(x: Experiment, work: Path,
+                 checkpoint_every_s: float = 0.0) -> Outputs:
   """The workdir: refuses to resume under a config that changes the saved
   state, then writes the config and the partition."""
   c = x.config
   work.mkdir(parents=True, exist_ok=True)
-  checkpoints = io_lib.StateCheckpoints(work / 'checkpoints')
+  checkpoints = io_lib.StateCheckpoints(work / 'checkpoints',
+                                        min_interval_s=checkpoint_every_s)
   resume = checkpoints.latest_step()
   if resume is not None:
     # Under DP every round spends privacy (and dp.epsilon fixes the noise
@@ -323,7 +331,8 @@ def train(x: Experiment, out: Outputs) -> tuple[dict, list[dict]]:
     # The metrics line first, then the checkpoint: a run killed in between
     # resumes from the previous checkpoint and drops this line.
     out.log.write(m)
-    out.checkpoints.save(index + 1, state)
+    last = index + 1 == len(schedule) or schedule[index + 1][0] is not phase
+    out.checkpoints.save(index + 1, state, force=last)
     out.events.scalars(index + 1, _scalars(m))
     repeats.append(m)
   bar.close()
@@ -335,8 +344,12 @@ def search(x: Experiment, state: dict) -> tuple[dict, dict]:
   """The method's search phases (e.g. AdaFusion), each with a bar."""
   t0 = time.time()
   bars = {}
+  # A bar is a host callback inside the compiled search, and JAX's
+  # persistent cache keeps no program with one: only where a bar shows.
+  shown = sys.stderr.isatty()
   state, searched = x.engine.run_searches(
-      state, progress=lambda name: _search_progress(name, bars))
+      state, progress=(lambda name: _search_progress(name, bars)) if shown
+      else None)
   for b in bars.values():
     b.close()
   x.timing['search_s'] = time.time() - t0

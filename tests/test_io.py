@@ -66,6 +66,19 @@ def test_state_checkpoint_round_trip(tmp_path):
   assert jax.tree.structure(back) == jax.tree.structure(state)
 
 
+def test_state_checkpoints_keep_their_interval_unless_forced(tmp_path):
+  state = {'w': jnp.arange(3.0)}
+  ck = io_lib.StateCheckpoints(tmp_path / 'ck', max_to_keep=5,
+                               min_interval_s=3600)
+  assert ck.save(1, state, force=False)          # the first one always
+  assert not ck.save(2, state, force=False)      # within the hour
+  assert ck.save(3, state, force=True)           # a phase's last repeat
+  assert sorted(ck.manager.all_steps()) == [1, 3]
+  every = io_lib.StateCheckpoints(tmp_path / 'every')   # the default: all
+  assert every.save(1, state, force=False) and every.save(2, state,
+                                                          force=False)
+
+
 def test_a_field_added_since_is_no_change_at_its_default():
   import ml_collections
   from fdlora_jax.io import config_changes
