@@ -471,6 +471,144 @@ def stack_memory() -> str:
       source(('stack_memory.json', g))])
 
 
+def _overhead_row(label: str, run: dict) -> list:
+  """One run's seconds per kind, summed over its stages."""
+  tot = {}
+  for row in run['stages'].values():
+    for k, v in row.items():
+      if k != 'calls':
+        tot[k] = tot.get(k, 0.0) + v
+  n = sum(r['calls'].get('compile', 0) for r in run['stages'].values())
+  loading = sum(tot.get(k, 0.0) for k in ('data', 'model', 'encode'))
+  return [label, secs(run['process_wall_s']), secs(run['run_s']),
+          secs(tot.get('trace', 0.0) + tot.get('lower', 0.0)),
+          f"{secs(tot.get('compile', 0.0))} ({n})",
+          secs(tot.get('cache_load', 0.0)), secs(tot.get('device_wait', 0.0)),
+          secs(tot.get('checkpoint', 0.0)), secs(loading),
+          secs(tot.get('host', 0.0))]
+
+
+def _stage_rows(run: dict) -> list:
+  rows = []
+  for name, r in run['stages'].items():
+    rows.append([name, secs(r['wall']),
+                 secs(r.get('trace', 0.0) + r.get('lower', 0.0)),
+                 f"{secs(r.get('compile', 0.0))} ({r['calls'].get('compile', 0)})",
+                 secs(r.get('device_wait', 0.0)),
+                 secs(r.get('checkpoint', 0.0)), secs(r['host'])])
+  return rows
+
+
+def cpu_overheads() -> str:
+  items, rows, out = [], [], []
+  for name, label in (('overheads_tiny_before.json', 'before'),
+                      ('overheads_tiny.json', 'after'),
+                      ('overheads_logs.json', 'after')):
+    if not (RESULTS / name).is_file():
+      continue
+    d = load(name)
+    items.append((name, d))
+    cfg = f"`{d['config']}`"
+    for r in d['runs']:
+      cache = {'off': 'cache off', 'cold': 'cold cache',
+               'warm': 'warm cache'}[r['cache']]
+      every = d.get('checkpoint_every', 0)
+      ck = 'a checkpoint every round' if not every else f'checkpoints >= {every:g} s apart'
+      rows.append(_overhead_row(f'{cfg}, {label}: {cache}, {ck}', r))
+  out.append(table(['run', 'process', 'run()', 'trace + lower',
+                    'compile (programs)', 'of which cache loads',
+                    'device wait', 'checkpoints', 'data, model, encoding',
+                    'host'], rows))
+  before = load('overheads_tiny_before.json')['runs'][0]
+  out += ['', 'Per stage, `configs/tiny.py` before (today\'s main, one run):',
+          '', table(['stage', 'wall', 'trace + lower', 'compile (programs)',
+                     'device wait', 'checkpoints', 'host'],
+                    _stage_rows(before))]
+  return '\n'.join(out + ['', source(*items)])
+
+
+def side_by_side() -> str:
+  items, rows = [], []
+  for name in ('side_by_side_tiny.json', 'side_by_side_logs.json'):
+    if not (RESULTS / name).is_file():
+      continue
+    d = load(name)
+    items.append((name, d))
+    for i, q in enumerate(d['pairs']):
+      rows.append([f"`{d['config']}`", i + 1, secs(q['before']['wall_s']),
+                   f"{secs(q['after']['wall_s'])} ({q['after_cache']} cache)",
+                   f"{q['ratio_wall']:.2f}",
+                   'yes' if q['results_identical'] else 'NO'])
+  return '\n'.join([
+      table(['config', 'pair', 'before', 'after', 'after / before',
+             'results.json identical (timings aside)'], rows), '',
+      source(*items)])
+
+
+def _kind_total(run: dict, kind: str, stage: str | None = None) -> float:
+  stages = [run['stages'][stage]] if stage else run['stages'].values()
+  return sum(r.get(kind, 0.0) for r in stages)
+
+
+def cpu_overhead_fixes() -> str:
+  """Each fix's saving predicted from the before profile, next to the same
+  component in the after profile (warm cache) and the side-by-side walls."""
+  b = load('overheads_tiny_before.json')
+  a = load('overheads_tiny.json')
+  before = b['runs'][0]
+  warm = [r for r in a['runs'] if r['cache'] == 'warm']
+  if not warm:
+    raise SystemExit('overheads_tiny.json: no warm-cache run')
+  after = warm[-1]
+  compile_b = _kind_total(before, 'compile')
+  search_b = _kind_total(before, 'compile', 'search')
+  ck_b = _kind_total(before, 'checkpoint')
+  def saves(run):
+    return sum(r['calls'].get('saves', r['calls'].get('checkpoint', 0))
+               for r in run['stages'].values())
+  n_b, n_a = saves(before), saves(after)
+  rows = [
+      ['persistent compilation cache (warm)',
+       f'the compile time of every program but the search: '
+       f'{secs(compile_b - search_b)}',
+       f'compile {secs(compile_b)} -> {secs(_kind_total(after, "compile"))}'
+       f' (search included, next row)'],
+      ['search progress callback only on a terminal',
+       f'the search\'s compile time: {secs(search_b)}',
+       f'search compile {secs(search_b)} -> '
+       f'{secs(_kind_total(after, "compile", "search"))}'],
+      ['checkpoints >= 60 s apart, and after each phase',
+       f'{n_b - n_a} of {n_b} saves: {secs(ck_b * (n_b - n_a) / max(n_b, 1))}',
+       f'checkpoints {secs(ck_b)} -> '
+       f'{secs(_kind_total(after, "checkpoint"))}'],
+  ]
+  predicted = compile_b + ck_b * (n_b - n_a) / max(n_b, 1)
+  wait = _kind_total(after, 'device_wait')
+  lines = [table(['fix', 'predicted saving (from the before profile)',
+                  'the same component, before -> after (warm cache)'], rows),
+           '', f'`run()` before: {secs(before["run_s"])}; predicted after, '
+           f'with a warm cache: {secs(before["run_s"] - predicted)}; '
+           f'measured: {secs(after["run_s"])}. The device wait alone is '
+           f'{secs(wait)} of it (the search\'s compute counted as host time '
+           f'before, when its progress callback made the call wait for it).']
+  sbs = RESULTS / 'side_by_side_tiny.json'
+  items = [('overheads_tiny_before.json', b), ('overheads_tiny.json', a)]
+  if sbs.is_file():
+    d = load(sbs.name)
+    items.append((sbs.name, d))
+    lines.append(
+        f'Whole processes side by side: before {secs(d["before_wall_median"])}'
+        f' (median), after {secs(d["pairs"][0]["after"]["wall_s"])} with a '
+        f'cold cache (ratio {d["ratio_cold"]:.2f}) and '
+        f'{secs(d["after_warm_wall_median"])} warm (median ratio '
+        f'{d["ratio_warm_median"]:.2f}); results.json identical in every '
+        f'pair: {"yes" if d["all_identical"] else "NO"}. A third of the '
+        f'before wall, {secs(d["before_wall_median"] / 3)}, is about what '
+        f'the warm run spends on device compute and process start-up alone '
+        f'({secs(wait + after["process_wall_s"] - after["run_s"])}).')
+  return '\n'.join(lines + ['', source(*items)])
+
+
 RENDERERS = {
     'first-run': first_run,
     'h200-runs': h200_runs, 'h200-env': h200_env, 'h200-step': h200_step,
@@ -479,7 +617,8 @@ RENDERERS = {
     'cpu-fusion': cpu_fusion, 'cpu-prefix': cpu_prefix, 'cpu-tfds': cpu_tfds,
     'cpu-whole-runs': cpu_whole_runs, 'central-probes': central_probes,
     'cpu-suite': cpu_suite, 'lora-suite': lora_suite, 'dp-suite': dp_suite,
-    'stack-memory': stack_memory,
+    'stack-memory': stack_memory, 'cpu-overheads': cpu_overheads,
+    'side-by-side': side_by_side, 'cpu-overhead-fixes': cpu_overhead_fixes,
 }
 
 
