@@ -4,6 +4,7 @@
 
 DIR holds what ``benchmarks/gpu_session.sh`` wrote to ``$OUT`` (the device
 tool brings it back): ``accelerator_7b.json``, ``client_throughput_gpu*.json``,
+``overheads_logs_gpu.json`` (benchmarks/overheads.py),
 ``run_<name>_results.json`` with ``run_<name>.log`` (the ``/usr/bin/time -v``
 output of that run), ``nvidia_smi.txt`` and ``versions.json``. Writes, each
 with an ``env`` entry (device, driver, versions, the source directory):
@@ -11,6 +12,7 @@ with an ``env`` entry (device, driver, versions, the source directory):
   accelerator_<tag>.json         the 7B-shape step (rows as the script wrote)
   client_throughput_<tag>.json   rows of every client_throughput_gpu*.json
   whole_run_<tag>_<name>.json    per run: results.json, process wall and RSS
+  overheads_logs_<tag>.json      the CPU default's time split, cold and warm
 
 Where DIR has no ``versions.json`` (sessions before the script wrote one),
 ``--env`` gives the versions as JSON, e.g. copied from that session's notes;
@@ -117,6 +119,9 @@ def main():
     process = time_v(log) if log.is_file() else {}
     results = json.loads(res.read_text())
     write(f'whole_run_{a.tag}_{name}', {**process, 'results': results})
+  over = a.src / 'overheads_logs_gpu.json'
+  if over.is_file():
+    write(f'overheads_logs_{a.tag}', json.loads(over.read_text()))
   if not wrote:
     raise SystemExit(f'{a.src}: nothing to import')
   for path in wrote:
