@@ -97,10 +97,10 @@ def test_kill_between_metrics_line_and_checkpoint(tmp_path, monkeypatch):
   run_lib.run(c, str(tmp_path / 'a'))
   real = io_lib.StateCheckpoints.save
 
-  def die_saving_step_3(self, step, state):
+  def die_saving_step_3(self, step, state, force=True):
     if step == 3:
       raise KeyboardInterrupt('killed before the checkpoint landed')
-    return real(self, step, state)
+    return real(self, step, state, force)
   monkeypatch.setattr(io_lib.StateCheckpoints, 'save', die_saving_step_3)
   with pytest.raises(KeyboardInterrupt):
     run_lib.run(c, str(tmp_path / 'b'))
