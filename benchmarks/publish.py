@@ -503,6 +503,7 @@ def cpu_overheads() -> str:
   items, rows, out = [], [], []
   for name, label in (('overheads_tiny_before.json', 'before'),
                       ('overheads_tiny.json', 'after'),
+                      ('overheads_logs_before.json', 'before'),
                       ('overheads_logs.json', 'after')):
     if not (RESULTS / name).is_file():
       continue
@@ -519,11 +520,35 @@ def cpu_overheads() -> str:
                     'compile (programs)', 'of which cache loads',
                     'device wait', 'checkpoints', 'data, model, encoding',
                     'host'], rows))
-  before = load('overheads_tiny_before.json')['runs'][0]
-  out += ['', 'Per stage, `configs/tiny.py` before (today\'s main, one run):',
-          '', table(['stage', 'wall', 'trace + lower', 'compile (programs)',
-                     'device wait', 'checkpoints', 'host'],
-                    _stage_rows(before))]
+  for stem in ('tiny', 'logs'):
+    names = [f'overheads_{stem}_before.json', f'overheads_{stem}.json']
+    if all((RESULTS / n).is_file() for n in names):
+      heads = [r['headline'] for n in names for r in load(n)['runs']]
+      same = all(h == heads[0] for h in heads)
+      out += ['', f'`configs/{stem}.py`: every evaluated row\'s client-mean '
+              f'metrics identical in all {len(heads)} runs above: '
+              f'{"yes" if same else "NO"}.']
+      b, w = load(names[0])['runs'][0], load(names[1])['runs'][-1]
+      if stem == 'logs' and w['cache'] == 'warm':
+        fixed = sum(_kind_total(b, k) - _kind_total(w, k)
+                    for k in ('compile', 'checkpoint'))
+        wait = (_kind_total(b, 'device_wait', 'train')
+                - _kind_total(w, 'device_wait', 'train'))
+        out[-1] += (
+            f' Compilation and checkpoints, what the fixes touch, fell by '
+            f'{secs(fixed)} of {secs(b["run_s"])} (warm); the training\'s '
+            f'device wait, which no change here touches, moved by '
+            f'{secs(wait)} between the runs (the machine\'s drift), so the '
+            f'whole-run ratio, {b["process_wall_s"] / w["process_wall_s"]:.2f}'
+            f'x, measures the machine as much as the code.')
+  for stem in ('tiny', 'logs'):
+    name = f'overheads_{stem}_before.json'
+    if not (RESULTS / name).is_file():
+      continue
+    out += ['', f'Per stage, `configs/{stem}.py` before (one run):', '',
+            table(['stage', 'wall', 'trace + lower', 'compile (programs)',
+                   'device wait', 'checkpoints', 'host'],
+                  _stage_rows(load(name)['runs'][0]))]
   return '\n'.join(out + ['', source(*items)])
 
 
