@@ -33,16 +33,7 @@ import time
 from pathlib import Path
 
 import common
-
-
-def strip(x):
-  """results.json without what varies from run to run."""
-  if isinstance(x, dict):
-    return {k: strip(v) for k, v in x.items()
-            if k not in ('timing', 'wall_s')}
-  if isinstance(x, list):
-    return [strip(v) for v in x]
-  return x
+from method_outputs import strip   # results without what varies by run
 
 
 def one(repo: Path, config: str, overrides: list[str], extra: list[str],
@@ -65,7 +56,7 @@ def one(repo: Path, config: str, overrides: list[str], extra: list[str],
           'cpu_s': round(after.ru_utime + after.ru_stime - before.ru_utime
                          - before.ru_stime, 2),
           'peak_rss_mib': round(after.ru_maxrss / 1024, 0),
-          'timing': results['timing'], 'results': strip(results)}
+          'timing': results['timing'], 'results': strip(results, str(work))}
 
 
 def main():
