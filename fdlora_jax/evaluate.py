@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdlora_jax import lora as lora_lib
+from fdlora_jax import sharding
 from fdlora_jax.model import (apply_after_prefix, empty_cache, hidden_at,
                               num_targets_bucket, positions_from_mask, prefill,
                               prefix_length, prompt_end, shared_prefix,
@@ -54,6 +55,12 @@ def _field(arrays, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Option scoring
 # ---------------------------------------------------------------------------
+@jax.jit
+def _take_rows(tree: PyTree, idx: jax.Array) -> PyTree:
+  """Rows ``idx`` of every leaf, in one program (a chunk's adapters)."""
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'normalize',
                                              'num_targets'))
 def _chunk_scores(model, base, lora, tokens, option_mask, attention_mask,
@@ -292,7 +299,7 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     sel = take[s:s + step]
     c_sel, r_sel = clients[sel], rows[sel]
     lora_rows = (None if lora is None else
-                 jax.tree.map(lambda x: x[jnp.asarray(c_sel)], lora))
+                 _take_rows(lora, jnp.asarray(c_sel)))
     tok, om, am = (x[c_sel, r_sel][:, None] for x in (
         tokens, option_mask, attention_mask))                 # [S, 1, O, L]
     if mix is not None:
@@ -302,13 +309,14 @@ def option_scores(model, base: PyTree, lora: Optional[PyTree], arrays,
     cache_rows = None
     if prefix:
       idx = jnp.asarray(np.zeros_like(c_sel) if one_start else c_sel)
-      cache_rows = jax.tree.map(lambda x: x[idx], caches)
+      cache_rows = _take_rows(caches, idx)
     if one_pass:
       outs.append(_chunk_scores_one_pass(model, base, lora_rows, tok, om, am,
                                          cache_rows))
     else:
       outs.append(_chunk_scores(model, base, lora_rows, tok, om, am,
                                 normalize, num_targets, cache_rows))
+    sharding.pace(outs[-1])
   flat = np.concatenate([np.asarray(o)[:, 0] for o in outs])[:len(rows)]
   out[clients, rows] = flat
   return out

@@ -43,7 +43,9 @@ class StateCheckpoints:
   previous one, unless forced (the caller forces the last repeat of each
   phase): an orbax save costs about 0.1 s however small the state, most of
   a tiny CPU round. A killed run then resumes from the last save and redoes
-  at most ``min_interval_s`` of rounds, to the same results.
+  at most ``min_interval_s`` of rounds, to the same results. Under
+  ``jax.distributed`` process 0's clock decides for every process (a save is
+  a collective: one process saving alone would wait for the others forever).
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2,
@@ -63,8 +65,11 @@ class StateCheckpoints:
     """Saves ``state`` as ``step`` unless it is not forced and comes within
     ``min_interval_s`` of the previous save; returns whether it saved."""
     now = time.monotonic()
-    if (not force and self._last_save is not None
-        and now - self._last_save < self.min_interval_s):
+    skip = (not force and self._last_save is not None
+            and now - self._last_save < self.min_interval_s)
+    if not force and self.min_interval_s > 0:
+      skip = sharding.same_on_every_process(skip)
+    if skip:
       return False
     state = sharding.globalize(state)      # jax.distributed: one checkpoint
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)

@@ -207,6 +207,33 @@ def to_host(tree: PyTree) -> PyTree:
   return jax.tree.map(get, tree)
 
 
+def pace(tree: PyTree) -> PyTree:
+  """Under ``jax.distributed`` on CPU: waits until ``tree`` is computed.
+
+  Call it in a host loop that dispatches a program per iteration. XLA's CPU
+  client queues up to 32 programs per device ahead of the host. In a hang
+  traced with gdb (option scoring, two processes sharing one loaded CPU),
+  one device's launch waited for a free slot of that queue while the
+  other devices sat in a collective that needed it: every process stuck.
+  One program in flight keeps every device in step. Elsewhere (one
+  process, or GPUs) it returns at once and the loop stays asynchronous.
+  """
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    jax.block_until_ready(tree)
+  return tree
+
+
+def same_on_every_process(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process: a decision taken from a clock
+  or another process-local value, before a collective step that all
+  processes must take or skip together (a collective itself, so every
+  process calls it at the same point). One process: ``flag``."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
 def globalize(tree: PyTree) -> PyTree:
   """Under ``jax.distributed``: every process-local leaf as a global array
   replicated on all devices (what a multi-process orbax checkpoint takes);

@@ -372,3 +372,71 @@ def assert_deltas_close(got, want, rtol=1e-4, atol=1e-5):
   for p in want:
     np.testing.assert_allclose(np.asarray(got[p]), want[p], rtol=rtol,
                                atol=atol, err_msg=str(p))
+
+
+# ---------------------------------------------------------------------------
+# Several processes (jax.distributed)
+# ---------------------------------------------------------------------------
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_processes(commands, env, workdir, timeout_s, one_cpu=False):
+  """Runs ``commands`` (argv lists) at once, cwd the repo, stdout/stderr to
+  files under ``workdir`` (not pipes: one process blocked on a full pipe
+  would stall the others inside a collective). ``one_cpu``: all of them on
+  one CPU, where the host runs ahead of the devices most (how a loaded
+  machine schedules them). Returns ``[(returncode, out, err)]``. A process still running after ``timeout_s`` fails the test with
+  every process's last output and the Python stack of every thread of every
+  process (faulthandler, on SIGABRT): where a collective hangs."""
+  import signal
+  import time
+  env = dict(env, PYTHONFAULTHANDLER='1')
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  files = [(workdir / f'p{i}.out', workdir / f'p{i}.err')
+           for i in range(len(commands))]
+  handles = [(open(o, 'w'), open(e, 'w')) for o, e in files]
+  pin = None
+  if one_cpu:
+    import os
+    cpu = min(os.sched_getaffinity(0))
+    pin = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
+  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=o, stderr=e,
+                            preexec_fn=pin)
+           for cmd, (o, e) in zip(commands, handles)]
+  deadline, late = time.monotonic() + timeout_s, None
+  try:
+    for i, p in enumerate(procs):
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        late = i
+        break
+    if late is not None:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGABRT)   # faulthandler prints the stacks
+      for p in procs:
+        try:
+          p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+          pass
+  finally:
+    for p in procs:
+      p.kill()
+    for o, e in handles:
+      o.close()
+      e.close()
+  outputs = [(p.returncode, o.read_text(), e.read_text())
+             for p, (o, e) in zip(procs, files)]
+  if late is not None:
+    tails = '\n'.join(f'--- process {i} {name}:\n{text[-6000:]}'
+                      for i, (_, out, err) in enumerate(outputs)
+                      for name, text in (('out', out), ('err', err)))
+    pytest.fail(f'process {late} still running after {timeout_s} s; '
+                f'stacks at SIGABRT below\n{tails}')
+  return outputs

@@ -79,6 +79,48 @@ def test_state_checkpoints_keep_their_interval_unless_forced(tmp_path):
                                                           force=False)
 
 
+TWO_PROCESS_SAVES = """
+import sys, time
+import numpy as np
+from fdlora_jax import io as io_lib, sharding
+port, i, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sharding.initialize_distributed(f'127.0.0.1:{port}', 2, i, timeout_s=120)
+assert sharding.same_on_every_process(i == 0) is True
+assert sharding.same_on_every_process(i == 1) is False
+ck = io_lib.StateCheckpoints(directory, max_to_keep=5, min_interval_s=3600)
+state = {'w': np.arange(3.0, dtype=np.float32)}
+saved = [ck.save(1, state, force=False)]
+# Process 1's clock says its last save is long past, process 0's that it
+# has just saved: process 0 decides, both skip.
+if i == 1:
+  ck._last_save -= 7200
+saved.append(ck.save(2, state, force=False))
+# Now the other way round: both save (one saving alone would hang).
+ck._last_save = time.monotonic() - (7200 if i == 0 else 0)
+saved.append(ck.save(3, state, force=False))
+print('SAVED', saved, sorted(ck.manager.all_steps()), flush=True)
+ck.close()
+"""
+
+
+def test_state_checkpoints_decide_alike_in_every_process(tmp_path):
+  """Under jax.distributed a save is a collective: whether an interval has
+  passed is process 0's call, or a process saving alone waits forever."""
+  import os
+  import sys
+  from tests.helpers import REPO, free_port, run_processes
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env.pop('XLA_FLAGS', None)
+  outs = run_processes(
+      [[sys.executable, '-c', TWO_PROCESS_SAVES, str(port), str(i),
+        str(tmp_path / 'ck')] for i in range(2)], env, tmp_path / 'logs',
+      timeout_s=300)
+  for code, out, err in outs:
+    assert code == 0, err[-3000:]
+    assert 'SAVED [True, False, True] [1, 3]' in out, out
+
+
 def test_a_field_added_since_is_no_change_at_its_default():
   import ml_collections
   from fdlora_jax.io import config_changes

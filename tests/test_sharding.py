@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from fdlora_jax.sharding import base_spec
+from tests.helpers import free_port, run_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,13 +165,6 @@ def test_base_spec(shape, shards, spec):
   assert tuple(base_spec(shape, shards)) == spec
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _checkpoint(path: Path):
   import jax
   import numpy as np
@@ -206,7 +199,9 @@ def _diff_json(a, b, path=''):
 def test_two_processes_equal_one(tmp_path):
   """main.py as 2 jax.distributed processes of 2 (forced host) devices each,
   the 4 clients split over all 4 devices, equals main.py in one process on
-  one device: results.json, every row's answers and the final checkpoint."""
+  one device: results.json, every row's answers and the final checkpoint.
+  Both processes share one CPU: their host loops run far ahead of their
+  devices, as on a loaded machine (where option scoring once hung)."""
   import json
   import jax
   import numpy as np
@@ -218,41 +213,17 @@ def test_two_processes_equal_one(tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)
   assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
+  port = free_port()
   multi_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  # Output to files, not pipes: a process blocked on a full pipe would
-  # stall the other one inside a collective.
-  files = [(open(tmp_path / f'p{i}.out', 'w'), open(tmp_path / f'p{i}.err',
-                                                     'w')) for i in range(2)]
-  procs = [subprocess.Popen(
-      args + [f'--workdir={tmp_path / "multi"}',
-              f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={i}', '--distributed_timeout=120']
-      + (['--verbosity=0'] if i == 0 else []),
-      env=multi_env, cwd=REPO, stdout=out, stderr=err)
-      for i, (out, err) in enumerate(files)]
-  deadline, late = time.monotonic() + 900, None
-  try:
-    for i, p in enumerate(procs):
-      try:
-        p.wait(timeout=max(deadline - time.monotonic(), 1))
-      except subprocess.TimeoutExpired:
-        late = i
-        break
-  finally:
-    for p in procs:
-      p.kill()
-    for out, err in files:
-      out.close()
-      err.close()
-  tails = '\n'.join(f'--- process {i} {name}:\n'
-                    + (tmp_path / f'p{i}.{name}').read_text()[-1500:]
-                    for i in range(2) for name in ('out', 'err'))
-  assert late is None, f'process {late} still running after 900 s\n{tails}'
-  outs = [((tmp_path / f'p{i}.out').read_text(),
-           (tmp_path / f'p{i}.err').read_text()) for i in range(2)]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, tails
+  outs = run_processes(
+      [args + [f'--workdir={tmp_path / "multi"}',
+               f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+               f'--process_id={i}', '--distributed_timeout=120']
+       + (['--verbosity=0'] if i == 0 else []) for i in range(2)],
+      multi_env, tmp_path / 'logs', timeout_s=900, one_cpu=True)
+  for code, _, err in outs:
+    assert code == 0, err[-3000:]
+  outs = [(out, err) for _, out, err in outs]
   # The clients really were split over the 4 devices of both processes.
   assert "Mesh {'clients': 4, 'model': 1} over 4 devices" in outs[0][1]
   # Process 0 printed and wrote; process 1 neither (Gloo's own C++ lines
@@ -285,7 +256,7 @@ def test_distributed_bad_launch_is_one_line(tmp_path):
   """A process that cannot reach the coordinator, or a process id out of
   range: one line naming it, exit status 2, nothing written."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  port = _free_port()       # nothing listens there
+  port = free_port()       # nothing listens there
   for extra, words in [
       (['--num_processes=2', '--process_id=1', '--distributed_timeout=2'],
        'could not reach process 0'),
