@@ -400,14 +400,16 @@ def run_processes(commands, env, workdir, timeout_s, one_cpu=False):
   files = [(workdir / f'p{i}.out', workdir / f'p{i}.err')
            for i in range(len(commands))]
   handles = [(open(o, 'w'), open(e, 'w')) for o, e in files]
-  pin = None
+  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=o, stderr=e)
+           for cmd, (o, e) in zip(commands, handles)]
   if one_cpu:
+    # From here, not a preexec_fn (Python code between fork and exec in a
+    # threaded process can deadlock): the children are still starting
+    # Python, before any thread whose affinity this would miss.
     import os
     cpu = min(os.sched_getaffinity(0))
-    pin = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
-  procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=o, stderr=e,
-                            preexec_fn=pin)
-           for cmd, (o, e) in zip(commands, handles)]
+    for p in procs:
+      os.sched_setaffinity(p.pid, {cpu})
   deadline, late = time.monotonic() + timeout_s, None
   try:
     for i, p in enumerate(procs):
