@@ -4,9 +4,9 @@ dropped client, bad input, and the whole thing over real processes: a
 SuperLink and three SuperNodes on 127.0.0.1, `flwr run`, for FedAvg and
 FDLoRA, against the simulation's state and metrics."""
 
+import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +19,7 @@ import pytest
 
 from fdlora_jax.deploy import federation
 from fdlora_jax.errors import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 # configs/tiny.py, 3 clients, 2 rounds, sized to seconds per step.
 OVERRIDES = ('fl.num_clients=3 fl.rounds=2 fl.inner_steps=1 '
@@ -130,6 +130,84 @@ def test_a_dropped_client_gets_weight_zero_and_is_named(tmp_path):
   close(new['server']['global'], want)
 
 
+def test_a_restarted_server_resumes_with_the_clients_kept_state(tmp_path):
+  """The ServerApp checkpoints after every repeat and the ClientApp keeps its
+  private state per step in its state-dir: a server stopped after a repeat
+  and started again (a new run: the clients' run contexts are empty)
+  finishes with the simulation's state. Client 0 had already done the next
+  repeat when the server stopped; it resumes one step back."""
+  pytest.importorskip('flwr')
+  from flwr.app import Context, RecordDict
+  from fdlora_jax.deploy import client_app
+  c, _ = config('fdlora', tmp_path)
+  x, sim, _, _, _, sim_repeats = simulate(c)
+  sites = [federation.Site(x, i) for i in range(3)]
+  nodes = tmp_path / 'nodes'
+
+  def contexts(state_dir=nodes):
+    return [Context(run_id=1, node_id=i, node_config={
+        'partition-id': i, **({'state-dir': str(state_dir)} if state_dir
+                              else {})}, state=RecordDict(), run_config={})
+        for i in range(3)]
+
+  def repeats(server, out, state, ctx, start, stop):
+    for index in range(start, stop):
+      download = x.engine.broadcast(index, state['server'])
+      outs = []
+      for site, context in zip(sites, ctx):
+        private, upload, m = site.train(
+            client_app._private(site, context, index), index,
+            federation.take(download, site.index))
+        client_app._keep(site, context, private, index + 1)
+        outs.append((upload, m))
+      state, line = server.repeat(state, index, [o[0] for o in outs],
+                                  [o[1] for o in outs])
+      out.log.write(line)
+      server.checkpoint(out, index + 1, state)
+    return state
+
+  total = len(x.engine.schedule())
+  stop = total - 1
+  server = federation.Server(x, tmp_path / 'work')
+  out = server.open()
+  state, lines, done = server.resume(out)
+  assert (lines, done) == ([], 0)
+  ctx = contexts()
+  repeats(server, out, state, ctx, 0, stop)
+  # Client 0 finished repeat `stop` before the server stopped.
+  download = x.engine.broadcast(stop, server.resume(out)[0]['server'])
+  ahead, _, _ = sites[0].train(client_app._private(sites[0], ctx[0], stop),
+                               stop, federation.take(download, 0))
+  client_app._keep(sites[0], ctx[0], ahead, stop + 1)
+  out.checkpoints.close()
+  assert sorted(p.name for p in nodes.glob('client0.*')) == [
+      'client0.msgpack', f'client0.step{stop}.msgpack',
+      f'client0.step{stop + 1}.msgpack']
+
+  again = federation.Server(x, tmp_path / 'work')
+  out = again.open()
+  state, lines, done = again.resume(out)
+  assert done == stop and len(lines) == stop
+  state = repeats(again, out, state, contexts(), stop, total)
+  close(state['server'], sim['server'])
+  # Each client's search (AdaFusion) from its kept state, read back from
+  # its state-dir as evaluation would in yet another run.
+  for site, context in zip(sites, contexts()):
+    searched, _ = site.search(client_app._private(site, context, total),
+                              state['server'])
+    client_app._keep(site, context, searched, total + 1)
+  for i, context in enumerate(contexts()):
+    close(client_app._private(sites[i], context, total + 1)['client'],
+          federation.take(sim['client'], i))
+  np.testing.assert_allclose(
+      [l['train_loss'] for l in out.log.records()],
+      [m['train_loss'] for m in sim_repeats], rtol=1e-4)
+  # Without a state-dir a new run has nothing to resume from: one line.
+  with pytest.raises(ValueError, match='client 1: no private state after '
+                     f'repeat {stop}.*state-dir'):
+    client_app._private(sites[1], contexts(None)[1], stop)
+
+
 def test_bad_partition_and_overrides_name_the_cause(tmp_path):
   c, _ = config('fedavg', tmp_path)
   x = federation.prepare(c)
@@ -158,32 +236,16 @@ def test_the_wire_keeps_bits_and_structure():
 # ---------------------------------------------------------------------------
 # Real processes
 # ---------------------------------------------------------------------------
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('method,secure', [('fedavg', False),
-                                           ('fdlora', False),
-                                           ('fedavg', True)])
-def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
-  """`flwr run` on a SuperLink and three SuperNodes (separate processes,
-  gRPC over 127.0.0.1): the same server state, per-client adapters and
-  per-client metrics as the vmapped simulation. With SecAgg+ the server
-  receives no upload (no array at all in any reply of a round) and gets
-  the weighted mean within the quantisation error."""
+@contextlib.contextmanager
+def flower_processes(tmp_path, nodes):
+  """A SuperLink and three SuperNodes (partition ids 0-2, ``state-dir``
+  ``nodes``) as separate processes on 127.0.0.1; yields ``flwr_run(run
+  config)``, which starts ``flwr run . --stream`` (a Popen, its output in
+  ``flwr_run.log``). Everything is stopped on exit."""
   bindir = Path(sys.executable).parent
   if not (bindir / 'flower-superlink').exists():
     pytest.skip('flwr is not installed')
-  # SecAgg+: one aggregation (no local phase, one round), so the final
-  # server state is one aggregate of the very uploads the simulation
-  # averages in the clear. (After two, the second round's clients start
-  # from globals a quantum apart, and Adam moves a rare weight further.)
-  c, overrides = config(method, tmp_path, **(
-      {'fl.rounds': 1, 'fl.local_epochs': 0.0} if secure else {}))
-  home, work, nodes = tmp_path / 'flwr', tmp_path / 'work', tmp_path / 'nodes'
+  home = tmp_path / 'flwr'
   home.mkdir()
   port = free_port()
   (home / 'config.toml').write_text(
@@ -196,30 +258,27 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
   procs, logs = [], []
 
   def start(name, *args):
-    log = open(tmp_path / f'{name}.log', 'w')
+    log = open(tmp_path / f'{name}.log', 'a')
     logs.append(log)
     procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]],
                                   cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT))
+    return procs[-1]
+
+  def flwr_run(run_config):
+    return start('flwr_run', 'flwr', 'run', '.', 'test', '--stream',
+                 '--run-config', run_config)
   try:
-    start('superlink', 'flower-superlink', '--insecure',
-          '--disable-runtime-dependency-installation', '--port', str(port),
-          '--database', str(tmp_path / 'state.db'))
+    link = start('superlink', 'flower-superlink', '--insecure',
+                 '--disable-runtime-dependency-installation', '--port',
+                 str(port), '--database', str(tmp_path / 'state.db'))
+    (tmp_path / 'superlink.pid').write_text(str(link.pid))
     time.sleep(3)
     for i in range(3):
       start(f'node{i}', 'flower-supernode', '--insecure', '--superlink',
             f'127.0.0.1:{port}', '--port', str(free_port()), '--node-config',
             f"partition-id={i} state-dir='{nodes}'")
-    run = subprocess.run(
-        [str(bindir / 'flwr'), 'run', '.', 'test', '--stream',
-         '--run-config', f'config="configs/tiny.py" overrides="{overrides}" '
-         f'workdir="{work}"'
-         + (' secagg=true secagg-clipping-range=1.0 '
-            'secagg-quantization-range=65536' if secure else '')],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert (work / 'results.json').is_file(), (
-        run.stdout[-3000:] + run.stderr[-2000:]
-        + (tmp_path / 'node0.log').read_text()[-2000:])
+    yield flwr_run
   finally:
     for p in procs[::-1]:
       p.terminate()
@@ -230,6 +289,55 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
         p.kill()
     for log in logs:
       log.close()
+
+
+def descendants(pid):
+  """Every process below ``pid`` (from /proc)."""
+  children = {}
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+  out, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      out.append(child)
+      todo.append(child)
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method,secure', [('fedavg', False),
+                                           ('fdlora', False),
+                                           ('fedavg', True)])
+def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
+  """`flwr run` on a SuperLink and three SuperNodes (separate processes,
+  gRPC over 127.0.0.1): the same server state, per-client adapters and
+  per-client metrics as the vmapped simulation. With SecAgg+ the server
+  receives no upload (no array at all in any reply of a round) and gets
+  the weighted mean within the quantisation error."""
+  # SecAgg+: one round with no local steps. FedAvg's local phase still has
+  # one repeat (of 0 steps) whose server step averages, so there are two
+  # secure aggregations, each within k = 3 quanta of the plain weighted sum
+  # (Flower's stochastic rounding, under a quantum per client). SGD, not
+  # AdamW: Adam's first step is about lr * sign(g), and the first
+  # aggregation's rounding can flip a near-zero gradient's sign, a jump of
+  # 2 lr p_i (about 6 quanta here) that SGD does not make.
+  c, overrides = config(method, tmp_path, **(
+      {'fl.rounds': 1, 'fl.local_epochs': 0.0,
+       'fl.inner_optimizer': 'sgd'} if secure else {}))
+  work, nodes = tmp_path / 'work', tmp_path / 'nodes'
+  with flower_processes(tmp_path, nodes) as flwr_run:
+    run = flwr_run(
+        f'config="configs/tiny.py" overrides="{overrides}" workdir="{work}"'
+        + (' secagg=true secagg-clipping-range=1.0 '
+           'secagg-quantization-range=65536' if secure else ''))
+    run.wait(timeout=1500)
+    assert (work / 'results.json').is_file(), (
+        (tmp_path / 'flwr_run.log').read_text()[-3000:]
+        + (tmp_path / 'node0.log').read_text()[-2000:])
   from flax import serialization
   from fdlora_jax.fl.engine import communication
   x, sim, _, _, metrics, repeats = simulate(c)
@@ -249,14 +357,12 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
     # float difference between a site's per-client step and the vmapped one
     # (the plain runs are nearer 1e-6). The rounding shows (over thousands
     # of values the largest difference is above a quarter quantum), and it
-    # stays within 16 quanta. Rounding each client's weighted value alone
-    # would bound it by three; 6.7 was measured (about 4 at 2**22 levels),
-    # not yet explained: docs/deploy.md.
+    # stays within two aggregations' 3 quanta each.
     q = 2 / 2 ** 16
     diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
                for u, v in zip(jax.tree.leaves(server),
                                jax.tree.leaves(sim['server'])))
-    assert q / 4 < diff <= 16 * q, (diff, q)
+    assert q / 4 < diff <= 2 * 3 * q + 1e-6, (diff / q, q)
     # No upload reached the server: no array in any reply of any repeat
     # (FedAvg aggregates after every one; the final line aside).
     assert [l.get('secagg') for l in lines[:-1]] == [
@@ -272,6 +378,68 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
       repeats, 3)['bytes_total']
   np.testing.assert_allclose([l['train_loss'] for l in lines[:-1]],
                              [m['train_loss'] for m in repeats], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
+  """The ServerApp process is killed (SIGKILL) once a repeat is
+  checkpointed; a second `flwr run` on the same workdir resumes there, the
+  SuperNodes' ClientApps read their private state from their state-dir, and
+  the run ends with the simulation's server state, adapters, losses and
+  privacy spent. Under client-level DP: the clip goes over the wire, and
+  the noise after the restart is the simulation's."""
+  import signal
+  c, overrides = config('fedavg', tmp_path, **{
+      'fl.rounds': 4, 'dp.enabled': True, 'dp.clip': 0.05,
+      'dp.noise_multiplier': 0.5})
+  work, nodes = tmp_path / 'work', tmp_path / 'nodes'
+  run_config = (f'config="configs/tiny.py" overrides="{overrides}" '
+                f'workdir="{work}"')
+  with flower_processes(tmp_path, nodes) as flwr_run:
+    first = flwr_run(run_config)
+    deadline = time.time() + 900
+    while not (work / 'checkpoints' / '1').is_dir():
+      assert time.time() < deadline and first.poll() is None, (
+          (tmp_path / 'flwr_run.log').read_text()[-3000:])
+      time.sleep(0.2)
+    superlink = int((tmp_path / 'superlink.pid').read_text())
+    apps = [p for p in descendants(superlink)
+            if b'flwr-serverapp' in Path(f'/proc/{p}/cmdline').read_bytes()]
+    assert apps, 'no flwr-serverapp process below the SuperLink'
+    for p in apps:
+      os.kill(p, signal.SIGKILL)
+    assert not (work / 'results.json').exists()
+    try:
+      first.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      first.kill()
+    second = flwr_run(run_config)
+    second.wait(timeout=1500)
+    log = (tmp_path / 'flwr_run.log').read_text()
+    assert (work / 'results.json').is_file(), log[-3000:]
+  assert 'resumed from' in log, log[-3000:]
+  from flax import serialization
+  x, sim, _, _, metrics, repeats = simulate(c)
+  server = serialization.msgpack_restore(
+      (work / 'server_state.msgpack').read_bytes())
+  close(serialization.from_state_dict(sim['server'], server), sim['server'])
+  template = federation.take(sim['client'], 0)
+  for i in range(3):
+    private = serialization.msgpack_restore(
+        (nodes / f'client{i}.msgpack').read_bytes())
+    close(serialization.from_state_dict(template, private['client']),
+          federation.take(sim['client'], i))
+  got = json.loads((work / 'results.json').read_text())
+  for row, m in metrics.items():
+    assert got['models'][row]['per_client'] == m['per_client'], row
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()]
+  assert [l['step'] for l in lines[:-1]] == list(range(1, len(repeats) + 1))
+  np.testing.assert_allclose([l['train_loss'] for l in lines[:-1]],
+                             [m['train_loss'] for m in repeats], rtol=1e-4)
+  np.testing.assert_allclose([l['dp_epsilon'] for l in lines[:-1]],
+                             [m['dp_epsilon'] for m in repeats])
+  assert got['privacy']['epsilon'] == pytest.approx(
+      repeats[-1]['dp_epsilon'])
 
 
 def test_overrides_keep_quoted_and_bracketed_values_whole():

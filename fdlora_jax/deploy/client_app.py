@@ -2,10 +2,11 @@
 
 A SuperNode runs it with ``--node-config "partition-id=<i>"`` (and
 optionally ``state-dir=<path>``: the private state is also written there
-after every message, ``client<i>.msgpack``). The run config (pyproject's
-``[tool.flwr.app.config]``) names the experiment; the private state (the
-method's client state and optimizer states) lives in Flower's context
-state between messages and never leaves the node.
+after every message, ``client<i>.msgpack``, and per step for the last two
+steps, so that a run resuming a stopped ServerApp continues from it). The
+run config (pyproject's ``[tool.flwr.app.config]``) names the experiment;
+the private state (the method's client state and optimizer states) lives
+in Flower's context state between messages and never leaves the node.
 
 Messages (sent by :mod:`fdlora_jax.deploy.server_app`):
 
@@ -52,23 +53,56 @@ def _site(context: Context) -> federation.Site:
   return _SITES[key]
 
 
-def _private(site: federation.Site, context: Context) -> dict:
-  template = site.initial()
-  if 'private' not in context.state:
-    return template
-  return wire.unpack(context.state['private'], template)
-
-
-def _keep(site: federation.Site, context: Context, private: dict) -> None:
-  context.state['private'] = wire.pack(private)
-  directory = context.node_config.get('state-dir')
-  if directory:
-    path = Path(str(directory)).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+def _private(site: federation.Site, context: Context, step: int) -> dict:
+  """The private state after ``step`` repeats (``len(schedule) + 1``:
+  after the searches): this run's, or, in a run that resumes a stopped
+  ServerApp, the one kept in ``state-dir``."""
+  if ('private' in context.state
+      and int(context.state['step']['value']) == step):
+    return wire.unpack(context.state['private'], site.initial())
+  path = _state_file(site, context, step)
+  if path is not None and path.is_file():
     from flax import serialization
-    (path / f'client{site.index}.msgpack').write_bytes(
-        serialization.msgpack_serialize(serialization.to_state_dict(
-            __import__('jax').tree.map(np.asarray, private))))
+    return jax.tree.map(jax.numpy.asarray, serialization.from_state_dict(
+        site.initial(), serialization.msgpack_restore(path.read_bytes())))
+  if step == 0:
+    return site.initial()
+  raise ValueError(
+      f'client {site.index}: no private state after repeat {step} '
+      + ('in this run, and no state-dir to read it from (start the '
+         'SuperNode with --node-config "... state-dir=<path>" to resume a '
+         'stopped server)' if path is None else
+         f'in this run or in {path}'))
+
+
+def _state_file(site: federation.Site, context: Context, step: int):
+  directory = context.node_config.get('state-dir')
+  if not directory:
+    return None
+  return (Path(str(directory)).expanduser()
+          / f'client{site.index}.step{step}.msgpack')
+
+
+def _keep(site: federation.Site, context: Context, private: dict,
+          step: int) -> None:
+  """Keeps the private state after ``step`` in the run's context and, with
+  a ``state-dir``, on disk: ``client<i>.step<k>.msgpack`` for the last two
+  steps (a server that stopped before checkpointing a repeat this client
+  finished resumes one step back) and ``client<i>.msgpack``, the newest."""
+  context.state['private'] = wire.pack(private)
+  context.state['step'] = ConfigRecord({'value': step})
+  path = _state_file(site, context, step)
+  if path is None:
+    return
+  from flax import serialization
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = serialization.msgpack_serialize(serialization.to_state_dict(
+      jax.tree.map(np.asarray, private)))
+  path.write_bytes(data)
+  (path.parent / f'client{site.index}.msgpack').write_bytes(data)
+  for old in path.parent.glob(f'client{site.index}.step*.msgpack'):
+    if int(old.name.split('.step')[1].split('.')[0]) < step - 1:
+      old.unlink()
 
 
 def _reply(msg: Message, **records) -> Message:
@@ -96,9 +130,10 @@ def train(msg: Message, context: Context) -> Message:
       index, site.engine.initial_state()['server']), 0)
   download = wire.unpack(msg.content['download'], template)
   clip = float(cfg['dp_clip'])
-  private, upload, metrics = site.train(_private(site, context), index,
-                                        download, clip if clip > 0 else None)
-  _keep(site, context, private)
+  private, upload, metrics = site.train(_private(site, context, index),
+                                        index, download,
+                                        clip if clip > 0 else None)
+  _keep(site, context, private, index + 1)
   metrics = ConfigRecord({'json': json.dumps(metrics)})
   if bool(cfg.get('secagg', False)):
     # Kept for the SecAgg+ protocol: the server never sees it alone.
@@ -119,9 +154,10 @@ def secure_upload(msg: Message, context: Context) -> Message:
 @app.evaluate('search')
 def search(msg: Message, context: Context) -> Message:
   site = _site(context)
-  private, metrics = site.search(_private(site, context),
+  trained = len(site.engine.schedule())
+  private, metrics = site.search(_private(site, context, trained),
                                  _server_state(site, msg))
-  _keep(site, context, private)
+  _keep(site, context, private, trained + 1)
   return _reply(msg, metrics=wire.pack(
       {p: {k: {'value': v, 'axis': np.int32(a)} for k, (v, a) in m.items()}
        for p, m in metrics.items()}))
@@ -130,7 +166,9 @@ def search(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
   site = _site(context)
-  rows = site.evaluate(_private(site, context), _server_state(site, msg))
+  step = len(site.engine.schedule()) + bool(site.engine.searches)
+  rows = site.evaluate(_private(site, context, step),
+                       _server_state(site, msg))
   return _reply(msg, rows=wire.pack(
       {name: {'preds': p, **({} if s is None else {'scores': s})}
        for name, (p, s) in rows.items()}),

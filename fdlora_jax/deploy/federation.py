@@ -217,6 +217,24 @@ class Server:
     s = self.engine.initial_state()
     return {'server': s['server'], 'dp': s.get('dp')}
 
+  def checkpoint(self, out: run_lib.Outputs, step: int, state: dict) -> None:
+    """The server's state after ``step`` repeats, in the workdir's
+    checkpoints (what :meth:`resume` reads back)."""
+    out.checkpoints.save(step, {'server': state['server'],
+                                'dp': state['dp'] or {}})
+
+  def resume(self, out: run_lib.Outputs) -> tuple[dict, list[dict], int]:
+    """``(state, metrics lines, repeats done)`` from the workdir: the newest
+    checkpoint of a ServerApp that stopped, or the start. The clients hold
+    their own state for that step (the ClientApp's ``state-dir``)."""
+    state = self.initial()
+    if not out.resume:
+      return state, [], 0
+    like = {'server': state['server'], 'dp': state['dp'] or {}}
+    got = out.checkpoints.restore(like, out.resume)
+    return ({'server': got['server'], 'dp': got['dp'] or None},
+            out.log.records(), int(out.resume))
+
   def upload_template(self, index: int) -> PyTree:
     """The structure (shapes, dtypes) of one client's ``[1, ...]`` upload
     in repeat ``index``, to read it off the wire (tuples and NamedTuples
@@ -285,7 +303,8 @@ class Server:
     zero = {'train_loss': [0.0], 'healthy': [False], 'nonfinite_steps': [0],
             'bytes_down_per_client': [0], 'bytes_up_per_client': [0]}
     per = [m if m is not None else zero for m in client_metrics]
-    line = {'phase': phase.name, 'round': self.engine.schedule()[index][2]}
+    line = {'phase': phase.name, 'round': self.engine.schedule()[index][2],
+            'step': index + 1}
     for key in zero:
       line[key] = [v for m in per for v in m[key]]
     line['train_loss_mean'] = float(np.mean(line['train_loss']))

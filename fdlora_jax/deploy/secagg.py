@@ -21,9 +21,10 @@ Precision: each value ``p_i u_i`` is clipped to ``[-clipping_range,
 clipping_range]`` (a client whose weighted upload exceeds it stops with an
 error naming ``secagg-clipping-range``) and quantised to
 ``quantization_range`` levels: a quantum of ``2 clipping_range /
-quantization_range``. The aggregate's error measured in the tests is four
-to seven quanta over three clients, above the three that rounding the
-values alone would give (docs/deploy.md).
+quantization_range``. Flower rounds each value stochastically (under a
+quantum) and adds no error after that, so the weighted sum is within k
+quanta of the plain one, k clients (docs/deploy.md: what a server's
+AdamW-trained next round can make of it).
 """
 
 from __future__ import annotations

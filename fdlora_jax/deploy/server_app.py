@@ -19,6 +19,11 @@ Run config (pyproject's ``[tool.flwr.app.config]``, or ``flwr run
 The server never sees a client's private state: it sends each client its
 download and reads back its upload and metrics, as in the simulation
 (:mod:`fdlora_jax.deploy.federation`).
+
+The server state is checkpointed in ``workdir`` after every repeat. A
+ServerApp started again on the same workdir (a new ``flwr run``) resumes
+after the last checkpointed repeat; each client then reads its private
+state for that repeat from its ``state-dir``.
 """
 
 from __future__ import annotations
@@ -118,8 +123,11 @@ def main(grid: Grid, context: Context) -> None:
                         f'secagg-threshold >= 2 (got {n}, '
                         f'{settings.threshold})')
   out = server.open()
-  state, repeats = server.initial(), []
-  for index in range(len(engine.schedule())):
+  state, repeats, done = server.resume(out)
+  if done:
+    print(f'resumed from {out.checkpoints.directory} after repeat {done} '
+          f'of {len(engine.schedule())}', flush=True)
+  for index in range(done, len(engine.schedule())):
     t0 = time.time()
     phase = engine.schedule()[index][0]
     hidden = secure and phase.server is not None
@@ -160,9 +168,11 @@ def main(grid: Grid, context: Context) -> None:
       uploads = [None if replies[p] is None else
                  wire.unpack(replies[p]['upload'], like) for p in range(n)]
       state, line = server.repeat(state, index, uploads, metrics)
-    line['step'] = index + 1
     line['wall_s'] = time.time() - t0
+    # The metrics line first, then the checkpoint (as run.train): a server
+    # stopped in between resumes from the previous step, without this line.
     out.log.write(line)
+    server.checkpoint(out, index + 1, state)
     repeats.append(line)
     print(f"repeat {index + 1}/{len(engine.schedule())} ({line['phase']}): "
           f"train loss {line['train_loss_mean']:.4f}"
