@@ -79,16 +79,20 @@ def _state_file(site: federation.Site, context: Context, step: int):
   directory = context.node_config.get('state-dir')
   if not directory:
     return None
+  # The config's fingerprint in the name: a state-dir shared by several
+  # experiments never resumes one from another's state.
   return (Path(str(directory)).expanduser()
-          / f'client{site.index}.step{step}.msgpack')
+          / f'client{site.index}.{federation.fingerprint(site.x.config)}'
+            f'.step{step}.msgpack')
 
 
 def _keep(site: federation.Site, context: Context, private: dict,
           step: int) -> None:
   """Keeps the private state after ``step`` in the run's context and, with
-  a ``state-dir``, on disk: ``client<i>.step<k>.msgpack`` for the last two
-  steps (a server that stopped before checkpointing a repeat this client
-  finished resumes one step back) and ``client<i>.msgpack``, the newest."""
+  a ``state-dir``, on disk: ``client<i>.<config fingerprint>.step<k>
+  .msgpack`` for the last two steps (a server that stopped before
+  checkpointing a repeat this client finished resumes one step back) and
+  ``client<i>.msgpack``, the newest."""
   context.state['private'] = wire.pack(private)
   context.state['step'] = ConfigRecord({'value': step})
   path = _state_file(site, context, step)
@@ -100,7 +104,7 @@ def _keep(site: federation.Site, context: Context, private: dict,
       jax.tree.map(np.asarray, private)))
   path.write_bytes(data)
   (path.parent / f'client{site.index}.msgpack').write_bytes(data)
-  for old in path.parent.glob(f'client{site.index}.step*.msgpack'):
+  for old in path.parent.glob(path.name.replace(f'.step{step}.', '.step*.')):
     if int(old.name.split('.step')[1].split('.')[0]) < step - 1:
       old.unlink()
 
