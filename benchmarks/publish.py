@@ -634,6 +634,29 @@ def cpu_overhead_fixes() -> str:
   return '\n'.join(lines + ['', source(*items)])
 
 
+def deploy_methods() -> str:
+  """Every method through `flwr run` on a local federation (real
+  processes), against the simulation."""
+  name = 'deploy_methods_real.json'
+  d = load(name)
+  rows = []
+  for r in d['rows']:
+    if not r['ran']:
+      rows.append([f"`{r['method']}`", 'did not finish', '-', '-', '-'])
+      continue
+    rows.append([f"`{r['method']}`", 'yes',
+                 f"{r['server_state_max_abs_diff']:.1e}",
+                 f"{r['client_state_max_abs_diff']:.1e}",
+                 'yes' if r['per_client_metrics_equal'] else 'NO'])
+  return '\n'.join([
+      table(['method', 'flwr run finished', 'server state, max abs diff',
+             'client states, max abs diff',
+             "every row's per-client metrics equal"], rows), '',
+      f"{d['machine']}; `{d['command']}`; config `{d['config']}`"
+      + ''.join(f"; `{m}` adds `{e}`" for m, e in d['extra'].items()) + '.',
+      '', source((name, d))])
+
+
 RENDERERS = {
     'first-run': first_run,
     'h200-runs': h200_runs, 'h200-env': h200_env, 'h200-step': h200_step,
@@ -644,6 +667,7 @@ RENDERERS = {
     'cpu-suite': cpu_suite, 'lora-suite': lora_suite, 'dp-suite': dp_suite,
     'stack-memory': stack_memory, 'cpu-overheads': cpu_overheads,
     'side-by-side': side_by_side, 'cpu-overhead-fixes': cpu_overhead_fixes,
+    'deploy-methods': deploy_methods,
 }
 
 
