@@ -281,8 +281,16 @@ def flower_processes(tmp_path, nodes):
             f"partition-id={i} state-dir='{nodes}'")
     yield flwr_run
   finally:
+    # The ClientApp and ServerApp processes Flower started outlive their
+    # SuperNode and SuperLink: stopped too, or each test leaves some behind.
+    started = [c for p in procs for c in descendants(p.pid)]
     for p in procs[::-1]:
       p.terminate()
+    for pid in started:
+      try:
+        os.kill(pid, 9)
+      except ProcessLookupError:
+        pass
     for p in procs:
       try:
         p.wait(10)
