@@ -24,13 +24,9 @@ simulation; benchmarks/results/deploy_methods_real.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
-import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fdlora_jax.deploy import federation, wire  # noqa: E402
+from fdlora_jax.deploy.local import final_states, local_federation  # noqa: E402
 from fdlora_jax.fl.methods import METHODS  # noqa: E402
 
 OVERRIDES = ('fl.num_clients=3 fl.rounds=2 fl.inner_steps=1 '
@@ -49,7 +46,6 @@ OVERRIDES = ('fl.num_clients=3 fl.rounds=2 fl.inner_steps=1 '
              'data.min_examples_per_client=3 data.few_shot=2 eval.every=0 '
              'fdlora.fusion.steps=1 fdlora.fusion.population_size=4')
 RESULTS = Path(__file__).resolve().parent / 'results'
-REPO = Path(__file__).resolve().parents[1]
 # What a method needs beyond OVERRIDES: FedRep's head steps need K >= 2;
 # FedRoD's class logits need options that start with distinct tokens.
 EXTRA = {'fedrep': 'fl.inner_steps=2', 'fedrod': "data.answer_prefix=' '"}
@@ -114,66 +110,10 @@ def one(method: str, tmp: str) -> dict:
           for k in sim_preds)}
 
 
-@contextlib.contextmanager
-def local_federation(tmp: Path, n: int = 3):
-  """A SuperLink and ``n`` SuperNodes (partition ids 0..n-1, one state-dir)
-  as processes on 127.0.0.1, as docs/deploy.md starts them; yields
-  ``flwr_run(run_config)``, which runs ``flwr run .`` to its end."""
-  bindir = Path(sys.executable).parent
-  home, port = tmp / 'flwr', free_port()
-  home.mkdir(parents=True)
-  (home / 'config.toml').write_text(
-      f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-  env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED='0',
-             JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  procs = []
-  log = open(tmp / 'processes.log', 'a')
-
-  def start(*args):
-    procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]],
-                                  cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-
-  def flwr_run(run_config: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(bindir / 'flwr'), 'run', '.', 'local', '--stream',
-         '--run-config', run_config], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=1800)
-  try:
-    start('flower-superlink', '--insecure',
-          '--disable-runtime-dependency-installation', '--port', str(port),
-          '--database', str(tmp / 'state.db'))
-    time.sleep(3)
-    for i in range(n):
-      start('flower-supernode', '--insecure', '--superlink',
-            f'127.0.0.1:{port}', '--port', str(free_port()), '--node-config',
-            f"partition-id={i} state-dir='{tmp / 'nodes'}'")
-    yield flwr_run
-  finally:
-    for p in procs[::-1]:
-      p.terminate()
-    for p in procs:
-      try:
-        p.wait(10)
-      except subprocess.TimeoutExpired:
-        p.kill()
-    log.close()
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def real(method: str, tmp: Path, flwr_run) -> dict:
   """``method`` through ``flwr run`` on the local federation, against the
   simulation: the final server state, every client's private state (its
   state-dir file) and every row's per-client metrics in results.json."""
-  from flax import serialization
   overrides = (f'{OVERRIDES} {EXTRA.get(method, "")} method={method} '
                f"model.tokenizer_cache='{tmp}/tok'")
   c = federation.build_config('configs/tiny.py', overrides)
@@ -186,19 +126,14 @@ def real(method: str, tmp: Path, flwr_run) -> dict:
   metrics = {k: x.metrics(*x.predict(v))
              for k, v in x.method.rows(sim['server'], sim['client']).items()}
   work = tmp / f'work_{method}'
-  run = flwr_run(f'config="configs/tiny.py" overrides="{overrides}" '
-                 f'workdir="{work}"')
+  flwr_run(f'config="configs/tiny.py" overrides="{overrides}" '
+           f'workdir="{work}"').wait(timeout=1800)
   if not (work / 'results.json').is_file():
-    return {'ran': False, 'error': (run.stdout + run.stderr)[-1500:]}
+    return {'ran': False,
+            'error': (tmp / 'flwr_run.log').read_text()[-1500:]}
   got = json.loads((work / 'results.json').read_text())
-  server = serialization.from_state_dict(
-      sim['server'], serialization.msgpack_restore(
-          (work / 'server_state.msgpack').read_bytes()))
-  template = federation.take(sim['client'], 0)
-  clients = [serialization.from_state_dict(
-      template, serialization.msgpack_restore(
-          (tmp / 'nodes' / f'client{i}.msgpack').read_bytes())['client'])
-      for i in range(e.num_clients)]
+  server, clients = final_states(work, tmp / 'nodes', sim,
+                                 e.num_clients)
   return {
       'ran': True,
       'server_state_max_abs_diff': max_diff(server, sim['server']),

@@ -20,6 +20,7 @@ import pytest
 from configs import common
 from configs import tiny as tiny_base
 from fdlora_jax import lora as lora_lib
+from fdlora_jax.deploy.local import free_port  # noqa: F401 (for the tests)
 from fdlora_jax.fl.engine import Engine, Setup
 from fdlora_jax.lora import LoraConfig
 from fdlora_jax.model import PRESETS, Llama
@@ -377,11 +378,6 @@ def assert_deltas_close(got, want, rtol=1e-4, atol=1e-5):
 # ---------------------------------------------------------------------------
 # Several processes (jax.distributed)
 # ---------------------------------------------------------------------------
-def free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def run_processes(commands, env, workdir, timeout_s, one_cpu=False):

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from fdlora_jax.deploy import federation
+from fdlora_jax.deploy import federation, local
 from fdlora_jax.errors import ConfigError
-from tests.helpers import REPO, free_port
 
 # configs/tiny.py, 3 clients, 2 rounds, sized to seconds per step.
 OVERRIDES = ('fl.num_clients=3 fl.rounds=2 fl.inner_steps=1 '
@@ -238,83 +236,13 @@ def test_the_wire_keeps_bits_and_structure():
 # Real processes
 # ---------------------------------------------------------------------------
 @contextlib.contextmanager
-def flower_processes(tmp_path, nodes):
-  """A SuperLink and three SuperNodes (partition ids 0-2, ``state-dir``
-  ``nodes``) as separate processes on 127.0.0.1; yields ``flwr_run(run
-  config)``, which starts ``flwr run . --stream`` (a Popen, its output in
-  ``flwr_run.log``). Everything is stopped on exit."""
-  bindir = Path(sys.executable).parent
-  if not (bindir / 'flower-superlink').exists():
+def flower_processes(tmp_path):
+  """:func:`fdlora_jax.deploy.local.local_federation` of three SuperNodes
+  (state-dir ``tmp_path/nodes``), or a skip where Flower is missing."""
+  if not local.available():
     pytest.skip('flwr is not installed')
-  home = tmp_path / 'flwr'
-  home.mkdir()
-  port = free_port()
-  (home / 'config.toml').write_text(
-      f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-  env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED='0',
-             JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  procs, logs = [], []
-
-  def start(name, *args):
-    log = open(tmp_path / f'{name}.log', 'a')
-    logs.append(log)
-    procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]],
-                                  cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-    return procs[-1]
-
-  def flwr_run(run_config):
-    return start('flwr_run', 'flwr', 'run', '.', 'test', '--stream',
-                 '--run-config', run_config)
-  try:
-    link = start('superlink', 'flower-superlink', '--insecure',
-                 '--disable-runtime-dependency-installation', '--port',
-                 str(port), '--database', str(tmp_path / 'state.db'))
-    (tmp_path / 'superlink.pid').write_text(str(link.pid))
-    time.sleep(3)
-    for i in range(3):
-      start(f'node{i}', 'flower-supernode', '--insecure', '--superlink',
-            f'127.0.0.1:{port}', '--port', str(free_port()), '--node-config',
-            f"partition-id={i} state-dir='{nodes}'")
+  with local.local_federation(tmp_path, 3) as flwr_run:
     yield flwr_run
-  finally:
-    # The ClientApp and ServerApp processes Flower started outlive their
-    # SuperNode and SuperLink: stopped too, or each test leaves some behind.
-    started = [c for p in procs for c in descendants(p.pid)]
-    for p in procs[::-1]:
-      p.terminate()
-    for pid in started:
-      try:
-        os.kill(pid, 9)
-      except ProcessLookupError:
-        pass
-    for p in procs:
-      try:
-        p.wait(10)
-      except subprocess.TimeoutExpired:
-        p.kill()
-    for log in logs:
-      log.close()
-
-
-def descendants(pid):
-  """Every process below ``pid`` (from /proc)."""
-  children = {}
-  for stat in Path('/proc').glob('[0-9]*/stat'):
-    try:
-      fields = stat.read_text().rsplit(')', 1)[1].split()
-    except OSError:
-      continue
-    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-  out, todo = [], [pid]
-  while todo:
-    for child in children.get(todo.pop(), []):
-      out.append(child)
-      todo.append(child)
-  return out
 
 
 @pytest.mark.slow
@@ -338,7 +266,7 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
       {'fl.rounds': 1, 'fl.local_epochs': 0.0,
        'fl.inner_optimizer': 'sgd'} if secure else {}))
   work, nodes = tmp_path / 'work', tmp_path / 'nodes'
-  with flower_processes(tmp_path, nodes) as flwr_run:
+  with flower_processes(tmp_path) as flwr_run:
     run = flwr_run(
         f'config="configs/tiny.py" overrides="{overrides}" workdir="{work}"'
         + (' secagg=true secagg-clipping-range=1.0 '
@@ -347,18 +275,11 @@ def test_a_real_federation_equals_the_simulation(method, secure, tmp_path):
     assert (work / 'results.json').is_file(), (
         (tmp_path / 'flwr_run.log').read_text()[-3000:]
         + (tmp_path / 'node0.log').read_text()[-2000:])
-  from flax import serialization
   from fdlora_jax.fl.engine import communication
   x, sim, _, _, metrics, repeats = simulate(c)
-  server = serialization.from_state_dict(
-      sim['server'], serialization.msgpack_restore(
-          (work / 'server_state.msgpack').read_bytes()))
-  template = federation.take(sim['client'], 0)
-  for i in range(3):
-    private = serialization.msgpack_restore(
-        (nodes / f'client{i}.msgpack').read_bytes())
-    close(serialization.from_state_dict(template, private['client']),
-          federation.take(sim['client'], i))
+  server, clients = local.final_states(work, nodes, sim, 3)
+  for i, client in enumerate(clients):
+    close(client, federation.take(sim['client'], i))
   lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()]
   if secure:
     # Against the simulation's plain weighted mean of the same uploads, with
@@ -404,7 +325,7 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
   work, nodes = tmp_path / 'work', tmp_path / 'nodes'
   run_config = (f'config="configs/tiny.py" overrides="{overrides}" '
                 f'workdir="{work}"')
-  with flower_processes(tmp_path, nodes) as flwr_run:
+  with flower_processes(tmp_path) as flwr_run:
     first = flwr_run(run_config)
     deadline = time.time() + 900
     while not (work / 'checkpoints' / '1').is_dir():
@@ -412,7 +333,7 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
           (tmp_path / 'flwr_run.log').read_text()[-3000:])
       time.sleep(0.2)
     superlink = int((tmp_path / 'superlink.pid').read_text())
-    apps = [p for p in descendants(superlink)
+    apps = [p for p in local.descendants(superlink)
             if b'flwr-serverapp' in Path(f'/proc/{p}/cmdline').read_bytes()]
     assert apps, 'no flwr-serverapp process below the SuperLink'
     for p in apps:
@@ -427,17 +348,11 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
     log = (tmp_path / 'flwr_run.log').read_text()
     assert (work / 'results.json').is_file(), log[-3000:]
   assert 'resumed from' in log, log[-3000:]
-  from flax import serialization
   x, sim, _, _, metrics, repeats = simulate(c)
-  server = serialization.msgpack_restore(
-      (work / 'server_state.msgpack').read_bytes())
-  close(serialization.from_state_dict(sim['server'], server), sim['server'])
-  template = federation.take(sim['client'], 0)
-  for i in range(3):
-    private = serialization.msgpack_restore(
-        (nodes / f'client{i}.msgpack').read_bytes())
-    close(serialization.from_state_dict(template, private['client']),
-          federation.take(sim['client'], i))
+  server, clients = local.final_states(work, nodes, sim, 3)
+  close(server, sim['server'])
+  for i, client in enumerate(clients):
+    close(client, federation.take(sim['client'], i))
   got = json.loads((work / 'results.json').read_text())
   for row, m in metrics.items():
     assert got['models'][row]['per_client'] == m['per_client'], row
