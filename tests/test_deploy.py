@@ -50,9 +50,10 @@ def simulate(c):
   return x, state, searched, preds, metrics, repeats
 
 
-def deploy_in_process(c, tmp):
+def deploy_in_process(c, tmp, dropped=None):
   """Every site and the server in this process, one client at a time: what
-  the Flower apps do, without the wire."""
+  the Flower apps do, without the wire. ``dropped``: ``{repeat: [clients
+  that sat it out]}`` (their state stays as it was)."""
   x = federation.prepare(c)
   sites = [federation.Site(x, i) for i in range(x.engine.num_clients)]
   server = federation.Server(x, tmp / 'work')
@@ -61,7 +62,9 @@ def deploy_in_process(c, tmp):
   for index in range(len(x.engine.schedule())):
     download = x.engine.broadcast(index, state['server'])
     clip = float(state['dp']['clip']) if state.get('dp') else None
-    outs = [s.train(p, index, None if download is None else
+    away = (dropped or {}).get(index, [])
+    outs = [(p, None, None) if s.index in away else
+            s.train(p, index, None if download is None else
                     federation.take(download, s.index), clip)
             for s, p in zip(sites, private)]
     private = [o[0] for o in outs]
@@ -128,6 +131,130 @@ def test_a_dropped_client_gets_weight_zero_and_is_named(tmp_path):
   close(new['server']['global'], want)
 
 
+def test_state_steps_follow_the_repeats_each_client_was_in():
+  lines = [{'step': 1}, {'step': 2, 'dropped_clients': [2]},
+           {'step': 3, 'dropped_clients': [1, 2]}, {'step': 4}]
+  assert federation.state_steps(lines[:3], 3) == [3, 2, 1]
+  assert federation.state_steps(lines[3:], 3, [3, 2, 1]) == [4, 4, 4]
+  assert federation.state_steps([], 2) == [0, 0]
+
+
+def test_a_client_back_from_a_drop_goes_on_from_its_state_before_it(
+    tmp_path):
+  """Client 2 finished repeat 1 but its reply was lost (its node died):
+  the server counted it out, so in repeat 2 it goes on from its state
+  after repeat 0, on a restarted node (an empty context: read from its
+  state-dir), as if it had sat repeat 1 out."""
+  pytest.importorskip('flwr')
+  from flwr.app import Context, RecordDict
+  from fdlora_jax.deploy import client_app
+  c, _ = config('fedavg', tmp_path)
+  x = federation.prepare(c)
+  sites = [federation.Site(x, i) for i in range(3)]
+  server = federation.Server(x, tmp_path / 'work')
+
+  def context(i):
+    return Context(run_id=1, node_id=i, node_config={
+        'partition-id': i, 'state-dir': str(tmp_path / 'nodes')},
+        state=RecordDict(), run_config={})
+  ctx = [context(i) for i in range(3)]
+  state, held, lines = server.initial(), [0, 0, 0], []
+  for index in range(len(x.engine.schedule())):
+    download = x.engine.broadcast(index, state['server'])
+    outs = []
+    for site in sites:
+      before = client_app._private(site, ctx[site.index], held[site.index])
+      private, upload, m = site.train(before, index,
+                                      federation.take(download, site.index))
+      client_app._keep(site, ctx[site.index], private, index + 1,
+                       held[site.index])
+      outs.append((upload, m))
+    if index == 1:           # client 2's reply never came; its node restarts
+      outs[2] = (None, None)
+      ctx[2] = context(2)
+    state, line = server.repeat(state, index, [o[0] for o in outs],
+                                [o[1] for o in outs])
+    lines.append(line)
+    held = federation.state_steps([line], 3, held)
+  assert [l.get('dropped_clients') for l in lines] == [
+      None, [2]] + [None] * (len(lines) - 2)
+  want, private, _, _ = deploy_in_process(c, tmp_path, dropped={1: [2]})
+  close(state['server'], want['server'])
+  last = len(lines)
+  for i in range(3):
+    close(client_app._private(sites[i], ctx[i], last)['client'],
+          private[i]['client'])
+
+
+def test_ask_drops_or_waits_for_a_node_that_is_gone(monkeypatch):
+  """The server's round trip (server_app._ask) against a stand-in grid:
+  node 12 (client 2) is gone (Flower answers NODE_UNAVAILABLE) and comes
+  back as node 13. 'continue' completes the round without it; 'wait' asks
+  again at the new node; a client that fails stops the run with its name;
+  one that never comes back stops 'wait' at its deadline."""
+  pytest.importorskip('flwr')
+  from flwr.app import ConfigRecord, Error, Message, RecordDict
+  from flwr.common.constant import ErrorCode
+  from flwr.supercore.task_identity import TaskIdentity
+  from fdlora_jax.deploy import server_app
+  monkeypatch.setattr(TaskIdentity, '_run_id', 1)
+  monkeypatch.setattr(TaskIdentity, '_task_id', 1)
+  monkeypatch.setattr(TaskIdentity, '_node_id', 1)
+
+  class Grid:
+    def __init__(self, fail=None, back=True):
+      self.online, self.fail, self.back = [10, 11, 12], fail, back
+
+    def get_node_ids(self):
+      return list(self.online)
+
+    def send_and_receive(self, messages, timeout):
+      out = []
+      for m in messages:
+        m.metadata.__dict__['_message_id'] = m.object_id   # as on a push
+        node = m.metadata.dst_node_id
+        TaskIdentity._node_id = node
+        if node == 12:
+          out.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
+                                   reason='gone'), reply_to=m))
+          self.online = [10, 11] + ([13] if self.back else [])
+        elif node == self.fail:
+          out.append(Message(Error(
+              code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+              reason='ValueError: no private state'), reply_to=m))
+        elif m.metadata.message_type == 'query':
+          out.append(Message(RecordDict({'info': ConfigRecord({
+              'partition-id': min(node - 10, 2), 'fingerprint': 'f'})}),
+              reply_to=m))
+        else:
+          out.append(Message(RecordDict({'at': ConfigRecord({
+              'node': node})}), reply_to=m))
+      TaskIdentity._node_id = 1
+      return out
+
+  def ask(grid, on_drop):
+    nodes = server_app.Nodes(grid, 3, 'f', timeout=0.01)
+    nodes.of = {0: 10, 1: 11, 2: 12}
+    got = server_app._ask(grid, nodes, 'train.repeat',
+                          {p: RecordDict({}) for p in range(3)}, 0.01,
+                          on_drop)
+    return nodes, {p: None if r is None else r['at']['node']
+                   for p, r in got.items()}
+
+  grid = Grid()
+  nodes, got = ask(grid, 'continue')
+  assert got == {0: 10, 1: 11, 2: None}
+  assert nodes.refresh() == [2] and nodes.of == {0: 10, 1: 11, 2: 13}
+  assert nodes.refresh() == []
+  nodes, got = ask(Grid(), 'wait')
+  assert got == {0: 10, 1: 11, 2: 13}
+  with pytest.raises(RuntimeError, match='client 1 .*no private state'):
+    ask(Grid(fail=11), 'wait')
+  with pytest.raises(RuntimeError, match=r'clients \[2\] did not reply'
+                     '.*same partition-id and state-dir'):
+    ask(Grid(back=False), 'wait')
+
+
 def test_a_restarted_server_resumes_with_the_clients_kept_state(tmp_path):
   """The ServerApp checkpoints after every repeat and the ClientApp keeps its
   private state per step in its state-dir: a server stopped after a repeat
@@ -153,10 +280,10 @@ def test_a_restarted_server_resumes_with_the_clients_kept_state(tmp_path):
       download = x.engine.broadcast(index, state['server'])
       outs = []
       for site, context in zip(sites, ctx):
+        before = client_app._private(site, context, index)
         private, upload, m = site.train(
-            client_app._private(site, context, index), index,
-            federation.take(download, site.index))
-        client_app._keep(site, context, private, index + 1)
+            before, index, federation.take(download, site.index))
+        client_app._keep(site, context, private, index + 1, index)
         outs.append((upload, m))
       state, line = server.repeat(state, index, [o[0] for o in outs],
                                   [o[1] for o in outs])
@@ -174,9 +301,9 @@ def test_a_restarted_server_resumes_with_the_clients_kept_state(tmp_path):
   repeats(server, out, state, ctx, 0, stop)
   # Client 0 finished repeat `stop` before the server stopped.
   download = x.engine.broadcast(stop, server.resume(out)[0]['server'])
-  ahead, _, _ = sites[0].train(client_app._private(sites[0], ctx[0], stop),
-                               stop, federation.take(download, 0))
-  client_app._keep(sites[0], ctx[0], ahead, stop + 1)
+  before = client_app._private(sites[0], ctx[0], stop)
+  ahead, _, _ = sites[0].train(before, stop, federation.take(download, 0))
+  client_app._keep(sites[0], ctx[0], ahead, stop + 1, stop)
   out.checkpoints.close()
   tag = federation.fingerprint(c)
   assert {p.name for p in nodes.glob('client0.*')} == {
@@ -192,9 +319,9 @@ def test_a_restarted_server_resumes_with_the_clients_kept_state(tmp_path):
   # Each client's search (AdaFusion) from its kept state, read back from
   # its state-dir as evaluation would in yet another run.
   for site, context in zip(sites, contexts()):
-    searched, _ = site.search(client_app._private(site, context, total),
-                              state['server'])
-    client_app._keep(site, context, searched, total + 1)
+    before = client_app._private(site, context, total)
+    searched, _ = site.search(before, state['server'])
+    client_app._keep(site, context, searched, total + 1, total)
   for i, context in enumerate(contexts()):
     close(client_app._private(sites[i], context, total + 1)['client'],
           federation.take(sim['client'], i))
@@ -241,8 +368,8 @@ def flower_processes(tmp_path):
   (state-dir ``tmp_path/nodes``), or a skip where Flower is missing."""
   if not local.available():
     pytest.skip('flwr is not installed')
-  with local.local_federation(tmp_path, 3) as flwr_run:
-    yield flwr_run
+  with local.local_federation(tmp_path, 3) as federation:
+    yield federation
 
 
 @pytest.mark.slow
@@ -364,6 +491,55 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
                              [m['dp_epsilon'] for m in repeats])
   assert got['privacy']['epsilon'] == pytest.approx(
       repeats[-1]['dp_epsilon'])
+
+
+@pytest.mark.slow
+def test_a_killed_super_node_drops_out_and_rejoins(tmp_path):
+  """SuperNode 2 is killed (SIGKILL, its ClientApp with it) once repeat 0
+  is checkpointed, and started again at once (a new node id, the same
+  partition-id and state-dir). With on-drop='continue' the next round
+  completes without it once Flower reports its old node unavailable (its
+  heartbeats stopped); metrics.jsonl names it; the restarted node rejoins
+  and goes on from its state before that round, read from its state-dir.
+  The run ends as the simulation in which client 2 sat those rounds out:
+  server state, each client's state and per-client metrics."""
+  c, overrides = config('fedavg', tmp_path, **{'fl.rounds': 3})
+  work, nodes = tmp_path / 'work', tmp_path / 'nodes'
+  with flower_processes(tmp_path) as sites:
+    run = sites(f'config="configs/tiny.py" overrides="{overrides}" '
+                f'workdir="{work}" on-drop="continue"')
+    deadline = time.time() + 900
+    while not (work / 'checkpoints' / '1').is_dir():
+      assert time.time() < deadline and run.poll() is None, (
+          (tmp_path / 'flwr_run.log').read_text()[-3000:])
+      time.sleep(0.2)
+    sites.kill_node(2)
+    sites.start_node(2)
+    run.wait(timeout=1500)
+    log = (tmp_path / 'flwr_run.log').read_text()
+    assert (work / 'results.json').is_file(), (
+        log[-3000:] + (tmp_path / 'node2.log').read_text()[-2000:])
+  lines = [json.loads(l) for l in (work / 'metrics.jsonl').open()][:-1]
+  dropped = {l['step'] - 1: l['dropped_clients'] for l in lines
+             if 'dropped_clients' in l}
+  assert dropped and set(map(tuple, dropped.values())) == {(2,)}, dropped
+  assert 0 not in dropped and len(lines) - 1 not in dropped, dropped
+  assert 'client 2 rejoined as node' in log, log[-3000:]
+  want, private, _, rows = deploy_in_process(c, tmp_path / 'replay',
+                                             dropped=dropped)
+  xp = federation.prepare(c)
+  server, clients = local.final_states(work, nodes,
+                                       xp.engine.initial_state(), 3)
+  close(server, want['server'])
+  for client, p in zip(clients, private):
+    close(client, p['client'])
+  got = json.loads((work / 'results.json').read_text())
+  for name in rows[0]:
+    preds = np.stack([r[name][0] for r in rows])
+    scores = (None if rows[0][name][1] is None else
+              np.stack([r[name][1] for r in rows]))
+    m = xp.metrics(preds, xp.outcome(preds, scores))
+    assert got['models'][name]['per_client'] == m['per_client'], name
 
 
 def test_overrides_keep_quoted_and_bracketed_values_whole():

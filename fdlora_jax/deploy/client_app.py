@@ -2,8 +2,9 @@
 
 A SuperNode runs it with ``--node-config "partition-id=<i>"`` (and
 optionally ``state-dir=<path>``: the private state is also written there
-after every message, ``client<i>.msgpack``, and per step for the last two
-steps, so that a run resuming a stopped ServerApp continues from it). The
+after every message, ``client<i>.msgpack``, and per step for the two steps
+the server may ask for next, so that a run resuming a stopped ServerApp,
+or a restarted SuperNode, continues from it). The
 run config (pyproject's ``[tool.flwr.app.config]``) names the experiment;
 the private state (the method's client state and optimizer states) lives
 in Flower's context state between messages and never leaves the node.
@@ -56,10 +57,11 @@ def _site(context: Context) -> federation.Site:
 def _private(site: federation.Site, context: Context, step: int) -> dict:
   """The private state after ``step`` repeats (``len(schedule) + 1``:
   after the searches): this run's, or, in a run that resumes a stopped
-  ServerApp, the one kept in ``state-dir``."""
-  if ('private' in context.state
-      and int(context.state['step']['value']) == step):
-    return wire.unpack(context.state['private'], site.initial())
+  ServerApp or on a restarted SuperNode, the one kept in ``state-dir``."""
+  for key in ('private', 'before'):
+    if (key in context.state
+        and int(context.state[f'{key}_step']['value']) == step):
+      return wire.unpack(context.state[key], site.initial())
   path = _state_file(site, context, step)
   if path is not None and path.is_file():
     from flax import serialization
@@ -71,7 +73,7 @@ def _private(site: federation.Site, context: Context, step: int) -> dict:
       f'client {site.index}: no private state after repeat {step} '
       + ('in this run, and no state-dir to read it from (start the '
          'SuperNode with --node-config "... state-dir=<path>" to resume a '
-         'stopped server)' if path is None else
+         'stopped server or a restarted node)' if path is None else
          f'in this run or in {path}'))
 
 
@@ -87,14 +89,25 @@ def _state_file(site: federation.Site, context: Context, step: int):
 
 
 def _keep(site: federation.Site, context: Context, private: dict,
-          step: int) -> None:
-  """Keeps the private state after ``step`` in the run's context and, with
-  a ``state-dir``, on disk: ``client<i>.<config fingerprint>.step<k>
-  .msgpack`` for the last two steps (a server that stopped before
-  checkpointing a repeat this client finished resumes one step back) and
-  ``client<i>.msgpack``, the newest."""
+          step: int, before_step: int) -> None:
+  """Keeps the private state after ``step``, computed from the state after
+  ``before_step``, in the run's context and, with a ``state-dir``, on disk:
+  ``client<i>.<config fingerprint>.step<k>.msgpack`` for these two steps
+  and ``client<i>.msgpack``, the newest. The server asks next for one of
+  the two: ``step``, or ``before_step`` when it did not count this repeat
+  (the reply was lost, or the server stopped before checkpointing it)."""
+  kept = next((context.state[key] for key in ('private', 'before')
+               if key in context.state and
+               int(context.state[f'{key}_step']['value']) == before_step),
+              None)
+  if kept is not None and before_step != step:
+    context.state['before'] = kept
+    context.state['before_step'] = ConfigRecord({'value': before_step})
+  elif 'before' in context.state:     # read from state-dir (or the start)
+    del context.state['before']
+    del context.state['before_step']
   context.state['private'] = wire.pack(private)
-  context.state['step'] = ConfigRecord({'value': step})
+  context.state['private_step'] = ConfigRecord({'value': step})
   path = _state_file(site, context, step)
   if path is None:
     return
@@ -105,8 +118,17 @@ def _keep(site: federation.Site, context: Context, private: dict,
   path.write_bytes(data)
   (path.parent / f'client{site.index}.msgpack').write_bytes(data)
   for old in path.parent.glob(path.name.replace(f'.step{step}.', '.step*.')):
-    if int(old.name.split('.step')[1].split('.')[0]) < step - 1:
+    if int(old.name.split('.step')[1].split('.')[0]) not in (step,
+                                                             before_step):
       old.unlink()
+
+
+def _state_step(msg: Message, default: int) -> int:
+  """The step of the private state the server asks this client to go on
+  from (the last repeat it was in)."""
+  cfg = msg.content.get('config')
+  return int(cfg['state_step']) if cfg is not None and (
+      'state_step' in cfg) else default
 
 
 def _reply(msg: Message, **records) -> Message:
@@ -134,10 +156,11 @@ def train(msg: Message, context: Context) -> Message:
       index, site.engine.initial_state()['server']), 0)
   download = wire.unpack(msg.content['download'], template)
   clip = float(cfg['dp_clip'])
-  private, upload, metrics = site.train(_private(site, context, index),
+  step = _state_step(msg, index)
+  private, upload, metrics = site.train(_private(site, context, step),
                                         index, download,
                                         clip if clip > 0 else None)
-  _keep(site, context, private, index + 1)
+  _keep(site, context, private, index + 1, step)
   metrics = ConfigRecord({'json': json.dumps(metrics)})
   if bool(cfg.get('secagg', False)):
     # Kept for the SecAgg+ protocol: the server never sees it alone.
@@ -159,9 +182,10 @@ def secure_upload(msg: Message, context: Context) -> Message:
 def search(msg: Message, context: Context) -> Message:
   site = _site(context)
   trained = len(site.engine.schedule())
-  private, metrics = site.search(_private(site, context, trained),
+  step = _state_step(msg, trained)
+  private, metrics = site.search(_private(site, context, step),
                                  _server_state(site, msg))
-  _keep(site, context, private, trained + 1)
+  _keep(site, context, private, trained + 1, step)
   return _reply(msg, metrics=wire.pack(
       {p: {k: {'value': v, 'axis': np.int32(a)} for k, (v, a) in m.items()}
        for p, m in metrics.items()}))
@@ -170,7 +194,8 @@ def search(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
   site = _site(context)
-  step = len(site.engine.schedule()) + bool(site.engine.searches)
+  step = _state_step(msg, len(site.engine.schedule())
+                     + bool(site.engine.searches))
   rows = site.evaluate(_private(site, context, step),
                        _server_state(site, msg))
   return _reply(msg, rows=wire.pack(

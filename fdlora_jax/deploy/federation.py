@@ -124,6 +124,19 @@ def client_axis(shape: tuple, n: int) -> Optional[int]:
   return next((a for a, d in enumerate(shape) if d == n), None)
 
 
+def state_steps(lines: list[dict], n: int,
+                held: Optional[list[int]] = None) -> list[int]:
+  """The step of each client's private state after the repeats' metrics
+  ``lines`` (from ``held``, or the start): the last repeat it was in. A
+  client named in a line's ``dropped_clients`` keeps its step: it goes on
+  from its state before that repeat, whatever it computed meanwhile."""
+  held = list(held) if held is not None else [0] * n
+  for line in lines:
+    for i in set(range(n)) - set(line.get('dropped_clients', [])):
+      held[i] = int(line['step'])
+  return held
+
+
 # ---------------------------------------------------------------------------
 # One client
 # ---------------------------------------------------------------------------

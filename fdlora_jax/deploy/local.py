@@ -1,8 +1,8 @@
 """A local federation: a SuperLink and SuperNodes as processes on 127.0.0.1,
 started as docs/deploy.md starts them by hand (for tests and benchmarks).
 
-  with local_federation(tmp, n=3) as flwr_run:
-    flwr_run('config="configs/tiny.py" workdir="/tmp/w"').wait()
+  with local_federation(tmp, n=3) as federation:
+    federation('config="configs/tiny.py" workdir="/tmp/w"').wait()
 
 No Flower import here: only its command-line programs, next to Python's.
 """
@@ -50,64 +50,98 @@ def descendants(pid: int) -> list[int]:
   return out
 
 
-@contextlib.contextmanager
-def local_federation(tmp: Path, n: int = 3):
+class LocalFederation:
   """A SuperLink and ``n`` SuperNodes (partition ids 0..n-1, ``state-dir``
-  ``tmp/nodes``), logs in ``tmp/<name>.log``; the SuperLink's pid in
-  ``tmp/superlink.pid``. Yields ``flwr_run(run_config)``, which starts
-  ``flwr run . --stream`` (a Popen; output in ``tmp/flwr_run.log``).
-  Everything is stopped on exit, the ClientApp and ServerApp processes
-  Flower started included (they outlive their SuperNode and SuperLink)."""
-  tmp = Path(tmp)
-  home, port = tmp / 'flwr', free_port()
-  home.mkdir(parents=True)
-  (home / 'config.toml').write_text(
-      f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-  env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED='0',
-             JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(tmp / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  procs, logs = [], []
+  ``tmp/nodes``) started by :func:`local_federation`. Calling it starts
+  ``flwr run . --stream`` with a run config (a Popen; output in
+  ``tmp/flwr_run.log``)."""
 
-  def start(name, *args):
-    log = open(tmp / f'{name}.log', 'a')
-    logs.append(log)
-    procs.append(subprocess.Popen([str(BINDIR / args[0]), *args[1:]],
-                                  cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-    return procs[-1]
+  def __init__(self, tmp: Path, n: int):
+    self.tmp, self.n = Path(tmp), n
+    home, self.port = self.tmp / 'flwr', free_port()
+    home.mkdir(parents=True)
+    (home / 'config.toml').write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+    self.env = dict(os.environ, FLWR_HOME=str(home),
+                    FLWR_TELEMETRY_ENABLED='0', JAX_PLATFORMS='cpu',
+                    JAX_COMPILATION_CACHE_DIR=str(self.tmp / 'jax_cache'),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    self.procs, self.logs, self.nodes = [], [], {}
 
-  def flwr_run(run_config: str) -> subprocess.Popen:
-    return start('flwr_run', 'flwr', 'run', '.', 'local', '--stream',
-                 '--run-config', run_config)
-  try:
-    link = start('superlink', 'flower-superlink', '--insecure',
-                 '--disable-runtime-dependency-installation', '--port',
-                 str(port), '--database', str(tmp / 'state.db'))
-    (tmp / 'superlink.pid').write_text(str(link.pid))
-    time.sleep(3)
-    for i in range(n):
-      start(f'node{i}', 'flower-supernode', '--insecure', '--superlink',
-            f'127.0.0.1:{port}', '--port', str(free_port()), '--node-config',
-            f"partition-id={i} state-dir='{tmp / 'nodes'}'")
-    yield flwr_run
-  finally:
-    started = [c for p in procs for c in descendants(p.pid)]
-    for p in procs[::-1]:
+  def _start(self, name: str, *args) -> subprocess.Popen:
+    log = open(self.tmp / f'{name}.log', 'a')
+    self.logs.append(log)
+    self.procs.append(subprocess.Popen(
+        [str(BINDIR / args[0]), *args[1:]], cwd=REPO, env=self.env,
+        stdout=log, stderr=subprocess.STDOUT))
+    return self.procs[-1]
+
+  def __call__(self, run_config: str) -> subprocess.Popen:
+    return self._start('flwr_run', 'flwr', 'run', '.', 'local', '--stream',
+                       '--run-config', run_config)
+
+  def start_link(self) -> None:
+    link = self._start('superlink', 'flower-superlink', '--insecure',
+                       '--disable-runtime-dependency-installation', '--port',
+                       str(self.port), '--database',
+                       str(self.tmp / 'state.db'))
+    (self.tmp / 'superlink.pid').write_text(str(link.pid))
+
+  def start_node(self, i: int) -> None:
+    """SuperNode ``i`` (again, after :meth:`kill_node`: a new node id, the
+    same partition-id and state-dir)."""
+    self.nodes[i] = self._start(
+        f'node{i}', 'flower-supernode', '--insecure', '--superlink',
+        f'127.0.0.1:{self.port}', '--port', str(free_port()),
+        '--node-config',
+        f"partition-id={i} state-dir='{self.tmp / 'nodes'}'")
+
+  def kill_node(self, i: int) -> None:
+    """SIGKILL to SuperNode ``i`` and every process below it (its
+    ClientApp): a site that goes down mid-round."""
+    node = self.nodes[i]
+    for pid in [node.pid, *descendants(node.pid)]:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    node.wait(10)
+
+  def stop(self) -> None:
+    """Everything, the ClientApp and ServerApp processes Flower started
+    included (they outlive their SuperNode and SuperLink)."""
+    started = [c for p in self.procs for c in descendants(p.pid)]
+    for p in self.procs[::-1]:
       p.terminate()
     for pid in started:
       try:
         os.kill(pid, signal.SIGKILL)
       except ProcessLookupError:
         pass
-    for p in procs:
+    for p in self.procs:
       try:
         p.wait(10)
       except subprocess.TimeoutExpired:
         p.kill()
-    for log in logs:
+    for log in self.logs:
       log.close()
+
+
+@contextlib.contextmanager
+def local_federation(tmp: Path, n: int = 3):
+  """A :class:`LocalFederation` of a SuperLink and ``n`` SuperNodes, logs in
+  ``tmp/<name>.log``, the SuperLink's pid in ``tmp/superlink.pid``; all
+  stopped on exit."""
+  federation = LocalFederation(tmp, n)
+  try:
+    federation.start_link()
+    time.sleep(3)
+    for i in range(n):
+      federation.start_node(i)
+    yield federation
+  finally:
+    federation.stop()
 
 
 def final_states(work: Path, state_dir: Path, like: dict,
