@@ -3,13 +3,15 @@ left behaviour alone.
 
   python benchmarks/method_outputs.py --out /tmp/before     # on the old code
   python benchmarks/method_outputs.py --out /tmp/after      # on the new code
-  python benchmarks/method_outputs.py --compare /tmp/before /tmp/after
+  python benchmarks/method_outputs.py --compare /tmp/before /tmp/after \
+      [--write method_outputs_compare]
 
 Runs ``main.py --config=configs/tiny.py --config.method=M`` for every method
 in ``METHODS`` (fixed seed) and keeps ``results.json`` and ``metrics.jsonl``
 without what varies from run to run: timings, wall times and the workdir's
 path. ``--compare`` exits 1 unless every kept value is identical, and names
-the first differing field of each method.
+the first differing field of each method; ``--write NAME`` also records the
+verdicts, with both sides' commits, in ``benchmarks/results/NAME.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def strip(x, workdir: str):
 
 def run_all(out: Path, methods: list[str], extra: list[str]) -> None:
   out.mkdir(parents=True, exist_ok=True)
+  (out / 'COMMIT').write_text(common.machine().get('commit', 'unknown'))
   for m in methods:
     work = out / f'run_{m}'
     t0 = time.time()
@@ -79,22 +82,33 @@ def first_difference(a, b, path='') -> str | None:
   return None if a == b else f'{path}: {a!r} vs {b!r}'
 
 
-def compare(before: Path, after: Path) -> int:
+def compare(before: Path, after: Path, write: str = '') -> int:
   names = sorted(p.stem for p in before.glob('*.json'))
   if not names:
     raise SystemExit(f'{before}: no method outputs')
-  bad = 0
+  verdicts = {}
   for m in names:
     other = after / f'{m}.json'
     if not other.is_file():
-      print(f'{m}: missing in {after}')
-      bad += 1
-      continue
-    d = first_difference(json.loads((before / f'{m}.json').read_text()),
-                         json.loads(other.read_text()))
-    print(f'{m}: {"identical" if d is None else "DIFFERS at " + d}')
-    bad += d is not None
-  return 1 if bad else 0
+      verdicts[m] = f'missing in {after}'
+    else:
+      d = first_difference(json.loads((before / f'{m}.json').read_text()),
+                           json.loads(other.read_text()))
+      verdicts[m] = 'identical' if d is None else 'DIFFERS at ' + d
+    print(f'{m}: {verdicts[m]}')
+  status = 0 if all(v == 'identical' for v in verdicts.values()) else 1
+  if write:
+    def commit(side):
+      f = side / 'COMMIT'
+      return f.read_text().strip() if f.is_file() else 'unknown'
+    common.write_json(write, {
+        **common.machine(), 'before_commit': commit(before),
+        'after_commit': commit(after),
+        'what': ('benchmarks/method_outputs.py on configs/tiny.py for every '
+                 'method: results.json and metrics.jsonl of the two commits '
+                 'compared without timings'),
+        'exit_status': status, 'methods': verdicts})
+  return status
 
 
 def main():
@@ -103,9 +117,11 @@ def main():
   p.add_argument('--compare', nargs=2, type=Path)
   p.add_argument('--methods', default='', help='comma-separated; default all')
   p.add_argument('--override', action='append', default=[])
+  p.add_argument('--write', default='',
+                 help='with --compare: benchmarks/results/<name>.json')
   a = p.parse_args()
   if a.compare:
-    sys.exit(compare(*a.compare))
+    sys.exit(compare(*a.compare, write=a.write))
   if not a.out:
     p.error('--out or --compare')
   from fdlora_jax.fl.methods import METHODS

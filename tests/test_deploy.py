@@ -444,11 +444,13 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
   SuperNodes' ClientApps read their private state from their state-dir, and
   the run ends with the simulation's server state, adapters, losses and
   privacy spent. Under client-level DP: the clip goes over the wire, and
-  the noise after the restart is the simulation's."""
+  the noise after the restart is the simulation's; with adaptive
+  clipping, the clip the server moves (checkpointed with its state) and
+  each client's unclipped flag go over the wire too."""
   import signal
   c, overrides = config('fedavg', tmp_path, **{
       'fl.rounds': 4, 'dp.enabled': True, 'dp.clip': 0.05,
-      'dp.noise_multiplier': 0.5})
+      'dp.noise_multiplier': 0.5, 'dp.adaptive': True})
   work, nodes = tmp_path / 'work', tmp_path / 'nodes'
   run_config = (f'config="configs/tiny.py" overrides="{overrides}" '
                 f'workdir="{work}"')
@@ -489,6 +491,10 @@ def test_a_killed_server_app_resumes_in_a_new_run(tmp_path):
                              [m['train_loss'] for m in repeats], rtol=1e-4)
   np.testing.assert_allclose([l['dp_epsilon'] for l in lines[:-1]],
                              [m['dp_epsilon'] for m in repeats])
+  clips = [l['dp_clip'] for l in lines[:-1]]
+  assert len(set(clips)) > 2, clips           # the clip moved, round by round
+  np.testing.assert_allclose(clips, [m['dp_clip'] for m in repeats],
+                             rtol=1e-5)
   assert got['privacy']['epsilon'] == pytest.approx(
       repeats[-1]['dp_epsilon'])
 
