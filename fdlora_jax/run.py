@@ -441,7 +441,12 @@ def _results(x: Experiment, evaluated: dict, references: dict,
              searched: dict, repeats: list[dict]) -> dict:
   """results.json: the same schema for every method."""
   c, task, n = x.config, x.task, x.engine.num_clients
+  # Deployment: the clients that sat out a round (their SuperNode gone or
+  # too slow), by step; absent when none did (and in a simulation).
+  dropped = {str(r['step']): r['dropped_clients'] for r in repeats
+             if r.get('dropped_clients')}
   return {
+      **({'dropped_clients': dropped} if dropped else {}),
       'method': c.method,
       'headline': x.method.headline or next(iter(evaluated)),
       'data_source': task.data_source,

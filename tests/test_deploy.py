@@ -540,6 +540,7 @@ def test_a_killed_super_node_drops_out_and_rejoins(tmp_path):
   for client, p in zip(clients, private):
     close(client, p['client'])
   got = json.loads((work / 'results.json').read_text())
+  assert got['dropped_clients'] == {str(k + 1): v for k, v in dropped.items()}
   for name in rows[0]:
     preds = np.stack([r[name][0] for r in rows])
     scores = (None if rows[0][name][1] is None else
