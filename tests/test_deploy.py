@@ -345,6 +345,29 @@ def test_bad_partition_and_overrides_name_the_cause(tmp_path):
     federation.build_config('configs/tiny.py', 'fl.roundz=2')
 
 
+def test_a_super_node_that_cannot_reach_the_super_link_gives_up(tmp_path):
+  """As docs/deploy.md says: with --max-wait-time, a SuperNode whose
+  SuperLink is not there stops within about that time, saying so."""
+  if not local.available():
+    pytest.skip('flwr is not installed')
+  t0 = time.time()
+  # Output to a file: the SuperExec process the SuperNode starts outlives
+  # it for a moment and would hold a pipe open.
+  with open(tmp_path / 'node.log', 'w') as log:
+    proc = subprocess.run(
+        [str(local.BINDIR / 'flower-supernode'), '--insecure', '--superlink',
+         f'127.0.0.1:{local.free_port()}', '--port', str(local.free_port()),
+         '--max-wait-time', '3', '--node-config', 'partition-id=0'],
+        env=dict(os.environ, FLWR_TELEMETRY_ENABLED='0',
+                 FLWR_HOME=str(tmp_path)),
+        stdout=log, stderr=subprocess.STDOUT, timeout=120)
+  out = (tmp_path / 'node.log').read_text()
+  assert proc.returncode == 1, (proc.returncode, out[-2000:])
+  assert 'could not establish a connection to the SuperLink' in out, (
+      out[-2000:])
+  assert time.time() - t0 < 60
+
+
 def test_the_wire_keeps_bits_and_structure():
   pytest.importorskip('flwr')
   from fdlora_jax.deploy import wire
