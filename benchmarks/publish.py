@@ -634,6 +634,44 @@ def cpu_overhead_fixes() -> str:
   return '\n'.join(lines + ['', source(*items)])
 
 
+def seed_axis_bound(seeds: int = 3) -> str:
+  """What points that differ only in seed could save as one program over a
+  seed axis, bounded from the warm-cache profiles: the per-process part is
+  paid once, the per-seed compute (training's device wait, the search's,
+  evaluation's) ``seeds`` times, since on this CPU a vmapped program over
+  more rows costs what the rows cost one by one."""
+  items, rows = [], []
+  for name in ('overheads_tiny.json', 'overheads_logs.json'):
+    if not (RESULTS / name).is_file():
+      continue
+    d = load(name)
+    warm = [r for r in d['runs'] if r['cache'] == 'warm']
+    if not warm:
+      continue
+    items.append((name, d))
+    r = warm[-1]
+    ev = r['stages'].get('evaluate', {})
+    per_seed = (_kind_total(r, 'device_wait', 'train')
+                + _kind_total(r, 'device_wait', 'search')
+                + ev.get('wall', 0.0) - sum(ev.get(k, 0.0) for k in (
+                    'trace', 'lower', 'compile')))
+    wall = r['process_wall_s']
+    once = wall - per_seed
+    loading = sum(_kind_total(r, k) for k in ('data', 'encode'))
+    stacked = once + seeds * per_seed
+    rows.append([f"`{d['config']}`", secs(wall), secs(per_seed), secs(once),
+                 secs(loading), f'{once / wall:.0%}',
+                 f'{stacked / (seeds * wall):.2f}'])
+  if not rows:
+    raise SystemExit('seed-axis: no overheads_*.json with a warm run')
+  return '\n'.join([
+      table(['config (warm cache)', 'process', 'per-seed compute',
+             'paid once per process', 'of which data and encoding',
+             'share paid once',
+             f'{seeds} seeds stacked / {seeds} processes (bound)'], rows),
+      '', source(*items)])
+
+
 def deploy_methods() -> str:
   """Every method through `flwr run` on a local federation (real
   processes), against the simulation."""
@@ -667,7 +705,7 @@ RENDERERS = {
     'cpu-suite': cpu_suite, 'lora-suite': lora_suite, 'dp-suite': dp_suite,
     'stack-memory': stack_memory, 'cpu-overheads': cpu_overheads,
     'side-by-side': side_by_side, 'cpu-overhead-fixes': cpu_overhead_fixes,
-    'deploy-methods': deploy_methods,
+    'deploy-methods': deploy_methods, 'seed-axis': seed_axis_bound,
 }
 
 
