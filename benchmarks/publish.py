@@ -672,6 +672,23 @@ def seed_axis_bound(seeds: int = 3) -> str:
       '', source(*items)])
 
 
+def method_outputs() -> str:
+  """Every method's tiny-config outputs, before and after a change of
+  code (benchmarks/method_outputs.py --compare --write)."""
+  name = 'method_outputs_compare.json'
+  d = load(name)
+  verdicts = d['methods']
+  same = [m for m, v in verdicts.items() if v == 'identical']
+  differ = {m: v for m, v in verdicts.items() if v != 'identical'}
+  text = (f"`configs/tiny.py`, every method ({len(verdicts)}), commit "
+          f"`{d['before_commit']}` against `{d.get('after_commit', '?')}`: "
+          f"results.json and metrics.jsonl identical, timings aside, for "
+          f"{len(same)} of {len(verdicts)}"
+          + ('.' if not differ else '; differing: ' + '; '.join(
+              f'`{m}` ({v})' for m, v in differ.items()) + '.'))
+  return '\n'.join([text, '', source((name, d))])
+
+
 def deploy_methods() -> str:
   """Every method through `flwr run` on a local federation (real
   processes), against the simulation."""
@@ -706,6 +723,7 @@ RENDERERS = {
     'stack-memory': stack_memory, 'cpu-overheads': cpu_overheads,
     'side-by-side': side_by_side, 'cpu-overhead-fixes': cpu_overhead_fixes,
     'deploy-methods': deploy_methods, 'seed-axis': seed_axis_bound,
+    'method-outputs': method_outputs,
 }
 
 
