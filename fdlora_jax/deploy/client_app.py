@@ -100,7 +100,7 @@ def _keep(site: federation.Site, context: Context, private: dict,
                if key in context.state and
                int(context.state[f'{key}_step']['value']) == before_step),
               None)
-  if kept is not None and before_step != step:
+  if kept is not None:
     context.state['before'] = kept
     context.state['before_step'] = ConfigRecord({'value': before_step})
   elif 'before' in context.state:     # read from state-dir (or the start)
@@ -123,12 +123,10 @@ def _keep(site: federation.Site, context: Context, private: dict,
       old.unlink()
 
 
-def _state_step(msg: Message, default: int) -> int:
+def _state_step(msg: Message) -> int:
   """The step of the private state the server asks this client to go on
   from (the last repeat it was in)."""
-  cfg = msg.content.get('config')
-  return int(cfg['state_step']) if cfg is not None and (
-      'state_step' in cfg) else default
+  return int(msg.content['config']['state_step'])
 
 
 def _reply(msg: Message, **records) -> Message:
@@ -156,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
       index, site.engine.initial_state()['server']), 0)
   download = wire.unpack(msg.content['download'], template)
   clip = float(cfg['dp_clip'])
-  step = _state_step(msg, index)
+  step = _state_step(msg)
   private, upload, metrics = site.train(_private(site, context, step),
                                         index, download,
                                         clip if clip > 0 else None)
@@ -182,7 +180,7 @@ def secure_upload(msg: Message, context: Context) -> Message:
 def search(msg: Message, context: Context) -> Message:
   site = _site(context)
   trained = len(site.engine.schedule())
-  step = _state_step(msg, trained)
+  step = _state_step(msg)
   private, metrics = site.search(_private(site, context, step),
                                  _server_state(site, msg))
   _keep(site, context, private, trained + 1, step)
@@ -194,8 +192,7 @@ def search(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
   site = _site(context)
-  step = _state_step(msg, len(site.engine.schedule())
-                     + bool(site.engine.searches))
+  step = _state_step(msg)
   rows = site.evaluate(_private(site, context, step),
                        _server_state(site, msg))
   return _reply(msg, rows=wire.pack(
